@@ -1,0 +1,154 @@
+"""Streaming calibration statistics of linear-layer inputs.
+
+For each *distinct* input tensor inside a decoder block we accumulate H = Σ x xᵀ (n×n, float64) and
+the token count. q/k/v projections read the same tensor, as do gate/up; rather than hard-coding
+architecture names we detect sharing at run time: modules whose forward receives the very same tensor
+object in the first calibration batch form one group and share one Gram matrix. Statistics memory is
+therefore independent of the number of calibration tokens and bounded by one block's distinct inputs.
+
+Padding is excluded: set :attr:`BlockStatistics.token_mask` to the batch's attention mask (B×T) and
+only positions where it is non-zero contribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["InputStatistics", "BlockStatistics"]
+
+
+@dataclass
+class InputStatistics:
+    """Accumulated statistics of one distinct linear input of width n."""
+
+    gram_sum: torch.Tensor  # n×n float64, Σ x xᵀ
+    abs_sum: torch.Tensor  # n float64, Σ |x| (ASVD's activation scale)
+    tokens: int = 0
+
+    @classmethod
+    def empty(cls, width: int, device: torch.device | str = "cpu") -> "InputStatistics":
+        zeros = dict(dtype=torch.float64, device=device)
+        return cls(gram_sum=torch.zeros(width, width, **zeros), abs_sum=torch.zeros(width, **zeros))
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a (tokens × n) batch in float64 (float32 sums drift over millions of tokens)."""
+        x64 = x.detach().to(torch.float64)
+        self.gram_sum.addmm_(x64.T, x64)
+        self.abs_sum.add_(x64.abs().sum(dim=0))
+        self.tokens += x64.shape[0]
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Mean Gram matrix H/N (same eigenvectors as Σ x xᵀ, numbers of order one)."""
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.gram_sum / self.tokens
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.abs_sum / self.tokens
+
+
+class BlockStatistics:
+    """Forward-pre-hooks on a block's target linears that stream their input statistics.
+
+    Usage::
+
+        with BlockStatistics(targets) as stats:
+            for batch in batches:
+                stats.token_mask = mask
+                block(hidden, **kwargs)
+        h = stats.for_module("model.layers.0.self_attn.q_proj").gram
+    """
+
+    def __init__(self, targets: dict[str, nn.Module]) -> None:
+        self.targets = targets
+        self.token_mask: torch.Tensor | None = None
+        self._group_of: dict[str, str] = {}  # module name -> group leader name
+        self._stats: dict[str, InputStatistics] = {}
+        # First-batch input tensor per module. Holding the tensors (not just their addresses) keeps
+        # the allocator from reusing a freed buffer, which would make unrelated inputs look shared.
+        self._seen: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+        self._grouping_done = False
+
+    # -- hook management -------------------------------------------------------------------------
+    def __enter__(self) -> "BlockStatistics":
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
+        previous, self.token_mask = self.token_mask, mask
+        try:
+            yield
+        finally:
+            self.token_mask = previous
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            if not self._grouping_done:
+                self._assign_group(name, x)
+            if self._group_of.get(name, name) != name:
+                return  # another module with the same input already counts these tokens
+            self._stats_for(name, x).add(self._select_tokens(x))
+
+        return hook
+
+    def _assign_group(self, name: str, x: torch.Tensor) -> None:
+        if name in self._seen:
+            # A module came round again: the first batch is over and its grouping is final.
+            self._grouping_done = True
+            self._seen.clear()
+            return
+        for other, other_x in self._seen.items():
+            if other_x is x and self._group_of.get(other, other) == other:
+                self._group_of[name] = other
+                break
+        else:
+            self._group_of[name] = name
+        self._seen[name] = x
+
+    def _stats_for(self, name: str, x: torch.Tensor) -> InputStatistics:
+        if name not in self._stats:
+            self._stats[name] = InputStatistics.empty(x.shape[-1], device=x.device)
+        return self._stats[name]
+
+    def _select_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.token_mask
+        if mask is not None and x.ndim >= 2 and tuple(mask.shape) == tuple(x.shape[:-1]):
+            return x[mask.to(device=x.device).bool()]
+        return x.reshape(-1, x.shape[-1])
+
+    # -- results -----------------------------------------------------------------------------------
+    def for_module(self, name: str) -> InputStatistics:
+        leader = self._group_of.get(name, name)
+        if leader not in self._stats:
+            raise RuntimeError(f"no calibration input reached {name}; is it used in the forward pass?")
+        return self._stats[leader]
+
+    def groups(self) -> dict[str, list[str]]:
+        """Leader name → all module names sharing its input (for reports and tests)."""
+        out: dict[str, list[str]] = {}
+        for name in self.targets:
+            out.setdefault(self._group_of.get(name, name), []).append(name)
+        return out

@@ -1,0 +1,149 @@
+"""Whitening transforms for truncation-aware low-rank factorization.
+
+SVD-LLM's observation: if the calibration Gram matrix factors as H = X Xᵀ = S Sᵀ, then truncating the
+SVD of W·S to rank r gives W′ with ‖(W − W′)X‖_F² equal to the sum of the dropped squared singular
+values of W·S — the optimal rank-r fit *for the inputs the layer actually sees*. Every whitening here
+exposes the same two operations so the factorization code does not care which one it got:
+
+* ``whiten(w)``  → w·S
+* ``unwhiten(a)`` → a·S⁻¹ (by triangular solve or an orthogonal/diagonal formula, never an explicit
+  inverse).
+
+The Cholesky route can fail on real statistics (dead channels, fewer tokens than features, round-off
+making H slightly indefinite). :func:`compute_whitening` therefore walks a fallback chain that never
+raises on a finite symmetric input: float64 Cholesky → Cholesky with relative damping → eigen-
+decomposition with eigenvalues floored to a small fraction of the largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Whitening",
+    "IdentityWhitening",
+    "DiagonalWhitening",
+    "CholeskyWhitening",
+    "EigenWhitening",
+    "compute_whitening",
+]
+
+
+class Whitening:
+    """Interface: an invertible n×n transform S applied on the input side of a weight matrix."""
+
+    kind: str = "abstract"
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def unwhiten(self, a: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class IdentityWhitening(Whitening):
+    """S = I: plain SVD of the weight, blind to the data (the baseline)."""
+
+    kind: str = "identity"
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+
+@dataclass
+class DiagonalWhitening(Whitening):
+    """S = diag(scale): per-input-channel scaling (ASVD's activation-aware transform)."""
+
+    scale: torch.Tensor
+    kind: str = "diagonal"
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.scale.to(w.dtype)
+
+    def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
+        return a / self.scale.to(a.dtype)
+
+
+@dataclass
+class CholeskyWhitening(Whitening):
+    """S = L, the lower Cholesky factor of H (+ damping·mean(diag H)·I when ``damping`` > 0)."""
+
+    factor: torch.Tensor
+    damping: float = 0.0
+    kind: str = "cholesky"
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        return w @ self.factor.to(w.dtype)
+
+    def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
+        # Solve X·L = A for X without forming L⁻¹.
+        return torch.linalg.solve_triangular(self.factor.to(a.dtype), a, upper=False, left=False)
+
+
+@dataclass
+class EigenWhitening(Whitening):
+    """S = Q·diag(√s) from H = Q diag(s) Qᵀ with s floored; S⁻¹ = diag(1/√s)·Qᵀ exactly."""
+
+    eigenvectors: torch.Tensor
+    sqrt_eigenvalues: torch.Tensor
+    floored: int = 0
+    kind: str = "eigen"
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        return (w @ self.eigenvectors.to(w.dtype)) * self.sqrt_eigenvalues.to(w.dtype)
+
+    def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
+        return (a / self.sqrt_eigenvalues.to(a.dtype)) @ self.eigenvectors.to(a.dtype).T
+
+
+def _symmetrize(h: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (h + h.T)
+
+
+def compute_whitening(
+    gram: torch.Tensor,
+    *,
+    damping: float = 1e-6,
+    eigen_floor: float = 1e-10,
+) -> Whitening:
+    """Return a whitening S with S Sᵀ ≈ ``gram``, falling back instead of failing.
+
+    Args:
+        gram: symmetric n×n Gram matrix (any float dtype; promoted to float64 — Cholesky of a
+            near-singular matrix in float32 loses most of its digits).
+        damping: relative damping for the second attempt: H + damping·mean(diag H)·I.
+        eigen_floor: last resort floors eigenvalues at ``eigen_floor``·max(eigenvalue) (and at a tiny
+            absolute value for an all-zero H) so every direction stays invertible.
+
+    The returned object's ``kind`` says which route succeeded, so callers can report it.
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"Gram matrix must be square, got shape {tuple(gram.shape)}")
+    h = _symmetrize(gram.detach().to(torch.float64))
+    if not torch.isfinite(h).all():
+        raise ValueError("Gram matrix contains NaN or Inf; the calibration activations are not finite")
+    n = h.shape[0]
+
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return CholeskyWhitening(factor=factor)
+
+    scale = float(h.diagonal().mean().clamp_min(0.0))
+    if damping > 0 and scale > 0:
+        damped = h + (damping * scale) * torch.eye(n, dtype=h.dtype, device=h.device)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky")
+
+    eigenvalues, eigenvectors = torch.linalg.eigh(h)
+    top = float(eigenvalues.max().clamp_min(0.0))
+    floor = max(top * eigen_floor, torch.finfo(torch.float64).tiny ** 0.5)
+    floored = int((eigenvalues < floor).sum())
+    sqrt_eigenvalues = eigenvalues.clamp_min(floor).sqrt()
+    return EigenWhitening(eigenvectors=eigenvectors, sqrt_eigenvalues=sqrt_eigenvalues, floored=floored)
