@@ -1,0 +1,207 @@
+"""The ``adasvd`` command line.
+
+Subcommands:
+  compress    compress a model folder (or the embedded reference model) and save the result
+  evaluate    perplexity of a model folder on a text file
+  quickstart  reference model → svd and svd-llm at 40% and 60% → perplexity table
+  reference   build (once) and print the path of the embedded reference model
+
+Bad input (missing path, ratio outside (0, 1), unknown method, a folder that is not a causal LM, an
+existing output folder) exits with code 2 and one line on stderr, before any work is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .core.errors import InvalidInputError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1) (fraction of parameters removed), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="adasvd", description="SVD low-rank compression of causal language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        p.add_argument("--quiet", action="store_true", help="no progress display or tables")
+
+    p = sub.add_parser("compress", help="compress a model folder")
+    p.add_argument("--model", default="reference", help="model folder, or 'reference' (default) for the embedded model")
+    p.add_argument("--method", default="svd-llm", help="preset: svd, asvd, svd-llm (default)")
+    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each target matrix's parameters removed")
+    p.add_argument("--calibration", default=None, help="calibration text file (default: embedded training split)")
+    p.add_argument("--samples", type=_positive_int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--include", nargs="+", default=None, help="regex patterns of target module names")
+    p.add_argument("--exclude", nargs="+", default=[], help="regex patterns of module names to leave dense")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    common(p)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model folder on a text file")
+    p.add_argument("--model", default="reference", help="model folder, or 'reference' (default)")
+    p.add_argument("--data", default=None, help="text file (default: embedded test split)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="window length (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
+    common(p)
+
+    p = sub.add_parser("quickstart", help="reference model → svd / svd-llm at 40% and 60% → perplexity")
+    p.add_argument("--ratios", type=_ratio, nargs="+", default=[0.4, 0.6])
+    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm"])
+    p.add_argument("--samples", type=_positive_int, default=64)
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    common(p)
+
+    p = sub.add_parser("reference", help="build (once) and print the embedded reference model's folder")
+    common(p)
+    return parser
+
+
+def _emit(args: argparse.Namespace, payload: dict) -> None:
+    if args.json:
+        print(json.dumps(payload, default=float))
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from .core.config import CompressionConfig
+    from .display import compression_progress, console, report_table
+    from .workflows import CalibrationSpec, compress_folder
+
+    config = CompressionConfig(method=args.method, ratio=args.ratio, include=args.include, exclude=args.exclude)
+    calibration = CalibrationSpec(args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    with compression_progress(not args.quiet) as progress:
+        report = compress_folder(
+            args.model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress
+        )
+    if not args.quiet:
+        console.print(report_table(report))
+        console.print(f"saved to {args.out}")
+    _emit(args, {**report.to_dict(), "out": args.out})
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .display import console
+    from .workflows import evaluate_folder
+
+    result = evaluate_folder(
+        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
+    )
+    if not args.quiet:
+        console.print(
+            f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+            f"({result['windows']} windows of {result['seq_len']}, {result['nonfinite_windows']} non-finite); "
+            f"{result['parameters']:,} parameters"
+        )
+    _emit(args, result)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from rich.table import Table
+
+    from .core.config import CompressionConfig
+    from .core.methods import get_method
+    from .display import console
+    from .workflows import CalibrationSpec, compress_folder, evaluate_folder, resolve_model
+
+    for method in args.methods:
+        get_method(method)
+    path = resolve_model("reference", show_progress=not args.quiet)
+    rows = [{"method": "dense", "ratio": 0.0, **evaluate_folder(path, device=args.device)}]
+    calibration = CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        for ratio in args.ratios:
+            for method in args.methods:
+                out = f"{tmp}/{method}-{ratio}"
+                report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out, device=args.device)
+                result = evaluate_folder(out, device=args.device)
+                rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
+                             "compress_seconds": report.seconds, **result})
+    if not args.quiet:
+        table = Table(title=f"reference model {path.name}: perplexity on the embedded test split")
+        for column in ("method", "ratio", "achieved", "perplexity", "Δ vs dense", "parameters"):
+            table.add_column(column, justify="right")
+        dense = rows[0]["perplexity"]
+        for row in rows:
+            table.add_row(
+                row["method"], f"{row['ratio']:.0%}", f"{row.get('achieved_ratio', 0.0):.2%}",
+                f"{row['perplexity']:.2f}", f"{row['perplexity'] / dense - 1:+.1%}", f"{row['parameters']:,}",
+            )
+        console.print(table)
+    _emit(args, {"model": str(path), "rows": rows})
+
+
+def _cmd_reference(args: argparse.Namespace) -> None:
+    from .workflows import resolve_model
+
+    path = resolve_model("reference", show_progress=not args.quiet)
+    if not args.json:
+        print(path)
+    _emit(args, {"path": str(path)})
+
+
+_COMMANDS = {
+    "compress": _cmd_compress,
+    "evaluate": _cmd_evaluate,
+    "quickstart": _cmd_quickstart,
+    "reference": _cmd_reference,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .display import quiet_libraries
+
+    quiet_libraries()
+    try:
+        _COMMANDS[args.command](args)
+    except InvalidInputError as exc:
+        print(f"adasvd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adasvd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

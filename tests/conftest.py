@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random models of each family and a tiny trained reference folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A randomly initialised causal LM of ``family`` small enough for unit tests (~0.1 M params)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128)
+    if family == "llama":
+        config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, **common)
+        cls = tf.LlamaForCausalLM
+    elif family == "mistral":
+        config = tf.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=16, **common)
+        cls = tf.MistralForCausalLM
+    elif family == "qwen2":
+        config = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, **common)
+        cls = tf.Qwen2ForCausalLM
+    elif family == "opt":
+        config = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              word_embed_proj_dim=64, max_position_embeddings=128, **common)
+        cls = tf.OPTForCausalLM
+    elif family == "gpt2":
+        config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0,
+                               **common)
+        cls = tf.GPT2LMHeadModel
+    else:
+        raise ValueError(family)
+    return cls(config).eval()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
+
+
+@pytest.fixture
+def token_batches():
+    generator = torch.Generator().manual_seed(1)
+    return list(torch.randint(0, 128, (8, 32), generator=generator).split(4))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("adasvd-cache")
+    os.environ["ADASVD_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(cache_dir) -> Path:
+    """A tiny reference model trained for a few steps (real tokenizer, real Lightning training)."""
+    from adasvd_lightning.training.reference import TINY_REFERENCE, reference_model_path
+
+    return reference_model_path(TINY_REFERENCE, show_progress=False)

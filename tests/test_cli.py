@@ -1,0 +1,96 @@
+"""The ``adasvd`` command line, run as a real subprocess (the installed console script)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env_cache=None):
+    env = dict(os.environ)
+    if env_cache is not None:
+        env["ADASVD_CACHE"] = str(env_cache)
+    exe = shutil.which("adasvd") or sys.executable
+    cmd = [exe, *args] if exe != sys.executable else [exe, "-m", "adasvd_lightning", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_compress_then_evaluate_round_trip(tiny_reference, tmp_path):
+    out = tmp_path / "svdllm"
+    result = run("compress", "--model", str(tiny_reference), "--method", "svd-llm", "--ratio", "0.4",
+                 "--samples", "8", "--seq-len", "32", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = last_json(result.stdout)
+    assert report["parameters_after"] < report["parameters_before"]
+    assert 0.38 < report["achieved_ratio"] <= 0.4
+    assert report["seconds"] > 0
+    assert all(m["rank"] for m in report["modules"])
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+    dense = last_json(run("evaluate", "--model", str(tiny_reference), "--seq-len", "64", "--max-windows", "20",
+                          "--json").stdout)
+    comp = run("evaluate", "--model", str(out), "--seq-len", "64", "--max-windows", "20", "--json")
+    assert comp.returncode == 0, comp.stderr
+    comp = last_json(comp.stdout)
+    for key in ("perplexity", "tokens", "nonfinite_windows", "parameters"):
+        assert key in comp
+    assert comp["tokens"] == dense["tokens"] == 20 * 63
+    assert comp["nonfinite_windows"] == 0
+    assert comp["parameters"] == report["parameters_after"]
+    assert dense["parameters"] == report["parameters_before"]
+    assert comp["perplexity"] > 1.0 and dense["perplexity"] > 1.0
+
+
+def test_evaluate_on_user_text_file(tiny_reference, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog .\n" * 200)
+    result = run("evaluate", "--model", str(tiny_reference), "--data", str(text), "--seq-len", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    assert last_json(result.stdout)["windows"] > 10
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compress", "--model", "/nonexistent/model", "--ratio", "0.4", "--out", "OUT"], "model folder not found"),
+        (["compress", "--model", "MODEL", "--ratio", "1.5", "--out", "OUT"], "ratio must be in (0, 1)"),
+        (["compress", "--model", "MODEL", "--ratio", "0", "--out", "OUT"], "ratio must be in (0, 1)"),
+        (["compress", "--model", "MODEL", "--ratio", "abc", "--out", "OUT"], "ratio must be a number"),
+        (["compress", "--model", "MODEL", "--method", "svd-lm", "--ratio", "0.4", "--out", "OUT"], "unknown method"),
+        (["compress", "--model", "VIT", "--ratio", "0.4", "--out", "OUT"], "not a causal language model"),
+        (["compress", "--model", "MODEL", "--ratio", "0.4", "--calibration", "/no/such.txt", "--out", "OUT"],
+         "text file not found"),
+        (["compress", "--model", "MODEL", "--ratio", "0.4", "--include", "nomatch_xyz", "--out", "OUT"],
+         "no linear layer matches"),
+        (["evaluate", "--model", "MODEL", "--data", "/no/such.txt"], "text file not found"),
+        (["evaluate", "--model", "/nonexistent/model"], "model folder not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, tiny_reference, tmp_path):
+    from transformers import ViTConfig
+
+    vit = tmp_path / "vit"
+    ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(vit)
+    out = tmp_path / "out"
+    subst = {"MODEL": str(tiny_reference), "VIT": str(vit), "OUT": str(out)}
+    result = run(*[subst.get(a, a) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_existing_output_is_refused(tiny_reference, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("compress", "--model", str(tiny_reference), "--ratio", "0.4", "--out", str(out))
+    assert result.returncode == 2 and "already exists" in result.stderr

@@ -1,0 +1,128 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from adasvd_lightning import CompressionConfig, CompressionWarning, LowRankLinear, compress_model, count_parameters
+from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.factorization import rank_for_ratio
+from conftest import FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_surgery_on_every_family(family, token_batches):
+    model = tiny_model(family)
+    with torch.no_grad():
+        reference = model(token_batches[0]).logits
+    before = count_parameters(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.4), token_batches)
+    lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert lowrank, family
+    # Every reported rank follows the formula, and the modules in the model carry it.
+    for m in report.modules:
+        if m.rank is not None:
+            assert m.rank == rank_for_ratio(m.out_features, m.in_features, 0.4)
+            assert lowrank[m.name].rank == m.rank
+            assert lowrank[m.name].up.shape == (m.out_features, m.rank)
+            assert 0.0 <= m.relative_error < 1.0
+    assert count_parameters(model) == report.parameters_after < before
+    assert before - report.parameters_after == report.linear_parameters_before - report.linear_parameters_after
+    assert 0.38 < report.achieved_ratio <= 0.42 or family == "mistral"
+    # Embeddings / head untouched; logits still finite and close-ish to the dense model's.
+    with torch.no_grad():
+        out = model(token_batches[0]).logits
+    assert torch.isfinite(out).all()
+    assert out.shape == reference.shape
+
+
+def test_gpt2_conv1d_transposed_weight_is_handled(token_batches):
+    model = tiny_model("gpt2")
+    conv = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 64)
+    dense = conv(x)
+    compress_model(model, CompressionConfig(method="svd", ratio=0.1, include=[r"h\.0\.mlp\.c_fc"]))
+    layer = model.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, LowRankLinear) and (layer.out_features, layer.in_features) == (256, 64)
+    # At 10% on a 256×64 matrix the rank is 46 of 64: outputs move by less than the dropped energy.
+    rel = (layer(x) - dense).norm() / dense.norm()
+    assert rel < 0.5
+
+
+def test_qwen2_bias_is_kept(token_batches):
+    model = tiny_model("qwen2")
+    q_bias = model.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    compress_model(model, CompressionConfig(method="svd-llm", ratio=0.3), token_batches)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LowRankLinear)
+    assert torch.equal(layer.bias.detach(), q_bias)
+
+
+def test_skip_with_warning_when_rank_saves_nothing():
+    # A 1×64 matrix: even rank 1 costs 65 > 64 parameters, so factorizing it can only grow the model.
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    with pytest.warns(CompressionWarning, match="would not save parameters"):
+        report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.5), [torch.randn(32, 64)])
+    skipped = [m for m in report.modules if m.skipped]
+    assert [m.name for m in skipped] == ["2"]
+    assert skipped[0].params_after == skipped[0].params_before == 65
+    assert isinstance(model[2], nn.Linear) and isinstance(model[0], LowRankLinear)
+
+
+def test_gqa_kv_projections_compress_within_budget(token_batches):
+    model = tiny_model("mistral")  # k/v are 16×64: break-even rank 12.8
+    report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.2), token_batches)
+    kv = [m for m in report.modules if m.name.endswith(("k_proj", "v_proj"))]
+    assert all(m.rank == 10 and m.params_after <= 0.8 * m.params_before for m in kv)
+
+
+def test_svd_llm_beats_svd_on_block_outputs(token_batches):
+    errors = {}
+    for method in ("svd", "svd-llm"):
+        model = tiny_model("llama", seed=3)
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.5), token_batches)
+        errors[method] = sum(m.relative_error for m in report.modules)
+    assert errors["svd-llm"] < errors["svd"]
+
+
+def test_plain_module_without_decoder_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = [torch.randn(16, 32) for _ in range(2)]
+    report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.5), x)
+    assert [m.name for m in report.modules] == ["0", "2"]
+    assert isinstance(model[0], LowRankLinear) and model[0].rank == rank_for_ratio(64, 32, 0.5)
+
+
+def test_patterns_matching_nothing_fail_before_work(token_batches):
+    with pytest.raises(InvalidInputError, match="no linear layer matches"):
+        compress_model(tiny_model("llama"), CompressionConfig(ratio=0.4, include=["nonexistent_proj"]), token_batches)
+
+
+def test_data_aware_method_requires_calibration():
+    with pytest.raises(ValueError, match="needs calibration"):
+        compress_model(tiny_model("llama"), CompressionConfig(method="svd-llm", ratio=0.4), None)
+
+
+@pytest.mark.parametrize("bad", [dict(ratio=0.0), dict(ratio=1.0), dict(ratio=-0.2), dict(method="svdllm"),
+                                 dict(propagation="both"), dict(include="q_proj"), dict(include=["("])])
+def test_config_validation(bad):
+    with pytest.raises(InvalidInputError):
+        CompressionConfig(**bad)
+
+
+def test_unknown_method_suggests_close_name():
+    with pytest.raises(InvalidInputError, match="did you mean 'svd-llm'"):
+        CompressionConfig(method="svd_llm")
+
+
+def test_compression_is_deterministic(token_batches):
+    outs = []
+    for _ in range(2):
+        model = tiny_model("llama")
+        compress_model(model, CompressionConfig(method="svd-llm", ratio=0.4), token_batches)
+        with torch.no_grad():
+            outs.append(model(token_batches[0]).logits)
+    assert torch.equal(outs[0], outs[1])

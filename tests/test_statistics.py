@@ -1,0 +1,48 @@
+import torch
+
+from adasvd_lightning.core.statistics import BlockStatistics, InputStatistics
+from adasvd_lightning.core.surgery import find_targets
+from conftest import tiny_model
+
+
+def test_gram_accumulation_matches_direct_product():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(7, 5, generator=g) for _ in range(3)]
+    stats = InputStatistics.empty(5)
+    for c in chunks:
+        stats.add(c)
+    x = torch.cat(chunks).double()
+    assert stats.tokens == 21
+    assert torch.allclose(stats.gram, x.T @ x / 21)
+    assert torch.allclose(stats.mean_abs, x.abs().mean(0))
+
+
+def test_shared_inputs_are_grouped_and_counted_once(token_batches):
+    model = tiny_model("llama")
+    [(_, _, targets), *_] = find_targets(model)
+    block = model.model.layers[0]
+    captured = {}
+    block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("attn", []).append(a[0]))
+    block.mlp.gate_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("mlp", []).append(a[0]))
+    with BlockStatistics(targets) as stats, torch.no_grad():
+        for batch in token_batches:
+            model(batch)
+    groups = {tuple(sorted(n.rsplit(".", 1)[-1] for n in v)) for v in stats.groups().values()}
+    assert groups == {("k_proj", "q_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)}
+    q = stats.for_module("model.layers.0.self_attn.q_proj")
+    assert q is stats.for_module("model.layers.0.self_attn.v_proj")
+    x = torch.cat([t.reshape(-1, 64) for t in captured["attn"]]).double()
+    assert q.tokens == x.shape[0] == 256
+    assert torch.allclose(q.gram, x.T @ x / x.shape[0])
+    assert stats.for_module("model.layers.0.mlp.up_proj").tokens == 256
+
+
+def test_token_mask_excludes_padding(token_batches):
+    model = tiny_model("llama")
+    [(_, _, targets), *_] = find_targets(model)
+    mask = torch.ones(4, 32, dtype=torch.long)
+    mask[:, 20:] = 0
+    with BlockStatistics(targets) as stats, torch.no_grad():
+        with stats.masked(mask):
+            model(token_batches[0], attention_mask=mask)
+    assert stats.for_module("model.layers.0.self_attn.q_proj").tokens == 4 * 20

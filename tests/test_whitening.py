@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from adasvd_lightning.core.factorization import factorize
+from adasvd_lightning.core.whitening import CholeskyWhitening, EigenWhitening, compute_whitening
+
+
+def _problem(m=48, n=32, tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    # Anisotropic inputs: a few strong directions, as in real activations.
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    x = mix @ torch.randn(n, tokens, generator=g, dtype=torch.float64)
+    return w, x
+
+
+def test_truncation_loss_equals_dropped_singular_values():
+    w, x = _problem()
+    whitening = compute_whitening(x @ x.T)
+    assert isinstance(whitening, CholeskyWhitening) and whitening.kind == "cholesky"
+    for rank in (4, 10, 20):
+        f = factorize(w, rank, whitening)
+        measured = torch.linalg.norm((w - f.dense()) @ x)
+        predicted = f.singular_values[rank:].square().sum().sqrt()
+        assert torch.allclose(measured, predicted, rtol=1e-8)
+        assert f.truncation_loss == pytest.approx(float(measured), rel=1e-8)
+
+
+def test_whitened_truncation_beats_plain_svd_on_activations():
+    w, x = _problem()
+    whitening = compute_whitening(x @ x.T)
+    for rank in (4, 10, 20):
+        whitened = torch.linalg.norm((w - factorize(w, rank, whitening).dense()) @ x)
+        plain = torch.linalg.norm((w - factorize(w, rank).dense()) @ x)
+        assert whitened < 0.9 * plain
+
+
+def test_whitened_fit_is_optimal_against_random_perturbations():
+    w, x = _problem(seed=3)
+    f = factorize(w, 8, compute_whitening(x @ x.T))
+    best = torch.linalg.norm((w - f.dense()) @ x)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        up = f.up + 1e-3 * torch.randn(f.up.shape, generator=g, dtype=torch.float64)
+        assert torch.linalg.norm((w - up @ f.down) @ x) >= best
+
+
+def test_unwhiten_inverts_whiten():
+    w, x = _problem()
+    for h in (x @ x.T, torch.zeros(32, 32, dtype=torch.float64)):
+        s = compute_whitening(h)
+        assert torch.allclose(s.unwhiten(s.whiten(w)), w, atol=1e-6, rtol=1e-6)
+
+
+def test_fallback_on_singular_gram_dead_channels():
+    w, x = _problem()
+    x[5] = 0.0  # dead input channel
+    x[17] = 0.0
+    h = x @ x.T
+    assert int(torch.linalg.cholesky_ex(h).info) != 0
+    whitening = compute_whitening(h)
+    assert whitening.kind == "damped-cholesky"
+    f = factorize(w, 10, whitening)
+    assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
+    # Damping 1e-6 moves the optimum by a negligible amount: the measured loss still matches theory.
+    measured = torch.linalg.norm((w - f.dense()) @ x)
+    assert measured <= 1.0001 * f.truncation_loss + 1e-9
+    assert measured < torch.linalg.norm((w - factorize(w, 10).dense()) @ x)
+
+
+def test_fallback_on_rank_deficient_gram_fewer_tokens_than_features():
+    w, x = _problem(tokens=12)  # rank(H) = 12 < n = 32
+    whitening = compute_whitening(x @ x.T, damping=0.0)  # force past the damped retry
+    assert isinstance(whitening, EigenWhitening) and whitening.floored >= 32 - 12
+    f = factorize(w, 10, whitening)
+    # 10 ranks can reproduce W on a 12-dimensional input span almost exactly.
+    rel = torch.linalg.norm((w - f.dense()) @ x) / torch.linalg.norm(w @ x)
+    assert rel < 0.5
+    assert torch.isfinite(f.dense()).all()
+
+
+def test_indefinite_gram_goes_to_eigen_route():
+    h = torch.diag(torch.tensor([1.0, 0.5, -1e-3, 0.0], dtype=torch.float64))
+    whitening = compute_whitening(h, damping=1e-6)
+    assert whitening.kind == "eigen"
+    assert whitening.floored == 2
+    w = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.allclose(whitening.unwhiten(whitening.whiten(w)), w)
+
+
+def test_non_finite_gram_is_rejected():
+    h = torch.eye(3)
+    h[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_whitening(h)
