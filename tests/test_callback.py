@@ -23,7 +23,7 @@ def _trainer(callbacks, steps=6):
 
 
 def test_compress_at_setup_then_train():
-    module = CausalLMModule(tiny_model("llama"), learning_rate=1e-3)
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
     before = count_parameters(module.model)
     callback = SVDCompression(method="svd-llm", ratio=0.5, calibration_batches=2)
     trainer = _trainer([callback])
@@ -33,7 +33,7 @@ def test_compress_at_setup_then_train():
     assert report.calibration_tokens == 2 * 4 * 32
     assert count_parameters(module.model) == report.parameters_after
     assert before - report.parameters_after == report.linear_parameters_before - report.linear_parameters_after
-    assert 0.48 < report.achieved_ratio <= 0.5
+    assert 0.5 <= report.achieved_ratio < 0.52
     layers = [m for m in module.model.modules() if isinstance(m, LowRankLinear)]
     assert len(layers) == 14
     # The optimizer trained the factors: they moved away from their post-compression values.
@@ -43,7 +43,7 @@ def test_compress_at_setup_then_train():
 
 
 def test_factors_are_what_the_optimizer_updates():
-    module = CausalLMModule(tiny_model("llama"), learning_rate=1e-2)
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-2)
     callback = SVDCompression(method="svd", ratio=0.5)
     snapshot = {}
 

@@ -29,7 +29,7 @@ def test_compress_then_evaluate_round_trip(tiny_reference, tmp_path):
     assert result.returncode == 0, result.stderr
     report = last_json(result.stdout)
     assert report["parameters_after"] < report["parameters_before"]
-    assert 0.38 < report["achieved_ratio"] <= 0.4
+    assert 0.4 <= report["achieved_ratio"] < 0.42
     assert report["seconds"] > 0
     assert all(m["rank"] for m in report["modules"])
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()

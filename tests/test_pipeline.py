@@ -30,7 +30,7 @@ def test_surgery_on_every_family(family, token_batches):
             assert 0.0 <= m.relative_error < 1.0
     assert count_parameters(model) == report.parameters_after < before
     assert before - report.parameters_after == report.linear_parameters_before - report.linear_parameters_after
-    assert 0.38 < report.achieved_ratio <= 0.42 or family == "mistral"
+    assert 0.4 <= report.achieved_ratio < 0.43
     # Embeddings / head untouched; logits still finite and close-ish to the dense model's.
     with torch.no_grad():
         out = model(token_batches[0]).logits
