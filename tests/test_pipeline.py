@@ -21,16 +21,19 @@ def test_surgery_on_every_family(family, token_batches):
         report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.4), token_batches)
     lowrank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     assert lowrank, family
-    # Every reported rank follows the formula, and the modules in the model carry it.
+    # Uniform ranks follow the formula (+1 where the budget's flooring remainder is handed out),
+    # and the modules in the model carry them.
     for m in report.modules:
         if m.rank is not None:
-            assert m.rank == rank_for_ratio(m.out_features, m.in_features, 0.4)
+            floor = rank_for_ratio(m.out_features, m.in_features, 0.4)
+            assert floor <= m.rank <= floor + 1
             assert lowrank[m.name].rank == m.rank
             assert lowrank[m.name].up.shape == (m.out_features, m.rank)
             assert 0.0 <= m.relative_error < 1.0
     assert count_parameters(model) == report.parameters_after < before
     assert before - report.parameters_after == report.linear_parameters_before - report.linear_parameters_after
-    assert 0.4 <= report.achieved_ratio < 0.43
+    assert -0.005 <= report.budget_deviation <= 0.0
+    assert 0.4 <= report.achieved_ratio < 0.403
     # Embeddings / head untouched; logits still finite and close-ish to the dense model's.
     with torch.no_grad():
         out = model(token_batches[0]).logits
@@ -63,7 +66,7 @@ def test_qwen2_bias_is_kept(token_batches):
 def test_skip_with_warning_when_rank_saves_nothing():
     # A 1×64 matrix: even rank 1 costs 65 > 64 parameters, so factorizing it can only grow the model.
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
-    with pytest.warns(CompressionWarning, match="would not save parameters"):
+    with pytest.warns(CompressionWarning, match="no rank saves parameters"):
         report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.5), [torch.randn(32, 64)])
     skipped = [m for m in report.modules if m.skipped]
     assert [m.name for m in skipped] == ["2"]
@@ -93,7 +96,8 @@ def test_plain_module_without_decoder_blocks():
     x = [torch.randn(16, 32) for _ in range(2)]
     report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.5), x)
     assert [m.name for m in report.modules] == ["0", "2"]
-    assert isinstance(model[0], LowRankLinear) and model[0].rank == rank_for_ratio(64, 32, 0.5)
+    assert isinstance(model[0], LowRankLinear)
+    assert rank_for_ratio(64, 32, 0.5) <= model[0].rank <= rank_for_ratio(64, 32, 0.5) + 1
 
 
 def test_patterns_matching_nothing_fail_before_work(token_batches):

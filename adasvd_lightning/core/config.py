@@ -31,6 +31,8 @@ class CompressionConfig:
             fitted to the inputs it will really see; ``"original"`` uses the dense model's activations.
         damping: relative damping of the Cholesky retry (× mean diagonal of H).
         compute_dtype: precision of the decompositions (``float64`` is the safe default).
+        method_options: overrides of the preset's strategies and knobs, e.g.
+            ``{"refinement": "adacomp", "adacomp_iterations": 5}`` (see `MethodSpec`).
     """
 
     method: str = "svd-llm"
@@ -40,9 +42,13 @@ class CompressionConfig:
     propagation: str = "compressed"
     damping: float = 1e-6
     compute_dtype: str = "float64"
+    method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        get_method(self.method)
+        if not isinstance(self.method_options, dict):
+            raise InvalidInputError("method_options must be a mapping of MethodSpec fields to values")
+        self.method_options = dict(self.method_options)
+        get_method(self.method).with_overrides(self.method_options)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
             raise InvalidInputError(f"ratio must be a number in (0, 1), got {self.ratio!r}")
         if not 0.0 < float(self.ratio) < 1.0:
@@ -64,7 +70,7 @@ class CompressionConfig:
 
     @property
     def spec(self) -> MethodSpec:
-        return get_method(self.method)
+        return get_method(self.method).with_overrides(self.method_options)
 
     @property
     def selector(self) -> TargetSelector:

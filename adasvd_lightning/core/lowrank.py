@@ -1,9 +1,13 @@
-"""`LowRankLinear`: the module that replaces a dense linear layer after factorization.
+"""Factorized replacements for dense linear layers.
 
-y = up(down(x)) + bias, computed as two matmuls so the FLOPs drop with the rank. Parameters are plain
-`up` (m×r) and `down` (r×n) tensors on the module itself — not nested `nn.Linear`s — so that surgery
-sees one leaf per compressed matrix (re-compression and "train only the factors" both rely on that),
-and state-dict keys stay readable: ``…q_proj.up``, ``…q_proj.down``, ``…q_proj.bias``.
+* `LowRankLinear`: y = up·(down·x) + bias — two matmuls, so FLOPs drop with the rank.
+* `ColumnPreservingLinear` (Duo-SVD): a few input columns stay dense and exact, the rest is low-rank:
+  y = up·(down·x[rest]) + W_keep·x[kept] + bias.
+
+Parameters are plain tensors on the module — not nested `nn.Linear`s — so surgery sees one leaf per
+compressed matrix (re-compression and "train only the factors" rely on that) and state-dict keys stay
+readable (``…q_proj.up``, ``…q_proj.down``). Column indices are persistent buffers, so they travel in
+the safetensors file with the weights.
 """
 
 from __future__ import annotations
@@ -12,11 +16,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LowRankLinear"]
+__all__ = ["FactorizedLinear", "LowRankLinear", "ColumnPreservingLinear"]
 
 
-class LowRankLinear(nn.Module):
+class FactorizedLinear(nn.Module):
+    """Common interface of the factorized layers: shape, rank, dense view, manifest entry."""
+
+    in_features: int
+    out_features: int
+    rank: int
+    kind: str = "abstract"
+
+    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def manifest_entry(self) -> dict:
+        return {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class LowRankLinear(FactorizedLinear):
     """Rank-r factorized linear layer y = up·(down·x) + bias."""
+
+    kind = "low_rank"
 
     def __init__(
         self,
@@ -67,8 +100,79 @@ class LowRankLinear(nn.Module):
         """The m×n matrix this layer applies (for re-compression, export and error reports)."""
         return self.up @ self.down
 
+
+class ColumnPreservingLinear(FactorizedLinear):
+    """Duo-SVD layer: ``kept`` input columns dense, the other columns through a rank-r factor pair."""
+
+    kind = "column_preserving"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        kept_columns: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rank < 1 or not 0 < kept_columns < in_features:
+            raise ValueError(f"need rank >= 1 and 0 < kept_columns < {in_features}, got {rank}, {kept_columns}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.kept_columns = kept_columns
+        kw = {"device": device, "dtype": dtype}
+        rest = in_features - kept_columns
+        self.register_buffer("kept_index", torch.arange(kept_columns, device=device))
+        self.register_buffer("rest_index", torch.arange(kept_columns, in_features, device=device))
+        self.kept_weight = nn.Parameter(torch.zeros(out_features, kept_columns, **kw))
+        self.down = nn.Parameter(torch.empty(rank, rest, **kw))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        nn.init.normal_(self.down, std=rest**-0.5)
+        nn.init.normal_(self.up, std=rank**-0.5)
+
+    @classmethod
+    def from_parts(
+        cls,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        kept_weight: torch.Tensor,
+        kept_index: torch.Tensor,
+        rest_index: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> "ColumnPreservingLinear":
+        dtype = dtype or up.dtype
+        n = kept_index.numel() + rest_index.numel()
+        module = cls(n, up.shape[0], up.shape[1], kept_index.numel(), bias=bias is not None,
+                     device=up.device, dtype=dtype)
+        with torch.no_grad():
+            module.kept_index.copy_(kept_index)
+            module.rest_index.copy_(rest_index)
+            module.kept_weight.copy_(kept_weight)
+            module.up.copy_(up)
+            module.down.copy_(down)
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = F.linear(F.linear(x.index_select(-1, self.rest_index), self.down), self.up, self.bias)
+        return low + F.linear(x.index_select(-1, self.kept_index), self.kept_weight)
+
+    def dense_weight(self) -> torch.Tensor:
+        w = self.up.new_zeros(self.out_features, self.in_features)
+        w[:, self.rest_index] = self.up @ self.down
+        w[:, self.kept_index] = self.kept_weight
+        return w
+
+    def manifest_entry(self) -> dict:
+        return {**super().manifest_entry(), "kept_columns": self.kept_columns}
+
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}"
-        )
+        return f"{super().extra_repr()}, kept_columns={self.kept_columns}"

@@ -1,65 +1,159 @@
-"""Named compression methods (presets).
+"""Compression methods as compositions of small strategies, and the named presets.
 
-A method decides how each matrix is measured before truncation — here, the whitening transform built
-from the calibration statistics. Every preset shares the same block-by-block pipeline, rank arithmetic
-and module surgery, so comparisons between them isolate the method itself.
+A method = (whitening, allocation, factorization form, refinement), all sharing the same block-by-block
+pipeline, statistics, rank arithmetic and module surgery, so comparisons isolate the method itself.
 
-| preset    | whitening                                   | source                                  |
-|-----------|---------------------------------------------|-----------------------------------------|
-| `svd`     | none (plain truncated SVD of W)             | baseline                                |
-| `asvd`    | diagonal, (mean |x_j|)^α with α = 0.5       | ASVD, Yuan et al. 2023                  |
-| `svd-llm` | Cholesky of H = XXᵀ (fallback chain)        | SVD-LLM, Wang et al. 2024 (truncation-aware whitening) |
+* whitening — how a matrix is measured before truncation:
+  ``none`` (plain SVD), ``activation-scale`` (ASVD: input channels scaled by (mean |x_j|)^α),
+  ``truncation-aware`` (SVD-LLM: Cholesky of H = XXᵀ with a fallback chain).
+* allocation — how the parameter budget is split between matrices (:mod:`.allocation`):
+  ``uniform``, ``adacr`` (AdaSVD), ``grouped-loss`` (SVD-LLM V2), ``module-kl`` (Duo-SVD),
+  ``sensitivity-ppl`` (ASVD-style).
+* form — ``low-rank`` or ``column-preserving`` (Duo-SVD, :mod:`.columns`).
+* refinement — ``none``, ``closed-form`` (SVD-LLM's U update), ``adacomp`` (AdaSVD's alternating U/Vᵀ
+  refinement), both against the dense model's outputs in exact Gram form (:mod:`.refinement`).
+
+Presets (see the README's method table for sources and knobs):
+
+| preset       | whitening         | allocation    | form              | refinement  |
+|--------------|-------------------|---------------|-------------------|-------------|
+| `svd`        | none              | uniform       | low-rank          | none        |
+| `asvd`       | activation-scale  | uniform       | low-rank          | none        |
+| `svd-llm`    | truncation-aware  | uniform       | low-rank          | closed-form |
+| `svd-llm-w`  | truncation-aware  | uniform       | low-rank          | none        |
+| `svd-llm-v2` | truncation-aware  | grouped-loss  | low-rank          | none        |
+| `adasvd`     | truncation-aware  | adacr         | low-rank          | adacomp     |
+| `duo-svd`    | truncation-aware  | module-kl     | column-preserving | none        |
+| `adasvd-duo` | truncation-aware  | adacr         | column-preserving | adacomp     |
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
+
+import torch
 
 from .errors import InvalidInputError
 from .statistics import InputStatistics
 from .whitening import DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening
 
-__all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS"]
+__all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "FORMS", "REFINEMENTS"]
 
 WHITENINGS = ("none", "activation-scale", "truncation-aware")
+ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "sensitivity-ppl")
+FORMS = ("low-rank", "column-preserving")
+REFINEMENTS = ("none", "closed-form", "adacomp")
+
+
+def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidInputError(f"unknown {field} {value!r}{hint}; choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One compression method: a name, its whitening, and where it comes from."""
+    """One compression method: its strategies and their knobs.
+
+    Knobs:
+        asvd_alpha: ASVD's activation exponent α.
+        adacomp_iterations / adacomp_tolerance: τ and the relative early-stop threshold of adaComp.
+        adacr_min_retention: adaCR's minimum retention ratio mrr as a fraction of the target retention
+            trr (mrr = adacr_min_retention · trr); the paper's value is not public.
+        column_min_gain: Duo-SVD keeps a column split only if the error drops by more than this.
+        sensitivity_candidates: candidate retentions probed by module-kl / sensitivity-ppl.
+        sensitivity_batches: calibration batches used for the sensitivity probes.
+    """
 
     name: str
-    whitening: str
-    source: str
+    whitening: str = "truncation-aware"
+    allocation: str = "uniform"
+    form: str = "low-rank"
+    refinement: str = "none"
+    source: str = ""
     asvd_alpha: float = 0.5
+    adacomp_iterations: int = 10
+    adacomp_tolerance: float = 1e-4
+    adacr_min_retention: float = 0.5
+    column_min_gain: float = 0.01
+    sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    sensitivity_batches: int = 2
 
     def __post_init__(self) -> None:
-        if self.whitening not in WHITENINGS:
-            raise InvalidInputError(f"unknown whitening {self.whitening!r}; choose one of {', '.join(WHITENINGS)}")
+        _choice("whitening", self.whitening, WHITENINGS)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("form", self.form, FORMS)
+        _choice("refinement", self.refinement, REFINEMENTS)
+        if not 0.0 < self.asvd_alpha <= 2.0:
+            raise InvalidInputError(f"asvd_alpha must be in (0, 2], got {self.asvd_alpha}")
+        if self.adacomp_iterations < 1 or self.adacomp_tolerance < 0:
+            raise InvalidInputError("adacomp_iterations must be >= 1 and adacomp_tolerance >= 0")
+        if not 0.0 <= self.adacr_min_retention <= 1.0:
+            raise InvalidInputError(f"adacr_min_retention must be in [0, 1], got {self.adacr_min_retention}")
+        if not 0.0 <= self.column_min_gain < 1.0:
+            raise InvalidInputError(f"column_min_gain must be in [0, 1), got {self.column_min_gain}")
+        cands = tuple(float(c) for c in self.sensitivity_candidates)
+        if not cands or any(not 0.0 < c <= 1.0 for c in cands):
+            raise InvalidInputError("sensitivity_candidates must be retentions in (0, 1]")
+        object.__setattr__(self, "sensitivity_candidates", cands)
+        if self.sensitivity_batches < 1:
+            raise InvalidInputError("sensitivity_batches must be >= 1")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.whitening != "none"
+        return (
+            self.whitening != "none"
+            or self.allocation != "uniform"
+            or self.form != "low-rank"
+            or self.refinement != "none"
+        )
 
-    def make_whitening(self, stats: InputStatistics | None, *, damping: float) -> Whitening:
-        """The whitening transform for one matrix given its input statistics."""
+    def with_overrides(self, overrides: dict | None) -> "MethodSpec":
+        """A copy with some strategies/knobs replaced (unknown keys are an error)."""
+        if not overrides:
+            return self
+        names = {f.name for f in dataclasses.fields(self)} - {"name", "source"}
+        for key in overrides:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InvalidInputError(f"unknown method option {key!r}{hint}; options: {', '.join(sorted(names))}")
+        return dataclasses.replace(self, name=f"{self.name}+custom", **overrides)
+
+    def make_whitening(
+        self, stats: InputStatistics | None, *, damping: float, columns: torch.Tensor | None = None
+    ) -> Whitening:
+        """The whitening transform for one matrix (restricted to input ``columns`` when given)."""
         if self.whitening == "none":
             return IdentityWhitening()
         if stats is None:
             raise RuntimeError(f"method {self.name!r} needs calibration statistics")
         if self.whitening == "activation-scale":
             scale = stats.mean_abs.clamp_min(1e-8).pow(self.asvd_alpha)
-            return DiagonalWhitening(scale=scale)
-        return compute_whitening(stats.gram, damping=damping)
+            return DiagonalWhitening(scale=scale if columns is None else scale[columns])
+        gram = stats.gram if columns is None else stats.gram[columns][:, columns]
+        return compute_whitening(gram, damping=damping)
 
 
 PRESETS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("svd", "none", "plain truncated SVD (baseline)"),
-        MethodSpec("asvd", "activation-scale", "ASVD (Yuan et al., 2023), alpha = 0.5"),
-        MethodSpec("svd-llm", "truncation-aware", "SVD-LLM (Wang et al., 2024), truncation-aware whitening"),
+        MethodSpec("svd", whitening="none", source="plain truncated SVD (baseline)"),
+        MethodSpec("asvd", whitening="activation-scale", source="ASVD (Yuan et al., 2023), alpha = 0.5"),
+        MethodSpec("svd-llm", refinement="closed-form",
+                   source="SVD-LLM (Wang et al., 2024): truncation-aware whitening + closed-form U update"),
+        MethodSpec("svd-llm-w", source="SVD-LLM whitening only (no parameter update)"),
+        MethodSpec("svd-llm-v2", allocation="grouped-loss",
+                   source="SVD-LLM V2 (Wang et al., 2025): loss-based ratios within same-type groups"),
+        MethodSpec("adasvd", allocation="adacr", refinement="adacomp",
+                   source="AdaSVD (Li et al., 2025): adaComp alternating refinement + adaCR layer ratios"),
+        MethodSpec("duo-svd", allocation="module-kl", form="column-preserving",
+                   source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
+        MethodSpec("adasvd-duo", allocation="adacr", form="column-preserving", refinement="adacomp",
+                   source="this project: adaComp + adaCR + Duo-SVD column preservation"),
     )
 }
 
@@ -71,6 +165,4 @@ def get_method(name: str) -> MethodSpec:
     except KeyError:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidInputError(
-            f"unknown method {name!r}{hint}; available: {', '.join(PRESETS)}"
-        ) from None
+        raise InvalidInputError(f"unknown method {name!r}{hint}; available: {', '.join(PRESETS)}") from None

@@ -14,11 +14,15 @@ class ModuleReport:
     name: str
     out_features: int
     in_features: int
-    params_before: int
+    params_before: int  # including the bias
     params_after: int
+    bias_params: int = 0  # biases are kept as they are; ratios are over the weight matrices
     rank: int | None = None
-    relative_error: float | None = None  # ‖(W − W′)X‖_F / ‖W X‖_F on the calibration inputs
+    kept_columns: int = 0  # input columns preserved dense (column-preserving form)
+    # ‖W′X_c − W X_o‖_F / ‖W X_o‖_F on the calibration data (X_c = X_o without paired statistics)
+    relative_error: float | None = None
     whitening: str | None = None
+    refinement_steps: int = 0
     skipped: str | None = None
 
 
@@ -31,6 +35,8 @@ class CompressionReport:
     parameters_after: int = 0
     seconds: float = 0.0
     calibration_tokens: int = 0
+    budget_parameters: int = 0  # weights the target linears may keep: ⌊(1 − c)·Σ m·n⌋
+    allocation: dict = field(default_factory=dict)  # strategy diagnostics (importances, …)
 
     @property
     def linear_parameters_before(self) -> int:
@@ -41,10 +47,24 @@ class CompressionReport:
         return sum(m.params_after for m in self.modules)
 
     @property
+    def _weights_before(self) -> int:
+        return sum(m.params_before - m.bias_params for m in self.modules)
+
+    @property
+    def _weights_after(self) -> int:
+        return sum(m.params_after - m.bias_params for m in self.modules)
+
+    @property
     def achieved_ratio(self) -> float:
-        """Fraction of the target linears' parameters removed (skipped matrices count as kept)."""
-        before = self.linear_parameters_before
-        return 1.0 - self.linear_parameters_after / before if before else 0.0
+        """Fraction of the target matrices' weights removed (biases excluded; skipped matrices count as kept)."""
+        before = self._weights_before
+        return 1.0 - self._weights_after / before if before else 0.0
+
+    @property
+    def budget_deviation(self) -> float:
+        """(kept weights − budget) / budget over the target matrices (≤ 0: within budget)."""
+        b = self.budget_parameters
+        return (self._weights_after - b) / b if b else 0.0
 
     @property
     def model_ratio(self) -> float:
@@ -58,5 +78,6 @@ class CompressionReport:
             linear_parameters_after=self.linear_parameters_after,
             achieved_ratio=self.achieved_ratio,
             model_ratio=self.model_ratio,
+            budget_deviation=self.budget_deviation,
         )
         return out

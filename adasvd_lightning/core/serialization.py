@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .lowrank import LowRankLinear
+from .lowrank import ColumnPreservingLinear, FactorizedLinear, LowRankLinear
 from .surgery import replace_module
 
 __all__ = [
@@ -45,17 +45,7 @@ FORMAT_VERSION = 1
 
 def build_manifest(model: nn.Module, **extra: Any) -> dict:
     """Manifest of the model's factorized modules, derived from the modules themselves."""
-    modules = {
-        name: {
-            "kind": "low_rank",
-            "in_features": m.in_features,
-            "out_features": m.out_features,
-            "rank": m.rank,
-            "bias": m.bias is not None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, LowRankLinear)
-    }
+    modules = {name: m.manifest_entry() for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
     return {"format_version": FORMAT_VERSION, **extra, "modules": modules}
 
 
@@ -65,21 +55,20 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
     if version != FORMAT_VERSION:
         raise InvalidInputError(f"unsupported compressed-model format version {version!r} (expected {FORMAT_VERSION})")
     for name, entry in manifest.get("modules", {}).items():
-        if entry.get("kind") != "low_rank":
-            raise InvalidInputError(f"unknown module kind {entry.get('kind')!r} for {name} in the manifest")
+        kind = entry.get("kind")
+        if kind not in ("low_rank", "column_preserving"):
+            raise InvalidInputError(f"unknown module kind {kind!r} for {name} in the manifest")
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise InvalidInputError(f"manifest names module {name!r}, which this architecture does not have") from None
         ref = next(old.parameters(), None)
-        new = LowRankLinear(
-            entry["in_features"],
-            entry["out_features"],
-            entry["rank"],
-            bias=entry["bias"],
-            device=ref.device if ref is not None else None,
-            dtype=ref.dtype if ref is not None else None,
-        )
+        where = {"device": ref.device if ref is not None else None, "dtype": ref.dtype if ref is not None else None}
+        shape = (entry["in_features"], entry["out_features"], entry["rank"])
+        if kind == "low_rank":
+            new = LowRankLinear(*shape, bias=entry["bias"], **where)
+        else:
+            new = ColumnPreservingLinear(*shape, entry["kept_columns"], bias=entry["bias"], **where)
         replace_module(model, name, new)
 
 

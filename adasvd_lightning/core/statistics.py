@@ -8,6 +8,11 @@ therefore independent of the number of calibration tokens and bounded by one blo
 
 Padding is excluded: set :attr:`BlockStatistics.token_mask` to the batch's attention mask (B×T) and
 only positions where it is non-zero contribute.
+
+Paired mode (for refinement against dense targets): run the *dense* block on the dense model's hidden
+states with ``mode = "original"`` (inputs are stashed, one batch at a time), then the same block on the
+compressed model's hidden states with ``mode = "compressed"``; each compressed-stream input is paired
+with its stashed original and H_cc = X_cᵀX_c, H_oc = X_oᵀX_c, H_oo = X_oᵀX_o are accumulated.
 """
 
 from __future__ import annotations
@@ -24,11 +29,17 @@ __all__ = ["InputStatistics", "BlockStatistics"]
 
 @dataclass
 class InputStatistics:
-    """Accumulated statistics of one distinct linear input of width n."""
+    """Accumulated statistics of one distinct linear input of width n.
+
+    ``gram_sum`` is Σ x_c x_cᵀ of the inputs the layer sees; in paired mode ``cross_sum`` (Σ x_o x_cᵀ)
+    and ``original_sum`` (Σ x_o x_oᵀ) relate them to the dense model's inputs x_o.
+    """
 
     gram_sum: torch.Tensor  # n×n float64, Σ x xᵀ
     abs_sum: torch.Tensor  # n float64, Σ |x| (ASVD's activation scale)
     tokens: int = 0
+    cross_sum: torch.Tensor | None = None
+    original_sum: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, width: int, device: torch.device | str = "cpu") -> "InputStatistics":
@@ -41,6 +52,26 @@ class InputStatistics:
         self.gram_sum.addmm_(x64.T, x64)
         self.abs_sum.add_(x64.abs().sum(dim=0))
         self.tokens += x64.shape[0]
+
+    def add_pair(self, x_original: torch.Tensor, x_compressed: torch.Tensor) -> None:
+        """Accumulate a batch seen by the dense model (x_o) and by the compressed prefix (x_c)."""
+        xo = x_original.detach().to(torch.float64)
+        if self.cross_sum is None:
+            self.cross_sum = torch.zeros_like(self.gram_sum)
+            self.original_sum = torch.zeros_like(self.gram_sum)
+        self.add(x_compressed)
+        xc = x_compressed.detach().to(torch.float64)
+        self.cross_sum.addmm_(xo.T, xc)
+        self.original_sum.addmm_(xo.T, xo)
+
+    def grams(self):
+        """`GramStatistics` (means) for refinement; single-stream statistics give H_cc = H_oc = H_oo."""
+        from .refinement import GramStatistics
+
+        h = self.gram
+        if self.cross_sum is None:
+            return GramStatistics.single_stream(h)
+        return GramStatistics(h_cc=h, h_oc=self.cross_sum / self.tokens, h_oo=self.original_sum / self.tokens)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -71,6 +102,8 @@ class BlockStatistics:
     def __init__(self, targets: dict[str, nn.Module]) -> None:
         self.targets = targets
         self.token_mask: torch.Tensor | None = None
+        self.mode = "single"  # "single" | "original" (stash) | "compressed" (pair with the stash)
+        self._stash: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, str] = {}  # module name -> group leader name
         self._stats: dict[str, InputStatistics] = {}
         # First-batch input tensor per module. Holding the tensors (not just their addresses) keeps
@@ -110,7 +143,13 @@ class BlockStatistics:
                 self._assign_group(name, x)
             if self._group_of.get(name, name) != name:
                 return  # another module with the same input already counts these tokens
-            self._stats_for(name, x).add(self._select_tokens(x))
+            tokens = self._select_tokens(x)
+            if self.mode == "original":
+                self._stash[name] = tokens.detach()
+            elif self.mode == "compressed":
+                self._stats_for(name, x).add_pair(self._stash.pop(name), tokens)
+            else:
+                self._stats_for(name, x).add(tokens)
 
         return hook
 

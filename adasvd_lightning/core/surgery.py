@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .lowrank import LowRankLinear
+from .lowrank import FactorizedLinear
 
 try:  # transformers is optional for plain nn.Module use
     from transformers.pytorch_utils import Conv1D
@@ -36,12 +36,12 @@ __all__ = [
 
 def is_linear(module: nn.Module) -> bool:
     """Linear-like leaves we can factorize: `nn.Linear`, GPT-2 `Conv1D`, and already-factorized layers."""
-    return isinstance(module, (nn.Linear, LowRankLinear)) or (Conv1D is not None and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, FactorizedLinear)) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear-like module."""
-    if isinstance(module, (nn.Linear, LowRankLinear)):
+    if isinstance(module, (nn.Linear, FactorizedLinear)):
         return module.out_features, module.in_features
     if Conv1D is not None and isinstance(module, Conv1D):
         return module.weight.shape[1], module.weight.shape[0]
@@ -50,7 +50,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The out × in matrix the module applies (a dense product for a `LowRankLinear`)."""
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, FactorizedLinear):
         return module.dense_weight()
     if isinstance(module, nn.Linear):
         return module.weight

@@ -1,0 +1,150 @@
+"""Refinement of low-rank factors against calibration data, in exact Gram form.
+
+Setting: a target matrix W (m×n) sees inputs X_c in the compressed model (produced by the already
+compressed earlier layers) where the dense model saw X_o. We want factors U (m×r), V (r×n) with
+U·V·X_c ≈ W·X_o. Some input columns may be preserved exactly (Duo-SVD); then the low-rank part covers
+the remaining ("rest") columns and must explain Y = W·X_o − W_keep·X_c[kept].
+
+Everything needed is expressible with n×n Gram matrices accumulated during calibration — no token-
+sized matrices are ever stored and no sample averaging changes the statistics:
+
+    H_cc = X_c X_cᵀ,  H_oc = X_o X_cᵀ,  H_oo = X_o X_oᵀ
+    G    = Y X_restᵀ = W H_oc[:, rest] − W_keep H_cc[kept, rest]
+    f(U, V) = ‖U V X_rest − Y‖² = tr(U V H_rr Vᵀ Uᵀ) − 2 tr(U V Gᵀ) + ‖Y‖²
+
+* U-step (SVD-LLM's closed-form update): U = G Vᵀ (V H_rr Vᵀ)⁻¹.
+* V-step: V = (UᵀU)⁻¹ Uᵀ G H_rr⁻¹.
+* adaComp (AdaSVD) alternates them. Each step minimises f exactly in its block, so f never increases;
+  a step that would increase it through round-off or damping is rejected and the iteration stops.
+  If X_c = X_o and the start is the whitened optimum, nothing can improve: the gain comes from the
+  mismatch between the compressed prefix's inputs and the dense targets (or from a worse start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["GramStatistics", "RefinementTarget", "objective", "u_step", "v_step", "adacomp", "balance_factors"]
+
+
+@dataclass
+class GramStatistics:
+    """The three Gram matrices of one linear input (float64, already divided by the token count)."""
+
+    h_cc: torch.Tensor
+    h_oc: torch.Tensor
+    h_oo: torch.Tensor
+
+    @classmethod
+    def single_stream(cls, h: torch.Tensor) -> "GramStatistics":
+        """X_c = X_o: all three are the same matrix."""
+        return cls(h, h, h)
+
+
+@dataclass
+class RefinementTarget:
+    """W, its statistics and the preserved columns; precomputes G, H_rr and ‖Y‖²."""
+
+    weight: torch.Tensor
+    stats: GramStatistics
+    kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    damping: float = 1e-6
+
+    def __post_init__(self) -> None:
+        w = self.weight.to(torch.float64)
+        n = w.shape[1]
+        kept = self.kept.to(torch.long)
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[kept] = False
+        rest = mask.nonzero().squeeze(1)
+        s = self.stats
+        self.rest = rest
+        self.w_keep = w[:, kept]
+        self.h_rr = s.h_cc[rest][:, rest]
+        self.g = w @ s.h_oc[:, rest] - self.w_keep @ s.h_cc[kept][:, rest]
+        y_norm = (w @ s.h_oo * w).sum()
+        if kept.numel():
+            y_norm = y_norm - 2 * (w @ s.h_oc[:, kept] * self.w_keep).sum()
+            y_norm = y_norm + (self.w_keep @ s.h_cc[kept][:, kept] * self.w_keep).sum()
+        self.y_norm = float(y_norm)
+        # Damped Cholesky of H_rr for the V-step's solve (H_rr may be singular: dead channels).
+        scale = float(self.h_rr.diagonal().mean().clamp_min(1e-30))
+        eye = torch.eye(self.h_rr.shape[0], dtype=torch.float64)
+        for factor in (self.damping, 1e-4, 1e-2):
+            chol, info = torch.linalg.cholesky_ex(self.h_rr + factor * scale * eye)
+            if int(info) == 0:
+                break
+        self.h_rr_chol = chol
+
+
+def objective(target: RefinementTarget, up: torch.Tensor, down: torch.Tensor) -> float:
+    """f(U, V) = ‖U V X_rest − Y‖²_F (per token, as the Grams are means)."""
+    a = up @ down
+    return float((a @ target.h_rr * a).sum() - 2 * (a * target.g).sum()) + target.y_norm
+
+
+def u_step(target: RefinementTarget, down: torch.Tensor) -> torch.Tensor:
+    """Least-squares U for fixed V."""
+    vhv = down @ target.h_rr @ down.T
+    rhs = target.g @ down.T  # m × r
+    return _solve_right(vhv, rhs)
+
+
+def v_step(target: RefinementTarget, up: torch.Tensor) -> torch.Tensor:
+    """Least-squares V for fixed U."""
+    utu = up.T @ up
+    core = _solve_left(utu, up.T @ target.g)  # (UᵀU)⁻¹ Uᵀ G, r × n_rest
+    return torch.cholesky_solve(core.T, target.h_rr_chol).T  # · H_rr⁻¹
+
+
+def _solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B·A⁻¹ for symmetric positive (semi)definite A, with a least-squares fallback."""
+    return _solve_left(a, b.T).T
+
+
+def _solve_left(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, chol)
+    return torch.linalg.lstsq(a, b).solution
+
+
+def adacomp(
+    target: RefinementTarget,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    *,
+    iterations: int = 10,
+    tolerance: float = 1e-4,
+    v_steps: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Alternate U- and V-steps (``v_steps=False``: a single U-step, SVD-LLM's closed-form update).
+
+    Returns the refined factors and the objective after each accepted step (first entry: the start).
+    Stops early when a full iteration improves f by less than ``tolerance`` (relative).
+    """
+    up, down = up.to(torch.float64), down.to(torch.float64)
+    history = [objective(target, up, down)]
+    for _ in range(max(1, iterations) if v_steps else 1):
+        start = history[-1]
+        for step in ("u", "v") if v_steps else ("u",):
+            new_up, new_down = (u_step(target, down), down) if step == "u" else (up, v_step(target, up))
+            value = objective(target, new_up, new_down)
+            if not torch.isfinite(torch.tensor(value)) or value > history[-1]:
+                return up, down, history  # reject a step that does not help (round-off, damping)
+            up, down = new_up, new_down
+            history.append(value)
+        if start - history[-1] <= tolerance * max(abs(start), 1e-30):
+            break
+    return up, down, history
+
+
+def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same product U·V, with the singular values split as √Σ on both sides (well-conditioned factors)."""
+    q_u, r_u = torch.linalg.qr(up)
+    q_v, r_v = torch.linalg.qr(down.T)
+    p, s, qh = torch.linalg.svd(r_u @ r_v.T)
+    root = s.sqrt()
+    return (q_u @ p) * root, root[:, None] * (qh @ q_v.T)
