@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="compress a model folder")
     p.add_argument("--model", default="reference", help="model folder, or 'reference' (default) for the embedded model")
-    p.add_argument("--method", default="svd-llm", help="preset: svd, asvd, svd-llm (default)")
+    p.add_argument("--method", default="svd-llm",
+                   help="preset: svd, asvd, svd-llm (default), svd-llm-w, svd-llm-v2, adasvd, duo-svd, adasvd-duo")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a strategy or knob of the preset, e.g. refinement=adacomp (repeatable)")
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each target matrix's parameters removed")
     p.add_argument("--calibration", default=None, help="calibration text file (default: embedded training split)")
     p.add_argument("--samples", type=_positive_int, default=64, help="calibration windows (default 64)")
@@ -93,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_options(items: list[str]) -> dict:
+    """KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, lists) with a safe loader."""
+    import yaml
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--method-option expects KEY=VALUE, got {item!r}")
+        parsed = yaml.safe_load(value)
+        options[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return options
+
+
 def _emit(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
         print(json.dumps(payload, default=float))
@@ -103,7 +120,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     from .display import compression_progress, console, report_table
     from .workflows import CalibrationSpec, compress_folder
 
-    config = CompressionConfig(method=args.method, ratio=args.ratio, include=args.include, exclude=args.exclude)
+    config = CompressionConfig(method=args.method, ratio=args.ratio, include=args.include, exclude=args.exclude,
+                               method_options=_parse_options(args.method_option))
     calibration = CalibrationSpec(args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(

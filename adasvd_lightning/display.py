@@ -26,9 +26,13 @@ logger = logging.getLogger("adasvd_lightning")
 
 
 def quiet_libraries() -> None:
-    """Silence the progress bars and info chatter of transformers / datasets / Lightning tips."""
+    """Silence the progress bars and info chatter of transformers / datasets / Lightning."""
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     try:
         import transformers
 
@@ -43,7 +47,12 @@ def quiet_libraries() -> None:
         datasets.disable_progress_bars()
     except Exception:  # pragma: no cover
         pass
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    try:  # Lightning sets its loggers to INFO when imported: import first, then lower them.
+        import lightning.pytorch  # noqa: F401
+    except Exception:  # pragma: no cover
+        pass
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -84,7 +93,7 @@ def compression_progress(enabled: bool = True) -> Iterator:
 def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Table:
     """Per-module table plus totals for a compression report."""
     table = Table(title=f"{report.method} @ {report.ratio:.0%}", show_lines=False)
-    for column in ("module", "shape", "rank", "params", "rel. error", "whitening"):
+    for column in ("module", "shape", "rank", "kept cols", "params", "rel. error", "whitening"):
         table.add_column(column, justify="left" if column in ("module", "whitening") else "right")
     rows = report.modules if max_rows is None else report.modules[:max_rows]
     for m in rows:
@@ -92,15 +101,16 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
             m.name,
             f"{m.out_features}×{m.in_features}",
             str(m.rank) if m.rank is not None else "dense",
+            str(m.kept_columns) if m.kept_columns else "-",
             f"{format_params(m.params_before)} → {format_params(m.params_after)}",
             f"{m.relative_error:.4f}" if m.relative_error is not None else "-",
             m.whitening or (m.skipped and "skipped") or "-",
         )
     if max_rows is not None and len(report.modules) > max_rows:
-        table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "")
+        table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "", "")
     table.caption = (
         f"linears {format_params(report.linear_parameters_before)} → {format_params(report.linear_parameters_after)} "
-        f"(achieved {report.achieved_ratio:.2%}); model {format_params(report.parameters_before)} → "
+        f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model {format_params(report.parameters_before)} → "
         f"{format_params(report.parameters_after)} ({report.model_ratio:.2%}); {report.seconds:.1f}s"
     )
     return table

@@ -119,8 +119,11 @@ def grouped_loss_ranks(
             nxt = ranks[name]
             if nxt < min(len(energy[name]), s.max_useful_rank):
                 heapq.heappush(heap, (-float(energy[name][nxt]) / s.rank_params, name))
+        # What no whole rank of this group could use is spread as fractional rank, so the global
+        # rounding step (ranks_for_budget) can still spend it where a rank fits.
+        share = (budget - spent) / len(members)
         for s in members:
-            retentions[s.name] = max(ranks[s.name], 1) * s.rank_params / s.dense_params
+            retentions[s.name] = (max(ranks[s.name], 1) * s.rank_params + share) / s.dense_params
     return retentions
 
 

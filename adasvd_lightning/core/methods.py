@@ -121,6 +121,21 @@ class MethodSpec:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise InvalidInputError(f"unknown method option {key!r}{hint}; options: {', '.join(sorted(names))}")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for key, value in overrides.items():
+            default = getattr(self, key)
+            ok = (
+                isinstance(value, str) if isinstance(default, str)
+                else isinstance(value, (list, tuple)) if isinstance(default, tuple)
+                else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+                else isinstance(value, (int, float)) and not isinstance(value, bool)
+            )
+            if not ok:
+                raise InvalidInputError(
+                    f"method option {key!r} expects {type(default).__name__} (field type {fields[key].type}), "
+                    f"got {value!r}"
+                )
+        overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
         return dataclasses.replace(self, name=f"{self.name}+custom", **overrides)
 
     def make_whitening(

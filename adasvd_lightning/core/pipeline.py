@@ -338,10 +338,15 @@ def _allocate_sensitivity(ctx: _Context) -> tuple[dict[str, float], dict]:
             replace_module(model, name, module)
     budget = budget_for_ratio(ctx.shapes, ctx.config.ratio)
     picked = knapsack(options, budget)
+    # Candidate retentions are coarse (0.1 steps): spread what the knapsack left unspent evenly over the
+    # factorized matrices, so the final rounding (ranks_for_budget) can still use it.
+    leftover = budget - sum(row[k][0] for row, k in zip(options, picked))
+    factorized = [s for s, k, ranks in zip(ctx.shapes, picked, option_ranks) if ranks[k] is not None]
+    spare = leftover / max(1, sum(s.dense_params for s in factorized))
     retentions = {}
     for s, k, ranks in zip(ctx.shapes, picked, option_ranks):
         rank = ranks[k]
-        retentions[s.name] = 1.0 if rank is None else rank * s.rank_params / s.dense_params
+        retentions[s.name] = 1.0 if rank is None else rank * s.rank_params / s.dense_params + spare
     return retentions, {"sensitivity_baseline": baseline, "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
 
 

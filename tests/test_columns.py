@@ -1,0 +1,79 @@
+"""Duo-SVD column preservation and its module."""
+
+import pytest
+import torch
+
+from adasvd_lightning.core.columns import column_preserving_factorize, preserved_columns_for, whitened_error
+from adasvd_lightning.core.factorization import factorize
+from adasvd_lightning.core.lowrank import ColumnPreservingLinear
+from adasvd_lightning.core.whitening import compute_whitening
+
+
+def _problem(m=48, n=40, outliers=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 500, generator=g, dtype=torch.float64)
+    for j in outliers:  # activation outlier channels, as in real LLMs
+        x[j] *= 30.0
+    h = x @ x.T / x.shape[1]
+    return w, h
+
+
+def _whiten(h):
+    return lambda cols: compute_whitening(h if cols is None else h[cols][:, cols])
+
+
+def test_column_budget_never_exceeds_the_plain_rank():
+    for m, n, r in [(48, 40, 10), (256, 704, 60), (704, 256, 60), (16, 64, 7)]:
+        for drop in range(1, r):
+            c = preserved_columns_for(drop, r, m, n)
+            assert (r - drop) * (m + n - c) + m * c <= r * (m + n)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_never_worse_than_plain_at_equal_parameters(seed):
+    w, h = _problem(seed=seed, outliers=(3,) if seed else ())
+    rank = 12
+    plain = factorize(w, rank, compute_whitening(h))
+    plain_error = whitened_error(w, plain.dense(), h)
+    split = column_preserving_factorize(w, rank, h, _whiten(h), base=plain)
+    if split is not None:
+        assert split.error < 0.99 * plain_error
+        assert whitened_error(w, split.dense(), h) == pytest.approx(split.error, rel=1e-8)
+        m, n = w.shape
+        assert split.rank * (m + n - split.kept.numel()) + m * split.kept.numel() <= rank * (m + n)
+
+
+SPIKES = (1, 5, 9, 13, 17, 21, 25, 31)
+
+
+def _spiky_problem(seed=0):
+    """W = rank-6 structure + 8 input columns with independent energy: plain rank 10 cannot hold all."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(48, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 40, generator=g, dtype=torch.float64)
+    for j in SPIKES:
+        w[:, j] += 4.0 * torch.randn(48, generator=g, dtype=torch.float64)
+    x = torch.randn(40, 500, generator=g, dtype=torch.float64)
+    return w, x @ x.T / x.shape[1]
+
+
+def test_isolated_heavy_columns_are_preserved():
+    w, h = _spiky_problem()
+    rank = 10
+    plain_error = whitened_error(w, factorize(w, rank, compute_whitening(h)).dense(), h)
+    split = column_preserving_factorize(w, rank, h, _whiten(h))
+    assert split is not None
+    assert len(set(split.kept.tolist()) & set(SPIKES)) >= 6
+    assert split.error < 0.3 * plain_error
+
+
+def test_column_preserving_module_matches_its_dense_weight():
+    w, h = _spiky_problem()
+    split = column_preserving_factorize(w, 10, h, _whiten(h))
+    bias = torch.randn(48, dtype=torch.float64)
+    layer = ColumnPreservingLinear.from_parts(split.up, split.down, split.kept_weight, split.kept, split.rest, bias)
+    x = torch.randn(7, 40, dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ split.dense().T + bias)
+    assert torch.allclose(layer.dense_weight(), split.dense())
+    k = split.kept.numel()
+    assert sum(p.numel() for p in layer.parameters()) == split.rank * (48 + 40 - k) + 48 * k + 48

@@ -1,0 +1,76 @@
+"""Every preset end to end on tiny models: budgets, structure, save/load, overrides."""
+
+import warnings
+
+import pytest
+import torch
+
+from adasvd_lightning import CompressionConfig, PRESETS, compress_model, load_compressed, save_compressed
+from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.lowrank import ColumnPreservingLinear, FactorizedLinear
+from conftest import tiny_model
+
+
+def _outlier_batches():
+    """Token batches; the tiny models get one activation-outlier channel so column preservation has work."""
+    g = torch.Generator().manual_seed(2)
+    return list(torch.randint(0, 128, (8, 32), generator=g).split(4))
+
+
+@pytest.mark.parametrize("method", sorted(PRESETS))
+@pytest.mark.parametrize("family,ratio", [("llama", 0.6), ("mistral", 0.4)])
+def test_every_preset_meets_the_budget(method, family, ratio):
+    model = tiny_model(family)
+    with torch.no_grad():
+        dense = model(_outlier_batches()[0]).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress_model(model, CompressionConfig(method=method, ratio=ratio), _outlier_batches())
+    assert -0.005 <= report.budget_deviation <= 0.0, (method, report.budget_deviation)
+    assert report.linear_parameters_after < report.linear_parameters_before
+    assert any(isinstance(m, FactorizedLinear) for m in model.modules())
+    with torch.no_grad():
+        out = model(_outlier_batches()[0]).logits
+    assert torch.isfinite(out).all() and not torch.equal(out, dense)
+    if PRESETS[method].allocation in ("adacr",):
+        assert len(report.allocation["block_importance"]) == 2
+    if PRESETS[method].refinement == "adacomp":
+        assert max(m.refinement_steps for m in report.modules) >= 2
+
+
+def test_duo_svd_round_trip_with_preserved_columns(tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():  # an outlier input channel in every block's MLP
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight[7] = 40.0
+    report = compress_model(model, CompressionConfig(method="adasvd-duo", ratio=0.4), _outlier_batches())
+    assert sum(m.kept_columns for m in report.modules) > 0
+    assert any(isinstance(m, ColumnPreservingLinear) for m in model.modules())
+    with torch.no_grad():
+        expected = model(_outlier_batches()[0]).logits
+    loaded = load_compressed(save_compressed(model, tmp_path / "duo"))
+    with torch.no_grad():
+        assert torch.equal(loaded(_outlier_batches()[0]).logits, expected)
+
+
+def test_refinement_lowers_output_error_against_dense_model():
+    """adaComp fits the compressed prefix's inputs to the dense targets: lower logit error."""
+    errors = {}
+    batches = _outlier_batches()
+    for method, options in [("svd-llm-w", {}), ("svd-llm-w", {"refinement": "adacomp"})]:
+        model = tiny_model("llama", seed=5)
+        with torch.no_grad():
+            dense = model(batches[0]).logits
+        compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), batches)
+        with torch.no_grad():
+            errors[bool(options)] = float((model(batches[0]).logits - dense).norm())
+    assert errors[True] < errors[False]
+
+
+def test_method_options_override_and_validate():
+    config = CompressionConfig(method="svd-llm", ratio=0.4, method_options={"refinement": "adacomp"})
+    assert config.spec.refinement == "adacomp" and config.spec.name == "svd-llm+custom"
+    with pytest.raises(InvalidInputError, match="did you mean 'refinement'"):
+        CompressionConfig(method="svd-llm", ratio=0.4, method_options={"refinment": "adacomp"})
+    with pytest.raises(InvalidInputError, match="unknown allocation"):
+        CompressionConfig(method="svd-llm", ratio=0.4, method_options={"allocation": "magic"})
