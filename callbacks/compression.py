@@ -32,7 +32,7 @@ class SVDCompression(Callback):
     """Factorize the model's linear layers at ``setup`` (before training).
 
     Args:
-        method: compression preset (``svd``, ``asvd``, ``svd-llm``).
+        method: compression preset (``svd``, ``asvd``, ``svd-llm``, ``adasvd``, ``duo-svd``, …).
         ratio: fraction of each target matrix's parameters removed, in (0, 1).
         calibration_batches: how many batches to draw for calibration statistics.
         calibration_dataloader: where to draw them from; default: the trainer's train dataloader.
@@ -40,6 +40,7 @@ class SVDCompression(Callback):
             ``"model"``); when the module has no such attribute, the LightningModule itself is used.
         include / exclude: regular expressions selecting target linears by full module name.
         propagation: ``"compressed"`` (sequential, default) or ``"original"`` calibration inputs.
+        method_options: overrides of the preset's strategies and knobs (see ``MethodSpec``).
     """
 
     def __init__(
@@ -53,11 +54,13 @@ class SVDCompression(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         propagation: str = "compressed",
+        method_options: dict | None = None,
     ) -> None:
         super().__init__()
         # Validate everything at construction: a bad ratio or method fails before the Trainer starts.
         self.config = CompressionConfig(
-            method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation
+            method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation,
+            method_options=method_options or {},
         )
         if calibration_batches < 1:
             raise InvalidInputError(f"calibration_batches must be >= 1, got {calibration_batches}")

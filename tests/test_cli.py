@@ -89,6 +89,33 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_reference, tmp_path
     assert not out.exists()
 
 
+def test_composed_method_from_the_command_line(tiny_reference, tmp_path):
+    out = tmp_path / "duo"
+    result = run("compress", "--model", str(tiny_reference), "--method", "adasvd-duo", "--ratio", "0.6",
+                 "--method-option", "refinement=adacomp", "--method-option", "adacomp_iterations=3",
+                 "--method-option", "allocation=adacr", "--samples", "8", "--seq-len", "32",
+                 "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = last_json(result.stdout)
+    assert report["method"] == "adasvd-duo+custom"
+    assert -0.005 <= report["budget_deviation"] <= 0.0
+    assert len(report["allocation"]["block_importance"]) == 2
+    assert max(m["refinement_steps"] for m in report["modules"]) <= 6  # 3 iterations × (U, V)
+    evaluated = last_json(run("evaluate", "--model", str(out), "--seq-len", "64", "--max-windows", "5",
+                              "--json").stdout)
+    assert evaluated["parameters"] == report["parameters_after"]
+
+
+@pytest.mark.parametrize("option,message", [("refinment=adacomp", "did you mean 'refinement'"),
+                                            ("adacomp_iterations=many", "expects int"),
+                                            ("noequals", "KEY=VALUE")])
+def test_bad_method_option_exits_2(option, message, tiny_reference, tmp_path):
+    result = run("compress", "--model", str(tiny_reference), "--ratio", "0.4", "--method-option", option,
+                 "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused(tiny_reference, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
