@@ -3,7 +3,7 @@
 Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
-  quickstart  reference model → svd and svd-llm at 40% and 60% → perplexity table
+  quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
   reference   build (once) and print the path of the embedded reference model
 
 Bad input (missing path, ratio outside (0, 1), unknown method, a folder that is not a causal LM, an
@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
     common(p)
 
-    p = sub.add_parser("quickstart", help="reference model → svd / svd-llm at 40% and 60% → perplexity")
+    p = sub.add_parser("quickstart", help="reference model → svd, svd-llm, adasvd-duo at 40% and 60% → perplexity")
     p.add_argument("--ratios", type=_ratio, nargs="+", default=[0.4, 0.6])
-    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm"])
+    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"])
     p.add_argument("--samples", type=_positive_int, default=64)
     p.add_argument("--seq-len", type=_positive_int, default=256)
     common(p)

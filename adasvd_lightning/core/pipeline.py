@@ -16,153 +16,34 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocation import (
-    adacr_block_retentions,
-    block_importance,
-    grouped_loss_ranks,
-    knapsack,
-    uniform_retentions,
-)
-from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
+from .budget import MatrixShape, budget_for_ratio
+from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_inputs, run_block
 from .columns import column_preserving_factorize
 from .config import CompressionConfig
-from .factorization import LowRankFactors, factorize, saves_parameters
+from .factorization import factorize, saves_parameters
 from .lowrank import ColumnPreservingLinear, LowRankLinear
-from .methods import MethodSpec
 from .params import count_parameters
+from .planning import PlanContext, plan_ranks
 from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
 
-__all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "capture_block_inputs", "compress_model"]
+__all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 
 
 class CompressionWarning(UserWarning):
     """A target matrix was left dense or handled in a degraded way."""
 
 
-@dataclass
-class BlockInput:
-    """Everything one calibration batch passes into a decoder block."""
-
-    hidden: torch.Tensor
-    args: tuple
-    kwargs: dict
-    mask: torch.Tensor | None
-
-
-@dataclass
-class ProgressEvent:
-    """Reported to the optional progress callback (the display lives in the upper layers)."""
-
-    stage: str  # "calibrate" | "allocate" | "block"
-    completed: int
-    total: int
-    detail: str = ""
-
-
-ProgressFn = Callable[[ProgressEvent], None]
-
-
-class _StopForward(Exception):
-    pass
-
-
-def _normalise_batch(batch: Any) -> tuple[Any, dict, torch.Tensor | None]:
-    """(positional input, keyword inputs, token mask) for one calibration batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch, {}, None
-    if isinstance(batch, dict):
-        if "input_ids" not in batch:
-            raise ValueError("a calibration batch dict needs an 'input_ids' entry")
-        kwargs = {"input_ids": batch["input_ids"]}
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = mask
-        return None, kwargs, mask
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], {}, None
-    raise TypeError(f"unsupported calibration batch type {type(batch).__name__}")
-
-
-def _forward_kwargs(model: nn.Module) -> dict:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
-def _model_forward(model: nn.Module, batch: Any) -> Any:
-    positional, kwargs, _ = _normalise_batch(batch)
-    device = _model_device(model)
-    extra = _forward_kwargs(model)
-    if positional is not None:
-        return model(_to(positional, device), **extra)
-    return model(**_to(kwargs, device), **extra)
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockInput]:
-    """Run ``model`` on each batch only until ``block`` is called, and keep what it receives."""
-    captured: list[BlockInput] = []
-    current_mask: list[torch.Tensor | None] = [None]
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        if args:
-            hidden, rest = args[0], tuple(args[1:])
-        else:
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.append(BlockInput(hidden=hidden, args=rest, kwargs=kwargs, mask=current_mask[0]))
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            _, _, mask = _normalise_batch(batch)
-            current_mask[0] = mask.to(_model_device(model)) if mask is not None else None
-            try:
-                _model_forward(model, batch)
-            except _StopForward:
-                continue
-            raise RuntimeError("the model finished its forward pass without calling the first decoder block")
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, inp: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
-    out = block(inp.hidden if hidden is None else hidden, *inp.args, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatistics) -> float:
@@ -171,199 +52,6 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
     num = (a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum() + (w @ grams.h_oo * w).sum()
     den = (w @ grams.h_oo * w).sum()
     return float(num.clamp_min(0.0) / den) ** 0.5 if den > 0 else float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Allocation
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Context:
-    model: nn.Module
-    blocks: nn.ModuleList
-    plan: list[tuple[int, str, dict[str, nn.Module]]]
-    shapes: list[MatrixShape]
-    inputs: list[BlockInput] | None
-    calibration: Sequence[Any] | None
-    spec: MethodSpec
-    config: CompressionConfig
-    progress: ProgressFn | None
-
-
-def _dense_pass(ctx: _Context, visit: Callable[[int, dict, list, list, BlockStatistics | None], None], *,
-                statistics: bool) -> None:
-    """Run the dense blocks over the calibration inputs once, calling ``visit`` per block."""
-    hidden = [inp.hidden for inp in ctx.inputs]
-    for index, block_name, targets in ctx.plan:
-        block = ctx.blocks[index]
-        stats = BlockStatistics(targets) if statistics and targets else None
-        outputs = []
-        if stats is not None:
-            stats.__enter__()
-        try:
-            for inp, h in zip(ctx.inputs, hidden):
-                if stats is not None:
-                    with stats.masked(inp.mask):
-                        outputs.append(_run_block(block, inp, h))
-                else:
-                    outputs.append(_run_block(block, inp, h))
-        finally:
-            if stats is not None:
-                stats.remove()
-        visit(index, targets, hidden, outputs, stats)
-        hidden = outputs
-        if ctx.progress:
-            ctx.progress(ProgressEvent("allocate", index + 1, len(ctx.plan), block_name))
-
-
-def _allocate_adacr(ctx: _Context) -> tuple[dict[str, float], dict]:
-    importances: list[float] = []
-
-    def visit(index, targets, hidden, outputs, stats):
-        total, count = 0.0, 0
-        for inp, h_in, h_out in zip(ctx.inputs, hidden, outputs):
-            s, c = block_importance(h_in, h_out, inp.mask)
-            total, count = total + s, count + c
-        importances.append(total / max(count, 1))
-
-    _dense_pass(ctx, visit, statistics=False)
-    block_of = {name: index for index, _, targets in ctx.plan for name in targets}
-    block_params = [sum(s.dense_params for s in ctx.shapes if block_of[s.name] == i) for i in range(len(ctx.plan))]
-    trr = 1.0 - ctx.config.ratio
-    mrr = ctx.spec.adacr_min_retention * trr
-    used = [i for i, p in enumerate(block_params) if p > 0]
-    block_rho = adacr_block_retentions([importances[i] for i in used], [block_params[i] for i in used], trr, mrr)
-    rho_of = dict(zip(used, block_rho))
-    retentions = {s.name: rho_of[block_of[s.name]] for s in ctx.shapes}
-    return retentions, {"block_importance": importances, "block_retention": [rho_of.get(i) for i in range(len(ctx.plan))]}
-
-
-def _dense_factorizations(ctx: _Context, keep_factors: bool) -> dict[str, tuple]:
-    """Whitened SVD of every target under dense-model statistics: name → (singular values, (whitening, U, Vh))."""
-    result: dict[str, tuple] = {}
-
-    def visit(index, targets, hidden, outputs, stats):
-        for name, module in targets.items():
-            whitening = ctx.spec.make_whitening(stats.for_module(name) if stats else None, damping=ctx.config.damping)
-            a = whitening.whiten(linear_weight(module).detach().to(torch.float64))
-            u, s, vh = torch.linalg.svd(a, full_matrices=False)
-            result[name] = (s, (whitening, u, vh) if keep_factors else None)
-
-    _dense_pass(ctx, visit, statistics=ctx.spec.whitening != "none")
-    return result
-
-
-def _allocate_grouped_loss(ctx: _Context) -> tuple[dict[str, float], dict]:
-    spectra = {name: s for name, (s, _) in _dense_factorizations(ctx, keep_factors=False).items()}
-    return grouped_loss_ranks(ctx.shapes, spectra, ctx.config.ratio), {}
-
-
-def _factors_at(cached: tuple, rank: int) -> LowRankFactors:
-    whitening, u, vh = cached[1]
-    s = cached[0]
-    root = s[:rank].sqrt()
-    return LowRankFactors(up=u[:, :rank] * root, down=whitening.unwhiten(root[:, None] * vh[:rank]), singular_values=s)
-
-
-def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str) -> float:
-    """Mean KL(dense ‖ current) over tokens (``module-kl``) or calibration perplexity (``sensitivity-ppl``)."""
-    total, count = 0.0, 0
-    for i, batch in enumerate(batches):
-        out = _model_forward(model, batch)
-        logits = (out.logits if hasattr(out, "logits") else out).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if kind == "module-kl":
-            ref = reference[i]
-            total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
-            count += ref.shape[0] * ref.shape[1]
-        else:
-            ids = _normalise_batch(batch)
-            ids = (ids[0] if ids[0] is not None else ids[1]["input_ids"]).to(logp.device)
-            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-            total += float(nll.double().sum())
-            count += nll.numel()
-    mean = total / max(count, 1)
-    return mean if kind == "module-kl" else float(torch.tensor(mean).exp())
-
-
-def _allocate_sensitivity(ctx: _Context) -> tuple[dict[str, float], dict]:
-    """Duo-SVD module-level allocation: per-module cost table at candidate retentions + knapsack."""
-    kind = ctx.spec.allocation
-    cache = _dense_factorizations(ctx, keep_factors=True)
-    batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
-    model = ctx.model
-    reference = None
-    if kind == "module-kl":
-        reference = []
-        for batch in batches:
-            out = _model_forward(model, batch)
-            reference.append(torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1))
-    modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
-    uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
-                               budget_for_ratio(ctx.shapes, ctx.config.ratio))
-
-    def swapped(shape: MatrixShape, rank: int | None) -> nn.Module:
-        module = modules[shape.name]
-        if rank is None or not saves_parameters(shape.out_features, shape.in_features, rank):
-            return module
-        f = _factors_at(cache[shape.name], rank)
-        bias = linear_bias(module)
-        dtype = linear_weight(module).dtype
-        return LowRankLinear.from_factors(f.up, f.down, bias.detach() if bias is not None else None, dtype=dtype)
-
-    base_modules = {s.name: swapped(s, uniform[s.name]) for s in ctx.shapes}
-    options: list[list[tuple[int, float]]] = []
-    option_ranks: list[list[int | None]] = []
-    try:
-        for s in ctx.shapes:
-            replace_module(model, s.name, base_modules[s.name])
-        baseline = _sensitivity_metric(model, batches, reference, kind)
-        for i, s in enumerate(ctx.shapes):
-            row, row_ranks = [], []
-            for rho in ctx.spec.sensitivity_candidates:
-                rank = None if rho >= 1.0 else max(1, int(rho * s.dense_params / s.rank_params))
-                if rank is not None and rank > s.max_useful_rank:
-                    rank = None
-                replace_module(model, s.name, swapped(s, rank))
-                row.append((rank_cost(s, rank), _sensitivity_metric(model, batches, reference, kind) - baseline))
-                row_ranks.append(rank)
-            replace_module(model, s.name, base_modules[s.name])
-            options.append(row)
-            option_ranks.append(row_ranks)
-            if ctx.progress:
-                ctx.progress(ProgressEvent("sensitivity", i + 1, len(ctx.shapes), s.name))
-    finally:
-        for name, module in modules.items():
-            replace_module(model, name, module)
-    budget = budget_for_ratio(ctx.shapes, ctx.config.ratio)
-    picked = knapsack(options, budget)
-    # Candidate retentions are coarse (0.1 steps): spread what the knapsack left unspent evenly over the
-    # factorized matrices, so the final rounding (ranks_for_budget) can still use it.
-    leftover = budget - sum(row[k][0] for row, k in zip(options, picked))
-    factorized = [s for s, k, ranks in zip(ctx.shapes, picked, option_ranks) if ranks[k] is not None]
-    spare = leftover / max(1, sum(s.dense_params for s in factorized))
-    retentions = {}
-    for s, k, ranks in zip(ctx.shapes, picked, option_ranks):
-        rank = ranks[k]
-        retentions[s.name] = 1.0 if rank is None else rank * s.rank_params / s.dense_params + spare
-    return retentions, {"sensitivity_baseline": baseline, "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
-
-
-def _allocate(ctx: _Context) -> tuple[dict[str, int | None], dict]:
-    allocation = ctx.spec.allocation
-    if allocation != "uniform" and ctx.inputs is None:
-        raise ValueError(f"allocation {allocation!r} needs calibration batches")
-    if allocation == "uniform":
-        retentions, info = uniform_retentions(ctx.shapes, ctx.config.ratio), {}
-    elif allocation == "adacr":
-        retentions, info = _allocate_adacr(ctx)
-    elif allocation == "grouped-loss":
-        retentions, info = _allocate_grouped_loss(ctx)
-    else:
-        retentions, info = _allocate_sensitivity(ctx)
-    ranks = ranks_for_budget(ctx.shapes, retentions, budget_for_ratio(ctx.shapes, ctx.config.ratio))
-    return ranks, info
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +64,7 @@ def _compress_target(
     name: str,
     module: nn.Module,
     rank: int | None,
-    ctx: _Context,
+    ctx: PlanContext,
     input_stats: InputStatistics | None,
 ) -> ModuleReport:
     spec, config = ctx.spec, ctx.config
@@ -475,8 +163,8 @@ def compress_model(
             )
             if progress:
                 progress(ProgressEvent("calibrate", len(inputs), len(inputs)))
-        ctx = _Context(model, blocks, plan, shapes, inputs, calibration, spec, config, progress)
-        ranks, report.allocation = _allocate(ctx)
+        ctx = PlanContext(model, blocks, plan, shapes, inputs, calibration, spec, config, progress)
+        ranks, report.allocation = plan_ranks(ctx)
 
         paired = inputs is not None and spec.refinement != "none" and config.propagation == "compressed"
         original_hidden = [inp.hidden for inp in inputs] if paired else None
@@ -492,11 +180,11 @@ def compress_model(
                         with stats.masked(inp.mask):
                             if paired:
                                 stats.mode = "original"
-                                dense_outputs.append(_run_block(block, inp, original_hidden[b]))
+                                dense_outputs.append(run_block(block, inp, original_hidden[b]))
                                 stats.mode = "compressed"
-                                _run_block(block, inp)
+                                run_block(block, inp)
                             else:
-                                dense_outputs.append(_run_block(block, inp))
+                                dense_outputs.append(run_block(block, inp))
             for name, module in targets.items():
                 input_stats = stats.for_module(name) if stats is not None else None
                 report.modules.append(_compress_target(model, name, module, ranks[name], ctx, input_stats))
@@ -505,7 +193,7 @@ def compress_model(
                 if paired:
                     original_hidden = dense_outputs
                 if config.propagation == "compressed" or dense_outputs is None:
-                    new_hidden = [_run_block(block, inp) for inp in inputs]
+                    new_hidden = [run_block(block, inp) for inp in inputs]
                 else:
                     new_hidden = dense_outputs
                 for inp, h in zip(inputs, new_hidden):

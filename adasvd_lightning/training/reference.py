@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 
 from ..core.corpus import embedded_corpus_path, read_text
 from ..core.errors import InvalidInputError
