@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .core.errors import InvalidInputError
 
@@ -60,18 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress display or tables")
 
     p = sub.add_parser("compress", help="compress a model folder")
-    p.add_argument("--model", default="reference", help="model folder, or 'reference' (default) for the embedded model")
-    p.add_argument("--method", default="svd-llm",
+    p.add_argument("--recipe", default=None, help="YAML recipe with compress/calibration sections (flags win)")
+    p.add_argument("--model", default=None, help="model folder, or 'reference' (default) for the embedded model")
+    p.add_argument("--method", default=None,
                    help="preset: svd, asvd, svd-llm (default), svd-llm-w, svd-llm-v2, adasvd, duo-svd, adasvd-duo")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override a strategy or knob of the preset, e.g. refinement=adacomp (repeatable)")
-    p.add_argument("--ratio", type=_ratio, required=True, help="fraction of each target matrix's parameters removed")
+    p.add_argument("--ratio", type=_ratio, default=None, help="fraction of each target matrix's parameters removed")
     p.add_argument("--calibration", default=None, help="calibration text file (default: embedded training split)")
-    p.add_argument("--samples", type=_positive_int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration window (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window sampling")
+    p.add_argument("--samples", type=_positive_int, default=None, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="tokens per calibration window (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration window sampling (default 0)")
     p.add_argument("--include", nargs="+", default=None, help="regex patterns of target module names")
-    p.add_argument("--exclude", nargs="+", default=[], help="regex patterns of module names to leave dense")
+    p.add_argument("--exclude", nargs="+", default=None, help="regex patterns of module names to leave dense")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
@@ -115,17 +117,38 @@ def _emit(args: argparse.Namespace, payload: dict) -> None:
         print(json.dumps(payload, default=float))
 
 
+def _pick(flag: Any, section: dict, key: str, default: Any) -> Any:
+    """An explicitly given flag, else the recipe's value, else the default."""
+    if flag is not None:
+        return flag
+    return section.get(key, default)
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .core.config import CompressionConfig
     from .display import compression_progress, console, report_table
+    from .recipe import load_recipe
     from .workflows import CalibrationSpec, compress_folder
 
-    config = CompressionConfig(method=args.method, ratio=args.ratio, include=args.include, exclude=args.exclude,
-                               method_options=_parse_options(args.method_option))
-    calibration = CalibrationSpec(args.calibration, samples=args.samples, seq_len=args.seq_len, seed=args.seed)
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    comp, cal = recipe.get("compress", {}), recipe.get("calibration", {})
+    ratio = _pick(args.ratio, comp, "ratio", None)
+    if ratio is None:
+        raise InvalidInputError("--ratio is required (or compress.ratio in the recipe)")
+    options = {**comp.get("method_options", {}), **_parse_options(args.method_option)}
+    config = CompressionConfig(
+        method=_pick(args.method, comp, "method", "svd-llm"), ratio=ratio,
+        include=_pick(args.include, comp, "include", None), exclude=_pick(args.exclude, comp, "exclude", []),
+        method_options=options,
+    )
+    calibration = CalibrationSpec(
+        _pick(args.calibration, cal, "text", None), samples=_pick(args.samples, cal, "samples", 64),
+        seq_len=_pick(args.seq_len, cal, "seq_len", 256), seed=_pick(args.seed, cal, "seed", 0),
+    )
+    model = _pick(args.model, comp, "model", "reference")
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
-            args.model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress
+            model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress
         )
     if not args.quiet:
         console.print(report_table(report))
