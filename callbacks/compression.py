@@ -4,6 +4,13 @@ Compression happens in the callback's ``setup`` hook. That point is chosen on pu
 data module is set up (so the trainer's train dataloader can supply calibration batches) but before the
 strategy wraps the model and before optimizers are created, so DDP/DeepSpeed and the optimizer see the
 final, factorized parameters and nothing has to be rebuilt.
+
+Resume: the factorized structure (the manifest: rank and shape of every factorized module) is saved in
+the callback's state in every checkpoint. Lightning loads model weights *before* it restores callback
+state, but it calls the LightningModule's ``on_load_checkpoint`` first; the callback therefore chains
+its own step in front of that hook, rebuilding the checkpoint's structure so the saved factors load into
+modules of the right shape. (The callback cannot see ``ckpt_path`` in ``setup``, so a resumed run still
+calibrates and compresses once before the checkpoint's structure replaces the result.)
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from adasvd_lightning.core.config import CompressionConfig
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
+from adasvd_lightning.core.serialization import apply_manifest, build_manifest
 from adasvd_lightning.core.surgery import find_targets
 
 __all__ = ["SVDCompression"]
@@ -68,6 +76,8 @@ class SVDCompression(Callback):
         self.calibration_dataloader = calibration_dataloader
         self.model_attr = model_attr
         self.report: CompressionReport | None = None
+        self._manifest: dict | None = None
+        self._restored_state: dict | None = None
 
     def target_module(self, pl_module: L.LightningModule) -> nn.Module:
         module = getattr(pl_module, self.model_attr, None)
@@ -85,14 +95,17 @@ class SVDCompression(Callback):
         return batches
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.report is not None:
+        if stage != "fit":
+            return
+        self._chain_checkpoint_restore(pl_module)
+        if self.report is not None:
             return
         model = self.target_module(pl_module)
         find_targets(model, self.config.selector)  # fail on patterns matching nothing before calibration
         batches = self._draw_batches(trainer, pl_module) if self.config.spec.needs_calibration else None
         self.report = compress_model(model, self.config, batches)
         log.info(
-            "compressed %d matrices with %s: %d -> %d parameters (%.2f%% of target linears removed) in %.1fs",
+            "compressed %d matrices with %s: %d -> %d parameters (%.2f%% of target weights removed) in %.1fs",
             len(self.report.modules), self.config.method, self.report.parameters_before,
             self.report.parameters_after, 100 * self.report.achieved_ratio, self.report.seconds,
         )
@@ -103,3 +116,44 @@ class SVDCompression(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _chain_checkpoint_restore(self, pl_module: L.LightningModule) -> None:
+        """Run `_restore_structure` before the module's own ``on_load_checkpoint`` (once per module)."""
+        if getattr(pl_module, "_adasvd_restore_chained", False):
+            return
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict) -> None:
+            self._restore_structure(pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        pl_module._adasvd_restore_chained = True
+
+    def _restore_structure(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        manifest = (state or {}).get("manifest")
+        if not manifest:
+            return
+        model = self.target_module(pl_module)
+        if build_manifest(model)["modules"] != manifest["modules"]:
+            apply_manifest(model, manifest)
+
+    def state_dict(self) -> dict:
+        """Plain types only, so checkpoints load with ``weights_only=True``."""
+        if self.report is None:
+            return {}
+        return {
+            "manifest": self._manifest,
+            "method": self.config.method,
+            "ratio": self.config.ratio,
+            "achieved_ratio": self.report.achieved_ratio,
+        }
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The structure that training (and every checkpoint) will use.
+        self._manifest = build_manifest(self.target_module(pl_module))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_state = dict(state_dict)

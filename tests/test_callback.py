@@ -67,3 +67,38 @@ def test_patterns_matching_nothing_fail_before_training():
     module = CausalLMModule(tiny_model("llama"))
     with pytest.raises(InvalidInputError, match="no linear layer matches"):
         _trainer([SVDCompression(include=["does_not_exist"])]).fit(module, train_dataloaders=_loader())
+
+
+def test_resume_restores_the_compressed_structure_before_the_weights(tmp_path):
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[SVDCompression(method="svd-llm", ratio=0.5, calibration_batches=2)])
+    trainer.fit(module, train_dataloaders=_loader())
+    ckpt = tmp_path / "after-compression.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    ranks = {n: m.rank for n, m in module.model.named_modules() if isinstance(m, LowRankLinear)}
+
+    # A fresh process would build a fresh dense model; a different seed and a different ratio make the
+    # setup-time compression disagree with the checkpoint, which must win.
+    fresh = CausalLMModule(tiny_model("llama", seed=9).train(), learning_rate=1e-3)
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["state"] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            seen["step"] = trainer.global_step
+
+    resumed = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[SVDCompression(method="svd-llm", ratio=0.3, calibration_batches=2), Capture()])
+    resumed.fit(fresh, train_dataloaders=_loader(), ckpt_path=ckpt)
+    assert seen["step"] == 4 and resumed.global_step == 6
+    assert {n: m.rank for n, m in fresh.model.named_modules() if isinstance(m, LowRankLinear)} == ranks
+    assert seen["state"].keys() == saved.keys()
+    assert all(torch.equal(seen["state"][k], saved[k]) for k in saved)
+    loss = fresh._loss_terms({"input_ids": next(iter(_loader()))["input_ids"]})[0]
+    assert torch.isfinite(loss)
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    assert any("manifest" in v for v in state.values())

@@ -74,3 +74,22 @@ def test_method_options_override_and_validate():
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"refinment": "adacomp"})
     with pytest.raises(InvalidInputError, match="unknown allocation"):
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"allocation": "magic"})
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "adacr", "grouped-loss", "module-kl", "sensitivity-ppl"])
+@pytest.mark.parametrize("form", ["low-rank", "column-preserving"])
+def test_every_allocation_and_form_composes(allocation, form):
+    model = tiny_model("qwen2")
+    options = {"allocation": allocation, "form": form, "sensitivity_candidates": [0.2, 0.5, 0.8, 1.0]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.5, method_options=options),
+                                _outlier_batches())
+    assert -0.005 <= report.budget_deviation <= 0.0
+    if allocation == "uniform":  # every matrix within one rank of half its weights
+        for m in report.modules:
+            dense, rank_cost = m.out_features * m.in_features, m.out_features + m.in_features
+            kept = m.params_after - m.bias_params - m.kept_columns * (m.out_features - m.rank)
+            assert abs(kept - 0.5 * dense) <= rank_cost or m.kept_columns
+    elif allocation in ("module-kl", "sensitivity-ppl"):
+        assert len(report.allocation["sensitivity"]) == len(report.modules)
