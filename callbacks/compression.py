@@ -1,20 +1,30 @@
-"""`SVDCompression`: compress the LightningModule's model before training starts.
+"""`SVDCompression`: SVD compression of the LightningModule's model at a chosen point of training.
 
-Compression happens in the callback's ``setup`` hook. That point is chosen on purpose: it runs after the
-data module is set up (so the trainer's train dataloader can supply calibration batches) but before the
-strategy wraps the model and before optimizers are created, so DDP/DeepSpeed and the optimizer see the
-final, factorized parameters and nothing has to be rebuilt.
+When:
+  * ``at="setup"`` (default) — before training. ``setup`` runs after the data module is set up (so the
+    train dataloader can supply calibration batches) but before the strategy wraps the model and before
+    optimizers exist, so DDP/DeepSpeed and the optimizer see the final, factorized parameters. This is
+    the only point supported under multi-process strategies for now.
+  * ``at="step"`` / ``at="epoch"`` with ``schedule=[(point, ratio), ...]`` — after global step N, or at the
+    end of epoch N (0-based ``current_epoch``). Several pairs make a progressive schedule
+    (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio. After a
+    stage the optimizers and LR schedulers are rebuilt on the new parameters: optimizer state (e.g.
+    Adam moments) starts fresh, and step-interval schedulers are fast-forwarded to the current step
+    (exact for ``LambdaLR``-style schedules that depend only on the step).
+  * ``at="fit_end"`` — once training ends (compress-after-training).
 
-Resume: the factorized structure (the manifest: rank and shape of every factorized module) is saved in
-the callback's state in every checkpoint. Lightning loads model weights *before* it restores callback
-state, but it calls the LightningModule's ``on_load_checkpoint`` first; the callback therefore chains
-its own step in front of that hook, rebuilding the checkpoint's structure so the saved factors load into
-modules of the right shape. (The callback cannot see ``ckpt_path`` in ``setup``, so a resumed run still
-calibrates and compresses once before the checkpoint's structure replaces the result.)
+Resume: the factorized structure (manifest: rank and shape of every factorized module) and the list of
+completed stages are saved in the callback's state in every checkpoint. Lightning loads model weights
+*before* it restores callback state, but it calls the LightningModule's ``on_load_checkpoint`` first;
+the callback chains its own step in front of that hook and rebuilds the checkpoint's structure, so the
+saved factors load into modules of the right shape. (The callback cannot see ``ckpt_path`` in
+``setup``, so a resumed ``at="setup"`` run still compresses once before the checkpoint's structure
+replaces the result.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
@@ -31,17 +41,21 @@ from adasvd_lightning.core.report import CompressionReport
 from adasvd_lightning.core.serialization import apply_manifest, build_manifest
 from adasvd_lightning.core.surgery import find_targets
 
-__all__ = ["SVDCompression"]
+__all__ = ["SVDCompression", "POINTS"]
 
 log = logging.getLogger("adasvd_lightning")
 
+POINTS = ("setup", "step", "epoch", "fit_end")
+
 
 class SVDCompression(Callback):
-    """Factorize the model's linear layers at ``setup`` (before training).
+    """Factorize the model's linear layers at ``setup``, at steps/epochs, or at the end of training.
 
     Args:
         method: compression preset (``svd``, ``asvd``, ``svd-llm``, ``adasvd``, ``duo-svd``, …).
-        ratio: fraction of each target matrix's parameters removed, in (0, 1).
+        ratio: fraction of each target matrix's parameters removed, in (0, 1) (single-stage points).
+        at: ``"setup"``, ``"step"``, ``"epoch"`` or ``"fit_end"`` (see module docstring).
+        schedule: for ``at="step"``/``"epoch"``: (point, ratio) pairs, points and ratios increasing.
         calibration_batches: how many batches to draw for calibration statistics.
         calibration_dataloader: where to draw them from; default: the trainer's train dataloader.
         model_attr: attribute of the LightningModule holding the model to compress (default
@@ -56,6 +70,8 @@ class SVDCompression(Callback):
         method: str = "svd-llm",
         ratio: float = 0.4,
         *,
+        at: str = "setup",
+        schedule: Sequence[tuple[int, float]] | None = None,
         calibration_batches: int = 16,
         calibration_dataloader: Iterable | None = None,
         model_attr: str = "model",
@@ -70,20 +86,53 @@ class SVDCompression(Callback):
             method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {},
         )
+        if at not in POINTS:
+            raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")
+        self.at = at
+        self.stages = self._validate_schedule(at, schedule, self.config.ratio)
         if calibration_batches < 1:
             raise InvalidInputError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.calibration_batches = calibration_batches
         self.calibration_dataloader = calibration_dataloader
         self.model_attr = model_attr
-        self.report: CompressionReport | None = None
+        self.reports: list[CompressionReport] = []
+        self.completed: list[int] = []  # schedule points already applied
         self._manifest: dict | None = None
-        self._restored_state: dict | None = None
+
+    @staticmethod
+    def _validate_schedule(at: str, schedule, ratio: float) -> list[tuple[int, float]]:
+        if at in ("setup", "fit_end"):
+            if schedule:
+                raise InvalidInputError(f"schedule is only used with at='step' or at='epoch', not at={at!r}")
+            return [(0, ratio)]
+        if not schedule:
+            raise InvalidInputError(f"at={at!r} needs schedule=[({at} N, ratio), ...]")
+        stages = []
+        for item in schedule:
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise InvalidInputError(f"schedule entries are ({at}, ratio) pairs, got {item!r}")
+            point, r = item
+            if isinstance(point, bool) or not isinstance(point, int) or point < 0:
+                raise InvalidInputError(f"schedule {at} must be a non-negative integer, got {point!r}")
+            CompressionConfig(ratio=r)  # same ratio validation as everywhere
+            stages.append((point, float(r)))
+        for (p0, r0), (p1, r1) in zip(stages, stages[1:]):
+            if p1 <= p0:
+                raise InvalidInputError(f"schedule {at}s must increase, got {p0} then {p1}")
+            if r1 <= r0:
+                raise InvalidInputError(f"schedule ratios must increase (each stage compresses further), got {r0} then {r1}")
+        return stages
+
+    @property
+    def report(self) -> CompressionReport | None:
+        """The most recent stage's report."""
+        return self.reports[-1] if self.reports else None
 
     def target_module(self, pl_module: L.LightningModule) -> nn.Module:
         module = getattr(pl_module, self.model_attr, None)
         return module if isinstance(module, nn.Module) else pl_module
 
-    def _draw_batches(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Any]:
+    def _draw_batches(self, trainer: L.Trainer) -> list[Any]:
         loader = self.calibration_dataloader
         if loader is None:
             loader = trainer.fit_loop._data_source.dataloader()
@@ -94,30 +143,87 @@ class SVDCompression(Callback):
             raise InvalidInputError("the calibration dataloader yielded no batches")
         return batches
 
+    # -- hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._chain_checkpoint_restore(pl_module)
-        if self.report is not None:
-            return
         model = self.target_module(pl_module)
         find_targets(model, self.config.selector)  # fail on patterns matching nothing before calibration
-        batches = self._draw_batches(trainer, pl_module) if self.config.spec.needs_calibration else None
-        self.report = compress_model(model, self.config, batches)
+        self._check_points_fit(trainer)
+        if self.at == "setup" and not self.reports:
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._manifest = build_manifest(self.target_module(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.at == "step":
+            self._maybe_run(trainer, pl_module, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "epoch":
+            self._maybe_run(trainer, pl_module, trainer.current_epoch)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "fit_end" and not self.reports:
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+
+    # -- stages --------------------------------------------------------------------------------------
+    def _check_points_fit(self, trainer: L.Trainer) -> None:
+        if self.at not in ("step", "epoch"):
+            return
+        if trainer.world_size > 1:
+            raise InvalidInputError(
+                f"at={self.at!r} changes the model during training, which multi-process strategies do not "
+                "support yet; use at='setup' with DDP/DeepSpeed"
+            )
+        last = self.stages[-1][0]
+        limit = trainer.max_steps if self.at == "step" else trainer.max_epochs
+        if limit is not None and limit >= 0 and last >= limit:
+            name = "max_steps" if self.at == "step" else "max_epochs"
+            raise InvalidInputError(f"schedule {self.at} {last} is never reached: the trainer stops at {name}={limit}")
+
+    def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule, point: int) -> None:
+        for stage_point, ratio in self.stages:
+            if stage_point == point and point not in self.completed:
+                self._run_stage(trainer, pl_module, point, ratio, rebuild_optimizers=True)
+
+    def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, rebuild_optimizers: bool) -> None:
+        model = self.target_module(pl_module)
+        config = dataclasses.replace(self.config, ratio=ratio)
+        batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
+        report = compress_model(model, config, batches)
+        self.reports.append(report)
+        self.completed.append(point)
+        self._manifest = build_manifest(model)
+        if rebuild_optimizers:
+            self._rebuild_optimizers(trainer)
         log.info(
-            "compressed %d matrices with %s: %d -> %d parameters (%.2f%% of target weights removed) in %.1fs",
-            len(self.report.modules), self.config.method, self.report.parameters_before,
-            self.report.parameters_after, 100 * self.report.achieved_ratio, self.report.seconds,
+            "compressed %d matrices with %s at %s %d: %d -> %d parameters (%.2f%% of target weights removed) in %.1fs",
+            len(report.modules), config.method, self.at, point, report.parameters_before,
+            report.parameters_after, 100 * report.achieved_ratio, report.seconds,
         )
         metrics = {
-            "compression/parameters": float(self.report.parameters_after),
-            "compression/achieved_ratio": self.report.achieved_ratio,
-            "compression/seconds": self.report.seconds,
+            "compression/parameters": float(report.parameters_after),
+            "compression/achieved_ratio": report.achieved_ratio,
+            "compression/seconds": report.seconds,
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    # -- checkpoints --------------------------------------------------------------------------------
+    @staticmethod
+    def _rebuild_optimizers(trainer: L.Trainer) -> None:
+        """New optimizers/schedulers over the new parameters; schedulers fast-forwarded to now."""
+        trainer.strategy.setup_optimizers(trainer)
+        for config in trainer.lr_scheduler_configs:
+            done = trainer.global_step if config.interval == "step" else trainer.current_epoch
+            scheduler = config.scheduler
+            if done > 0 and hasattr(scheduler, "last_epoch"):
+                scheduler.last_epoch = done - 1
+                scheduler.step()
+
+    # -- checkpoints ---------------------------------------------------------------------------------
     def _chain_checkpoint_restore(self, pl_module: L.LightningModule) -> None:
         """Run `_restore_structure` before the module's own ``on_load_checkpoint`` (once per module)."""
         if getattr(pl_module, "_adasvd_restore_chained", False):
@@ -139,21 +245,16 @@ class SVDCompression(Callback):
         model = self.target_module(pl_module)
         if build_manifest(model)["modules"] != manifest["modules"]:
             apply_manifest(model, manifest)
+        self._manifest = manifest
 
     def state_dict(self) -> dict:
         """Plain types only, so checkpoints load with ``weights_only=True``."""
-        if self.report is None:
-            return {}
         return {
             "manifest": self._manifest,
+            "completed": list(self.completed),
             "method": self.config.method,
-            "ratio": self.config.ratio,
-            "achieved_ratio": self.report.achieved_ratio,
+            "achieved_ratio": self.report.achieved_ratio if self.report else None,
         }
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The structure that training (and every checkpoint) will use.
-        self._manifest = build_manifest(self.target_module(pl_module))
-
     def load_state_dict(self, state_dict: dict) -> None:
-        self._restored_state = dict(state_dict)
+        self.completed = list(state_dict.get("completed", []))

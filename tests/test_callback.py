@@ -102,3 +102,67 @@ def test_resume_restores_the_compressed_structure_before_the_weights(tmp_path):
     assert torch.isfinite(loss)
     state = torch.load(ckpt, weights_only=True)["callbacks"]
     assert any("manifest" in v for v in state.values())
+
+
+def test_users_training_script_plus_one_line_compresses_at_epoch_1_of_3():
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
+    before = count_parameters(module.model)
+    snapshots = {}
+
+    class Watch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = count_parameters(pl_module.model)
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        callbacks=[Watch(), SVDCompression(ratio=0.5, at="epoch", schedule=[(1, 0.5)],
+                                                           calibration_batches=2)])
+    trainer.fit(module, train_dataloaders=_loader())  # 8 batches per epoch
+    assert trainer.global_step == 24
+    assert snapshots[0] == snapshots[1] == before  # compressed at the *end* of epoch 1
+    assert snapshots[2] < before
+    report = trainer.callbacks[1].report
+    assert before - snapshots[2] == report.linear_parameters_before - report.linear_parameters_after
+    assert 0.5 <= report.achieved_ratio < 0.51
+    # The rebuilt optimizer trains the factors during epoch 2.
+    layer = module.model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, LowRankLinear) and layer.up.grad is not None
+    loss = module._loss_terms({"input_ids": next(iter(_loader()))["input_ids"]})[0]
+    assert torch.isfinite(loss)
+
+
+def test_progressive_schedule_compresses_in_stages():
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
+    callback = SVDCompression(method="svd-llm", at="step", schedule=[(2, 0.2), (4, 0.4), (6, 0.6)],
+                              calibration_batches=2)
+    _trainer([callback], steps=8).fit(module, train_dataloaders=_loader())
+    assert callback.completed == [2, 4, 6]
+    achieved = [r.achieved_ratio for r in callback.reports]
+    assert [round(a, 1) for a in achieved] == [0.2, 0.4, 0.6]
+    after = [r.parameters_after for r in callback.reports]
+    assert after[0] > after[1] > after[2] == count_parameters(module.model)
+    # Later stages re-compress the factors of earlier ones (same modules, smaller ranks).
+    mlp = module.model.model.layers[1].mlp
+    assert all(isinstance(m, LowRankLinear) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    assert mlp.up_proj.rank == callback.reports[2].modules[-2].rank
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(at="step", schedule=[(4, 0.4), (2, 0.6)]), "must increase"),
+    (dict(at="step", schedule=[(2, 0.6), (4, 0.4)]), "ratios must increase"),
+    (dict(at="step", schedule=[(2, 1.4)]), "ratio must be in"),
+    (dict(at="epoch"), "needs schedule"),
+    (dict(at="setup", schedule=[(1, 0.4)]), "only used with"),
+    (dict(at="sometimes"), "at must be one of"),
+])
+def test_bad_schedules_fail_at_construction(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        SVDCompression(**kwargs)
+
+
+def test_schedule_beyond_max_steps_fails_before_training():
+    module = CausalLMModule(tiny_model("llama").train())
+    trainer = _trainer([SVDCompression(at="step", schedule=[(2, 0.2), (50, 0.4)])], steps=10)
+    with pytest.raises(InvalidInputError, match="never reached"):
+        trainer.fit(module, train_dataloaders=_loader())
+    assert trainer.global_step == 0

@@ -71,9 +71,10 @@ def _compress_target(
     out_features, in_features = linear_shape(module)
     bias = linear_bias(module)
     bias_params = bias.numel() if bias is not None else 0
-    before = count_parameters(module)
+    # Ratios are always relative to the dense matrix, also when re-compressing existing factors.
+    dense = out_features * in_features + bias_params
     report = ModuleReport(name=name, out_features=out_features, in_features=in_features,
-                          params_before=before, params_after=before, bias_params=bias_params)
+                          params_before=dense, params_after=count_parameters(module), bias_params=bias_params)
     if rank is None or not saves_parameters(out_features, in_features, rank):
         report.skipped = (
             f"no rank saves parameters for a {out_features}×{in_features} matrix at its allocated retention"

@@ -14,8 +14,8 @@ class ModuleReport:
     name: str
     out_features: int
     in_features: int
-    params_before: int  # including the bias
-    params_after: int
+    params_before: int  # the dense matrix (m·n) plus its bias, also when re-compressing factors
+    params_after: int  # what the module holds after this run (unchanged if skipped)
     bias_params: int = 0  # biases are kept as they are; ratios are over the weight matrices
     rank: int | None = None
     kept_columns: int = 0  # input columns preserved dense (column-preserving form)
