@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from adasvd_lightning.core.config import CompressionConfig
+from adasvd_lightning.core.distributed import world
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
@@ -56,7 +57,7 @@ class SVDCompression(Callback):
         ratio: fraction of each target matrix's parameters removed, in (0, 1) (single-stage points).
         at: ``"setup"``, ``"step"``, ``"epoch"`` or ``"fit_end"`` (see module docstring).
         schedule: for ``at="step"``/``"epoch"``: (point, ratio) pairs, points and ratios increasing.
-        calibration_batches: how many batches to draw for calibration statistics.
+        calibration_batches: how many batches each rank draws for calibration statistics.
         calibration_dataloader: where to draw them from; default: the trainer's train dataloader.
         model_attr: attribute of the LightningModule holding the model to compress (default
             ``"model"``); when the module has no such attribute, the LightningModule itself is used.
@@ -138,7 +139,12 @@ class SVDCompression(Callback):
             loader = trainer.fit_loop._data_source.dataloader()
         if loader is None:
             raise InvalidInputError("SVDCompression needs a train dataloader or calibration_dataloader for calibration")
-        batches = list(itertools.islice(iter(loader), self.calibration_batches))
+        # In ``setup`` the train dataloader has no distributed sampler yet: under a process group each
+        # rank takes every world-th batch, so the ranks calibrate on disjoint shards whose statistics
+        # the core then sums.
+        rank, world_size = world()
+        stop = self.calibration_batches * world_size
+        batches = list(itertools.islice(iter(loader), rank, stop, world_size))
         if not batches:
             raise InvalidInputError("the calibration dataloader yielded no batches")
         return batches

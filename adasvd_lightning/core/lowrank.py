@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FactorizedLinear", "LowRankLinear", "ColumnPreservingLinear"]
+__all__ = ["FactorizedLinear", "LowRankLinear", "ColumnPreservingLinear", "module_from_entry"]
 
 
 class FactorizedLinear(nn.Module):
@@ -176,3 +176,13 @@ class ColumnPreservingLinear(FactorizedLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kept_columns={self.kept_columns}"
+
+
+def module_from_entry(entry: dict, *, device=None, dtype=None) -> FactorizedLinear:
+    """An (uninitialised) factorized module with the structure a manifest entry describes."""
+    shape = (entry["in_features"], entry["out_features"], entry["rank"])
+    if entry["kind"] == LowRankLinear.kind:
+        return LowRankLinear(*shape, bias=entry["bias"], device=device, dtype=dtype)
+    if entry["kind"] == ColumnPreservingLinear.kind:
+        return ColumnPreservingLinear(*shape, entry["kept_columns"], bias=entry["bias"], device=device, dtype=dtype)
+    raise ValueError(f"unknown factorized module kind {entry['kind']!r}")

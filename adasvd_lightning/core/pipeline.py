@@ -28,6 +28,7 @@ from .budget import MatrixShape, budget_for_ratio
 from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_inputs, run_block
 from .columns import column_preserving_factorize
 from .config import CompressionConfig
+from .distributed import all_reduce_sum, share_module, world
 from .factorization import factorize, saves_parameters
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .params import count_parameters
@@ -59,14 +60,14 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
 # ---------------------------------------------------------------------------------------------------
 
 
-def _compress_target(
-    model: nn.Module,
+def _factorize_target(
     name: str,
     module: nn.Module,
     rank: int | None,
     ctx: PlanContext,
     input_stats: InputStatistics | None,
-) -> ModuleReport:
+) -> tuple[ModuleReport, nn.Module | None]:
+    """Factor one target at its allocated rank; returns its report and the new module (None = stays dense)."""
     spec, config = ctx.spec, ctx.config
     out_features, in_features = linear_shape(module)
     bias = linear_bias(module)
@@ -81,7 +82,7 @@ def _compress_target(
         )
         if rank is not None or spec.allocation == "uniform":
             warnings.warn(f"{name}: {report.skipped}; left dense", CompressionWarning, stacklevel=3)
-        return report
+        return report, None
 
     weight = linear_weight(module).detach()
     w64 = weight.to(config.torch_compute_dtype)
@@ -116,14 +117,12 @@ def _compress_target(
         report.kept_columns = split.kept.numel()
     else:
         new = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), b, dtype=weight.dtype)
-    new.train(module.training)
-    replace_module(model, name, new)
     report.rank = new.rank
     report.params_after = count_parameters(new)
     report.whitening = whitening.kind
     if input_stats is not None:
         report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams())
-    return report
+    return report, new
 
 
 @torch.no_grad()
@@ -159,9 +158,10 @@ def compress_model(
         inputs: list[BlockInput] | None = None
         if calibration:
             inputs = capture_block_inputs(model, blocks[0], calibration)
-            report.calibration_tokens = sum(
+            local_tokens = sum(
                 int(i.mask.sum()) if i.mask is not None else i.hidden.shape[:-1].numel() for i in inputs
             )
+            report.calibration_tokens = int(all_reduce_sum([float(local_tokens)], device=inputs[0].hidden.device)[0])
             if progress:
                 progress(ProgressEvent("calibrate", len(inputs), len(inputs)))
         ctx = PlanContext(model, blocks, plan, shapes, inputs, calibration, spec, config, progress)
@@ -186,9 +186,22 @@ def compress_model(
                                 run_block(block, inp)
                             else:
                                 dense_outputs.append(run_block(block, inp))
-            for name, module in targets.items():
-                input_stats = stats.for_module(name) if stats is not None else None
-                report.modules.append(_compress_target(model, name, module, ranks[name], ctx, input_stats))
+            if stats is not None:
+                stats.all_reduce()
+            # Each rank factors its round-robin share of the block's targets; results are broadcast.
+            rank_id, world_size = world()
+            for i, (name, module) in enumerate(targets.items()):
+                owner = i % world_size
+                new, module_report = None, None
+                if rank_id == owner:
+                    input_stats = stats.for_module(name) if stats is not None else None
+                    module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats)
+                ref = next(module.parameters())
+                new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
+                if new is not None:
+                    new.train(module.training)
+                    replace_module(model, name, new)
+                report.modules.append(module_report)
             del stats
             if inputs is not None and index + 1 < len(blocks):
                 if paired:

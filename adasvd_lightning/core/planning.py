@@ -20,6 +20,7 @@ from .allocation import adacr_block_retentions, block_importance, grouped_loss_r
 from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
 from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch, run_block
 from .config import CompressionConfig
+from .distributed import all_reduce_sum
 from .factorization import LowRankFactors, saves_parameters
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
@@ -56,6 +57,8 @@ def _dense_pass(ctx: PlanContext, visit: Callable[[int, dict, list, list, BlockS
             for inp, h in zip(ctx.inputs, hidden):
                 with stats.masked(inp.mask) if stats is not None else nullcontext():
                     outputs.append(run_block(block, inp, h))
+        if stats is not None:
+            stats.all_reduce()
         visit(index, targets, hidden, outputs, stats)
         hidden = outputs
         if ctx.progress:
@@ -70,7 +73,8 @@ def _allocate_adacr(ctx: PlanContext) -> tuple[dict[str, float], dict]:
         for inp, h_in, h_out in zip(ctx.inputs, hidden, outputs):
             s, c = block_importance(h_in, h_out, inp.mask)
             total, count = total + s, count + c
-        importances.append(total / max(count, 1))
+        total, count = all_reduce_sum([total, float(count)], device=hidden[0].device)
+        importances.append(total / max(count, 1.0))
 
     _dense_pass(ctx, visit, statistics=False)
     block_of = {name: index for index, _, targets in ctx.plan for name in targets}
@@ -128,8 +132,13 @@ def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: lis
             nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
             total += float(nll.double().sum())
             count += nll.numel()
-    mean = total / max(count, 1)
+    total, count = all_reduce_sum([total, float(count)], device=_device_of(model))
+    mean = total / max(count, 1.0)
     return mean if kind == "module-kl" else float(torch.tensor(mean).exp())
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .lowrank import ColumnPreservingLinear, FactorizedLinear, LowRankLinear
+from .lowrank import FactorizedLinear, module_from_entry
 from .surgery import replace_module
 
 __all__ = [
@@ -63,12 +63,8 @@ def apply_manifest(model: nn.Module, manifest: dict) -> None:
         except AttributeError:
             raise InvalidInputError(f"manifest names module {name!r}, which this architecture does not have") from None
         ref = next(old.parameters(), None)
-        where = {"device": ref.device if ref is not None else None, "dtype": ref.dtype if ref is not None else None}
-        shape = (entry["in_features"], entry["out_features"], entry["rank"])
-        if kind == "low_rank":
-            new = LowRankLinear(*shape, bias=entry["bias"], **where)
-        else:
-            new = ColumnPreservingLinear(*shape, entry["kept_columns"], bias=entry["bias"], **where)
+        new = module_from_entry(entry, device=ref.device if ref is not None else None,
+                                dtype=ref.dtype if ref is not None else None)
         replace_module(model, name, new)
 
 

@@ -178,6 +178,12 @@ class BlockStatistics:
             return x[mask.to(device=x.device).bool()]
         return x.reshape(-1, x.shape[-1])
 
+    def all_reduce(self) -> None:
+        """Sum the statistics over ranks of a process group (no-op without one)."""
+        from .distributed import all_reduce_statistics
+
+        all_reduce_statistics(self._stats)
+
     # -- results -----------------------------------------------------------------------------------
     def for_module(self, name: str) -> InputStatistics:
         leader = self._group_of.get(name, name)

@@ -1,0 +1,78 @@
+"""Multi-process compression helpers (torch.distributed only; works with gloo on CPU and NCCL on GPU).
+
+Under a process group every rank calibrates on its own data shard. What must agree is made to agree:
+
+* calibration statistics are summed across ranks (`all_reduce_statistics`), so every rank sees the
+  statistics of the union of the shards — the same numbers a single process would compute over all of
+  the data, up to summation order;
+* each target matrix is decomposed by one owner rank (round-robin) and the resulting module — its
+  structure, parameters and buffers — is broadcast (`share_module`), so all ranks end with
+  bit-identical weights and the decomposition work is split.
+
+Without an initialised process group (or with one rank) every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .lowrank import FactorizedLinear, module_from_entry
+
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module"]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Sum a list of scalars over ranks (float64)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_statistics(stats: dict[str, Any]) -> None:
+    """Sum `InputStatistics` (Gram, cross-Gram, abs sums, token counts) over ranks, in place."""
+    if not is_distributed():
+        return
+    for name in sorted(stats):  # same order on every rank
+        s = stats[name]
+        tensors = [s.gram_sum, s.abs_sum] + ([s.cross_sum, s.original_sum] if s.cross_sum is not None else [])
+        for t in tensors:
+            dist.all_reduce(t)
+        s.tokens = int(all_reduce_sum([float(s.tokens)], device=s.gram_sum.device)[0])
+
+
+def share_module(module: nn.Module | None, payload: Any, owner: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[nn.Module | None, Any]:
+    """Broadcast a freshly built factorized module (or None = left dense) and a picklable payload.
+
+    The owner passes its module and payload; the other ranks pass ``None`` and receive a module of the
+    same structure with the owner's exact parameters and buffers.
+    """
+    if not is_distributed():
+        return module, payload
+    rank = dist.get_rank()
+    header = [(module.manifest_entry() if isinstance(module, FactorizedLinear) else None, payload)] if rank == owner else [None]
+    dist.broadcast_object_list(header, src=owner)
+    entry, payload = header[0]
+    if entry is None:
+        return None, payload
+    if rank != owner:
+        module = module_from_entry(entry, device=device, dtype=dtype)
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=owner)
+    return module, payload

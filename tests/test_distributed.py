@@ -1,0 +1,89 @@
+"""Multi-process compression with 2 CPU processes (gloo): shards, all-reduced statistics, shared factors."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adasvd_lightning import CompressionConfig, compress_model
+from adasvd_lightning.core.lowrank import FactorizedLinear
+from conftest import tiny_model
+
+
+def _batches():
+    g = torch.Generator().manual_seed(11)
+    return list(torch.randint(0, 128, (16, 32), generator=g).split(4))  # 4 batches
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model("llama")
+        shard = _batches()[rank::world]
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), shard)
+        torch.save({"state": model.state_dict(), "tokens": report.calibration_tokens,
+                    "ranks": [m.rank for m in report.modules]}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _dense_weights(model_state: dict) -> dict[str, torch.Tensor]:
+    """Factor products (sign-invariant) of every factorized module, keyed by module name."""
+    out = {}
+    for key in model_state:
+        if key.endswith(".up"):
+            name = key[: -len(".up")]
+            out[name] = model_state[f"{name}.up"].double() @ model_state[f"{name}.down"].double()
+    return out
+
+
+@pytest.mark.parametrize("method,options", [("svd-llm", {}), ("adasvd", {})])
+def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options):
+    mp.start_processes(_worker, args=(2, _free_port(), method, options, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    # Identical weights on both ranks (factors were computed once and broadcast).
+    assert r0["state"].keys() == r1["state"].keys()
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert r0["tokens"] == r1["tokens"] == 16 * 32  # statistics of the union of the shards
+
+    single = tiny_model("llama")
+    report = compress_model(single, CompressionConfig(method=method, ratio=0.5, method_options=options), _batches())
+    assert [m.rank for m in report.modules] == r0["ranks"]
+    expected = _dense_weights(single.state_dict())
+    got = _dense_weights(r0["state"])
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        rel = (got[name] - expected[name]).norm() / expected[name].norm()
+        assert rel < 1e-4, (name, float(rel))
+    assert sum(isinstance(m, FactorizedLinear) for m in single.modules()) == len(expected)
+
+
+def test_lightning_ddp_two_cpu_processes_end_with_identical_compressed_models(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "MASTER_PORT": str(_free_port()), "PL_DISABLE_FORK": "1"}
+    proc = subprocess.run([sys.executable, str(tests / "scripts" / "ddp_compress.py"), str(tmp_path), str(tests)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["tokens"] == r1["tokens"] == 2 * 2 * 4 * 32  # 2 ranks × 2 batches × 4 × 32 tokens
+    # DDP keeps the replicas in sync through training only if they started identical.
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert any(k.endswith(".up") for k in r0["state"])
