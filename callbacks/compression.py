@@ -7,7 +7,9 @@ When:
     the only point supported under multi-process strategies for now.
   * ``at="step"`` / ``at="epoch"`` with ``schedule=[(point, ratio), ...]`` — after global step N, or at the
     end of epoch N (0-based ``current_epoch``). Several pairs make a progressive schedule
-    (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio. After a
+    (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio
+    (``restart="factors"``, default) or compresses the dense weights (as they were at the first stage)
+    again (``restart="dense"``, which discards what the factors learned between stages). After a
     stage the optimizers and LR schedulers are rebuilt on the new parameters: optimizer state (e.g.
     Adam moments) starts fresh, and step-interval schedulers are fast-forwarded to the current step
     (exact for ``LambdaLR``-style schedules that depend only on the step).
@@ -24,6 +26,7 @@ replaces the result.)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -40,7 +43,8 @@ from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
 from adasvd_lightning.core.serialization import apply_manifest, build_manifest
-from adasvd_lightning.core.surgery import find_targets
+from adasvd_lightning.core.surgery import find_targets, replace_module
+from adasvd_lightning.display import compression_progress
 
 __all__ = ["SVDCompression", "POINTS"]
 
@@ -64,6 +68,10 @@ class SVDCompression(Callback):
         include / exclude: regular expressions selecting target linears by full module name.
         propagation: ``"compressed"`` (sequential, default) or ``"original"`` calibration inputs.
         method_options: overrides of the preset's strategies and knobs (see ``MethodSpec``).
+        restart: where later schedule stages start: ``"factors"`` (current factors) or ``"dense"``.
+        show_progress: progress of calibration and per-block decomposition on global rank 0 (a
+            transient rich bar before training on a terminal; plain log lines otherwise, so it never
+            competes with Lightning's progress bar).
     """
 
     def __init__(
@@ -80,6 +88,8 @@ class SVDCompression(Callback):
         exclude: Sequence[str] = (),
         propagation: str = "compressed",
         method_options: dict | None = None,
+        restart: str = "factors",
+        show_progress: bool = True,
     ) -> None:
         super().__init__()
         # Validate everything at construction: a bad ratio or method fails before the Trainer starts.
@@ -96,6 +106,11 @@ class SVDCompression(Callback):
         self.calibration_batches = calibration_batches
         self.calibration_dataloader = calibration_dataloader
         self.model_attr = model_attr
+        if restart not in ("factors", "dense"):
+            raise InvalidInputError(f"restart must be 'factors' or 'dense', got {restart!r}")
+        self.restart = restart
+        self.show_progress = show_progress
+        self._dense_modules: dict[str, nn.Module] = {}
         self.reports: list[CompressionReport] = []
         self.completed: list[int] = []  # schedule points already applied
         self._manifest: dict | None = None
@@ -198,18 +213,24 @@ class SVDCompression(Callback):
     def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, rebuild_optimizers: bool) -> None:
         model = self.target_module(pl_module)
         config = dataclasses.replace(self.config, ratio=ratio)
+        self._prepare_restart(model, config)
         batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
-        report = compress_model(model, config, batches)
+        # A live bar only before training starts (Lightning's bar owns the terminal during training).
+        live = self.show_progress and trainer.is_global_zero and not rebuild_optimizers
+        with compression_progress(live) as progress:
+            report = compress_model(model, config, batches, progress=progress)
         self.reports.append(report)
         self.completed.append(point)
         self._manifest = build_manifest(model)
         if rebuild_optimizers:
             self._rebuild_optimizers(trainer)
-        log.info(
-            "compressed %d matrices with %s at %s %d: %d -> %d parameters (%.2f%% of target weights removed) in %.1fs",
-            len(report.modules), config.method, self.at, point, report.parameters_before,
-            report.parameters_after, 100 * report.achieved_ratio, report.seconds,
-        )
+        if self.show_progress and trainer.is_global_zero:
+            log.warning(
+                "adasvd: compressed %d matrices with %s at %s %d: %d -> %d parameters "
+                "(%.2f%% of target weights removed) in %.1fs",
+                len(report.modules), config.method, self.at, point, report.parameters_before,
+                report.parameters_after, 100 * report.achieved_ratio, report.seconds,
+            )
         metrics = {
             "compression/parameters": float(report.parameters_after),
             "compression/achieved_ratio": report.achieved_ratio,
@@ -217,6 +238,18 @@ class SVDCompression(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _prepare_restart(self, model: nn.Module, config: CompressionConfig) -> None:
+        """First stage: remember the dense targets (restart="dense"); later stages: put them back."""
+        if self.restart != "dense":
+            return
+        if not self._dense_modules:
+            for _, _, targets in find_targets(model, config.selector):
+                self._dense_modules.update({name: copy.deepcopy(m).cpu() for name, m in targets.items()})
+            return
+        device = next(model.parameters()).device
+        for name, module in self._dense_modules.items():
+            replace_module(model, name, copy.deepcopy(module).to(device))
 
     @staticmethod
     def _rebuild_optimizers(trainer: L.Trainer) -> None:

@@ -166,3 +166,30 @@ def test_schedule_beyond_max_steps_fails_before_training():
     with pytest.raises(InvalidInputError, match="never reached"):
         trainer.fit(module, train_dataloaders=_loader())
     assert trainer.global_step == 0
+
+
+def test_restart_from_dense_recompresses_the_original_weights():
+    from adasvd_lightning.core.factorization import factorize
+
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-2)
+    callback = SVDCompression(method="svd", at="step", schedule=[(2, 0.2), (4, 0.6)], restart="dense",
+                              show_progress=False)
+    seen = {}
+
+    class Before(L.Callback):  # listed before SVDCompression: sees the dense weights of stage 1
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                seen["original"] = pl_module.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+
+    class After(L.Callback):  # listed after it: sees stage 2's fresh factors
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                layer = pl_module.model.model.layers[0].mlp.up_proj
+                seen["rank"], seen["dense"] = layer.rank, layer.dense_weight().detach().double()
+
+    _trainer([Before(), callback, After()], steps=6).fit(module, train_dataloaders=_loader())
+    # Stage 2 starts from the dense weights of stage 1, not from the trained stage-1 factors: it
+    # equals a fresh plain-SVD factorization of those weights at stage 2's rank.
+    expected = factorize(seen["original"], seen["rank"]).dense()
+    assert torch.allclose(seen["dense"], expected, atol=1e-6)
+    assert callback.completed == [2, 4]
