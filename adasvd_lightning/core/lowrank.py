@@ -30,6 +30,14 @@ class FactorizedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def _make_factors(self, out_features: int, rank: int, width: int, bias: bool, kw: dict) -> None:
+        """up (out × r), down (r × width) and bias, initialised so an untrained layer is well scaled."""
+        self.down = nn.Parameter(torch.empty(rank, width, **kw))
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        nn.init.normal_(self.down, std=width**-0.5)
+        nn.init.normal_(self.up, std=rank**-0.5)
+
     def manifest_entry(self) -> dict:
         return {
             "kind": self.kind,
@@ -67,12 +75,7 @@ class LowRankLinear(FactorizedLinear):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        kw = {"device": device, "dtype": dtype}
-        self.down = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        nn.init.normal_(self.down, std=in_features**-0.5)
-        nn.init.normal_(self.up, std=rank**-0.5)
+        self._make_factors(out_features, rank, in_features, bias, {"device": device, "dtype": dtype})
 
     @classmethod
     def from_factors(
@@ -129,11 +132,7 @@ class ColumnPreservingLinear(FactorizedLinear):
         self.register_buffer("kept_index", torch.arange(kept_columns, device=device))
         self.register_buffer("rest_index", torch.arange(kept_columns, in_features, device=device))
         self.kept_weight = nn.Parameter(torch.zeros(out_features, kept_columns, **kw))
-        self.down = nn.Parameter(torch.empty(rank, rest, **kw))
-        self.up = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        nn.init.normal_(self.down, std=rest**-0.5)
-        nn.init.normal_(self.up, std=rank**-0.5)
+        self._make_factors(out_features, rank, rest, bias, kw)
 
     @classmethod
     def from_parts(
