@@ -79,7 +79,7 @@ def main() -> None:
     lines = [
         "## Progressive vs one-shot compression during training (reference model)",
         "",
-        f"Command: `python benchmarks/progressive.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
+        f"Command: `{' '.join(['python benchmarks/progressive.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Method `{args.method}`, final ratio {args.ratio:.0%}, {args.steps} training steps "
         f"of 8 × 256 tokens (AdamW, lr {args.lr}, warm-up + cosine) on the embedded training split; "
         "perplexity on the embedded test split. Progressive = stages at 25/50/75% of the steps.",

@@ -99,7 +99,7 @@ def main() -> None:
     lines = [
         "## Quality: perplexity vs compression ratio (reference model)",
         "",
-        f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`".replace("  ", " ").replace(" `", "`"),
+        f"Command: `{' '.join(['python benchmarks/quality.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Calibration: {args.samples} × {args.seq_len} tokens of the embedded training split "
         f"(seed 0). Evaluation: embedded test split, {dense['tokens']:,} predicted tokens in 256-token windows. "
         f"Dense perplexity: **{dense['perplexity']:.2f}**. Δ = ppl / ppl_dense − 1. Ratio = fraction of the target "
