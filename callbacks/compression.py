@@ -236,6 +236,9 @@ class SVDCompression(Callback):
             "compression/achieved_ratio": report.achieved_ratio,
             "compression/seconds": report.seconds,
         }
+        metrics.update({
+            f"compression/error/{m.name}": m.relative_error for m in report.modules if m.relative_error is not None
+        })
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 

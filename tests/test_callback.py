@@ -193,3 +193,50 @@ def test_restart_from_dense_recompresses_the_original_weights():
     expected = factorize(seen["original"], seen["rank"]).dense()
     assert torch.allclose(seen["dense"], expected, atol=1e-6)
     assert callback.completed == [2, 4]
+
+
+def test_mid_training_stage_with_bf16_mixed_clipping_and_a_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
+    callback = SVDCompression(method="adasvd", at="step", schedule=[(3, 0.5)], calibration_batches=2,
+                              show_progress=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, precision="bf16-mixed", gradient_clip_val=0.5,
+                        logger=CSVLogger(tmp_path, name="run"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        log_every_n_steps=1)
+    trainer.fit(module, train_dataloaders=_loader())
+    assert trainer.global_step == 6 and callback.completed == [3]
+    # Factors stay fp32 master weights under bf16 autocast, and the rebuilt optimizer holds them.
+    layer = module.model.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, LowRankLinear) and layer.up.dtype == torch.float32
+    params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(layer.up) in params and id(layer.down) in params
+    metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
+    header = metrics.splitlines()[0]
+    assert "compression/achieved_ratio" in header and "train_loss" in header
+    assert "compression/error/model.layers.0.self_attn.q_proj" in header
+
+
+def test_plain_lightning_module_with_linear_layers():
+    class Regressor(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=g), torch.randn(64, 8, generator=g)
+    loader = DataLoader(list(zip(x, y)), batch_size=8)
+    module = Regressor()
+    callback = SVDCompression(method="svd-llm", ratio=0.5, model_attr="net", calibration_batches=4,
+                              show_progress=False)
+    _trainer([callback], steps=4).fit(module, train_dataloaders=loader)
+    assert isinstance(module.net[0], LowRankLinear) and isinstance(module.net[2], LowRankLinear)
+    assert callback.report.calibration_tokens == 4 * 8
