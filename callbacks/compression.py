@@ -29,12 +29,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from adasvd_lightning.core.config import CompressionConfig
@@ -48,7 +48,6 @@ from adasvd_lightning.display import compression_progress
 
 __all__ = ["SVDCompression", "POINTS"]
 
-log = logging.getLogger("adasvd_lightning")
 
 POINTS = ("setup", "step", "epoch", "fit_end")
 
@@ -224,12 +223,11 @@ class SVDCompression(Callback):
         self._manifest = build_manifest(model)
         if rebuild_optimizers:
             self._rebuild_optimizers(trainer)
-        if self.show_progress and trainer.is_global_zero:
-            log.warning(
-                "adasvd: compressed %d matrices with %s at %s %d: %d -> %d parameters "
-                "(%.2f%% of target weights removed) in %.1fs",
-                len(report.modules), config.method, self.at, point, report.parameters_before,
-                report.parameters_after, 100 * report.achieved_ratio, report.seconds,
+        if self.show_progress:  # Lightning's own INFO channel: shown by default, rank 0 only
+            rank_zero_info(
+                f"adasvd: compressed {len(report.modules)} matrices with {config.method} at {self.at} {point}: "
+                f"{report.parameters_before:,} -> {report.parameters_after:,} parameters "
+                f"({report.achieved_ratio:.2%} of target weights removed) in {report.seconds:.1f}s"
             )
         metrics = {
             "compression/parameters": float(report.parameters_after),
