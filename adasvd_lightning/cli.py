@@ -4,6 +4,7 @@ Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
+  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder
   reference   build (once) and print the path of the embedded reference model
 
 Bad input (missing path, ratio outside (0, 1), unknown method, a folder that is not a causal LM, an
@@ -91,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"])
     p.add_argument("--samples", type=_positive_int, default=64)
     p.add_argument("--seq-len", type=_positive_int, default=256)
+    common(p)
+
+    p = sub.add_parser("export", help="DeepSpeed ZeRO checkpoint of a compressed run → model folder")
+    p.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory written by Lightning")
+    p.add_argument("--base-model", default=None,
+                   help="original model folder (architecture + tokenizer); optional when the checkpoint "
+                        "was written with SVDCompression, which stores the config")
+    p.add_argument("--model-attr", default="model", help="LightningModule attribute holding the model")
+    p.add_argument("--dense", action="store_true", help="multiply the factors back into dense matrices")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
 
     p = sub.add_parser("reference", help="build (once) and print the embedded reference model's folder")
@@ -210,6 +222,17 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     _emit(args, {"model": str(path), "rows": rows})
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .display import console
+    from .training.export import export_zero_checkpoint
+
+    path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+                                  dense=args.dense, overwrite=args.overwrite)
+    if not args.quiet:
+        console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
+    _emit(args, {"out": str(path), "dense": args.dense})
+
+
 def _cmd_reference(args: argparse.Namespace) -> None:
     from .workflows import resolve_model
 
@@ -223,6 +246,7 @@ _COMMANDS = {
     "compress": _cmd_compress,
     "evaluate": _cmd_evaluate,
     "quickstart": _cmd_quickstart,
+    "export": _cmd_export,
     "reference": _cmd_reference,
 }
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -113,6 +114,7 @@ class SVDCompression(Callback):
         self.reports: list[CompressionReport] = []
         self.completed: list[int] = []  # schedule points already applied
         self._manifest: dict | None = None
+        self._model_config: dict | None = None
 
     @staticmethod
     def _validate_schedule(at: str, schedule, ratio: float) -> list[tuple[int, float]]:
@@ -175,7 +177,11 @@ class SVDCompression(Callback):
             self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._manifest = build_manifest(self.target_module(pl_module))
+        model = self.target_module(pl_module)
+        self._manifest = build_manifest(model)
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_json_string"):
+            self._model_config = json.loads(config.to_json_string(use_diff=False))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.at == "step":
@@ -288,9 +294,14 @@ class SVDCompression(Callback):
         self._manifest = manifest
 
     def state_dict(self) -> dict:
-        """Plain types only, so checkpoints load with ``weights_only=True``."""
+        """Plain types only, so checkpoints load with ``weights_only=True``.
+
+        The model config (when the target is a Hugging Face model) lets ``adasvd export`` rebuild the
+        architecture from a sharded checkpoint alone.
+        """
         return {
             "manifest": self._manifest,
+            "model_config": self._model_config,
             "completed": list(self.completed),
             "method": self.config.method,
             "achieved_ratio": self.report.achieved_ratio if self.report else None,

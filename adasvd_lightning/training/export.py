@@ -1,0 +1,112 @@
+"""Export a DeepSpeed ZeRO checkpoint of a compressed model to a model folder.
+
+A ZeRO checkpoint is a directory of per-rank shards. The compressed structure travels in it (the
+`SVDCompression` callback's state holds the manifest); the architecture and tokenizer come from the
+base model folder the run started from. The result opens with `load_compressed`, or — with
+``dense=True`` — is a plain Hugging Face folder whose factorized matrices were multiplied back, for
+tools that do not know low-rank modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..core.errors import InvalidInputError
+from ..core.lowrank import FactorizedLinear
+from ..core.serialization import _build_empty_model, apply_manifest, check_model_folder, load_tokenizer, save_compressed
+from ..core.surgery import Conv1D, replace_module
+
+__all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
+
+
+def read_zero_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(consolidated fp32 state dict, the `SVDCompression` state or {}) of a Lightning ZeRO checkpoint."""
+    checkpoint_dir = Path(checkpoint_dir).expanduser()
+    shards = sorted((checkpoint_dir / "checkpoint").glob("*model_states.pt"))
+    if not (checkpoint_dir / "latest").is_file() or not shards:
+        raise InvalidInputError(f"{checkpoint_dir} is not a DeepSpeed checkpoint directory (no 'latest' / shards)")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+    client = torch.load(shards[0], map_location="cpu", weights_only=True)
+    for value in (client.get("callbacks") or {}).values():
+        if isinstance(value, dict) and value.get("manifest"):
+            return state, value
+    return state, {}
+
+
+def export_zero_checkpoint(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    base_model: str | Path | None = None,
+    *,
+    model_attr: str = "model",
+    dense: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model held by a ZeRO checkpoint to ``out`` (compressed, or dense with ``dense=True``).
+
+    The architecture comes from the model config the callback stored in the checkpoint, or from
+    ``base_model`` (a model folder, which also supplies the tokenizer).
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
+    config = check_model_folder(base_model) if base_model is not None else None
+    state, callback_state = read_zero_checkpoint(checkpoint_dir)
+    manifest = callback_state.get("manifest")
+    if config is None:
+        stored = callback_state.get("model_config")
+        if not stored:
+            raise InvalidInputError("the checkpoint stores no model config; pass --base-model with the original folder")
+        from transformers import AutoConfig
+
+        stored = dict(stored)
+        config = AutoConfig.for_model(stored.pop("model_type"), **stored)
+    prefix = f"{model_attr}."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise InvalidInputError(f"no parameters under '{model_attr}.' in the checkpoint; pass the right --model-attr")
+    model = _build_empty_model(config)
+    if manifest:
+        apply_manifest(model, manifest)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise InvalidInputError(f"checkpoint weights do not match the architecture: unexpected {unexpected[:5]}")
+    model.tie_weights()
+    persistent = {k for k, _ in model.named_buffers()} | {k for k, _ in model.named_parameters()}
+    absent = [k for k in missing if k in persistent]
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    absent = [k for k in absent if k not in tied]
+    if absent:
+        raise InvalidInputError(f"checkpoint lacks weights for {absent[:5]}")
+    if dense:
+        _densify(model)
+    model.eval()
+    tokenizer = load_tokenizer(base_model) if base_model is not None else None
+    return save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite,
+                           metadata={"exported_from": str(Path(checkpoint_dir).expanduser().resolve())})
+
+
+@torch.no_grad()
+def _densify(model: torch.nn.Module) -> None:
+    """Multiply factorized modules back into dense `nn.Linear`s (or GPT-2 `Conv1D`s)."""
+    config_model_type = getattr(getattr(model, "config", None), "model_type", "")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, FactorizedLinear):
+            continue
+        weight = module.dense_weight()
+        bias = module.bias
+        if config_model_type == "gpt2" and Conv1D is not None:
+            dense = Conv1D(module.out_features, module.in_features)
+            dense.weight.copy_(weight.T)
+            dense.bias.copy_(bias if bias is not None else torch.zeros(module.out_features))
+        else:
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None,
+                                    dtype=weight.dtype)
+            dense.weight.copy_(weight)
+            if bias is not None:
+                dense.bias.copy_(bias)
+        replace_module(model, name, dense)
