@@ -1,5 +1,6 @@
 """Lightning callbacks (installed as ``adasvd_lightning.callbacks``)."""
 
-from .compression import SVDCompression
+from .compression import POINTS, SVDCompression
+from .trainable import TRAINABLE_MODES, TrainableParameters
 
-__all__ = ["SVDCompression"]
+__all__ = ["POINTS", "SVDCompression", "TRAINABLE_MODES", "TrainableParameters"]

@@ -240,3 +240,38 @@ def test_plain_lightning_module_with_linear_layers():
     _trainer([callback], steps=4).fit(module, train_dataloaders=loader)
     assert isinstance(module.net[0], LowRankLinear) and isinstance(module.net[2], LowRankLinear)
     assert callback.report.calibration_tokens == 4 * 8
+
+
+@pytest.mark.parametrize("mode", ["factors", "up", "down"])
+def test_trainable_parameters_select_what_recovery_updates(mode):
+    from adasvd_lightning.callbacks import TrainableParameters
+
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-2)
+    before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
+    trainer = _trainer([SVDCompression(ratio=0.5, calibration_batches=2, show_progress=False),
+                        TrainableParameters(mode)], steps=2)
+    snapshot = {}
+
+    class Snap(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            snapshot.update({k: v.detach().clone() for k, v in pl_module.model.named_parameters()})
+
+    trainer.callbacks.append(Snap())
+    trainer.fit(module, train_dataloaders=_loader())
+    changed = {k for k, v in module.model.named_parameters() if not torch.equal(v, snapshot[k])}
+    assert changed
+    if mode == "factors":
+        assert all(k.endswith((".up", ".down")) for k in changed)
+    else:
+        assert all(k.endswith(f".{mode}") for k in changed)
+    assert torch.equal(module.model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+
+
+def test_trainable_rejects_unknown_mode_and_dense_models():
+    from adasvd_lightning.callbacks import TrainableParameters
+
+    with pytest.raises(InvalidInputError):
+        TrainableParameters("lora")
+    module = CausalLMModule(tiny_model("llama").train())
+    with pytest.raises(InvalidInputError, match="no factorized modules"):
+        _trainer([TrainableParameters("up")]).fit(module, train_dataloaders=_loader())
