@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import InvalidInputError
 from ..core.lowrank import FactorizedLinear
-from ..core.serialization import _build_empty_model, apply_manifest, check_model_folder, load_tokenizer, save_compressed
+from ..core.serialization import MANIFEST_KEY, _build_empty_model, apply_manifest, check_model_folder, load_tokenizer, save_compressed
 from ..core.surgery import Conv1D, replace_module
 
 __all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
@@ -56,7 +56,9 @@ def export_zero_checkpoint(
         raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
     config = check_model_folder(base_model) if base_model is not None else None
     state, callback_state = read_zero_checkpoint(checkpoint_dir)
-    manifest = callback_state.get("manifest")
+    # The structure: from SVDCompression's state, else from a compressed base folder's config (a run
+    # that fine-tuned an already compressed model).
+    manifest = callback_state.get("manifest") or getattr(config, MANIFEST_KEY, None)
     if config is None:
         stored = callback_state.get("model_config")
         if not stored:
