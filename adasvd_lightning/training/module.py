@@ -89,11 +89,11 @@ class CausalLMModule(L.LightningModule):
             if not param.requires_grad:
                 continue
             (decay if param.ndim >= 2 else no_decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.learning_rate,
-            betas=self.betas,
-        )
+        # Empty groups are left out: with frozen parameters (e.g. only the U factors train) one of the
+        # two can be empty, and DeepSpeed drops empty groups, which desynchronises LR schedulers.
+        groups = [g for g in ({"params": decay, "weight_decay": self.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.warmup_steps, total // 10 + 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
