@@ -46,6 +46,13 @@ def test_zero_recovery_checkpoint_export_reload(tiny_reference, tmp_path, stage,
     with torch.no_grad():
         assert torch.allclose(dense_model(ids).logits, trained["logits"], atol=1e-4, rtol=1e-4)
 
+    if stage == 3:  # resume the ZeRO-3 run from its sharded checkpoint and keep training
+        env["MASTER_PORT"] = str(_free_port())
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tiny_reference), str(tmp_path), "3", method,
+                               "resume"], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert torch.load(tmp_path / "resumed.pt", weights_only=True)["step"] == 5
+
 
 def test_export_rejects_a_folder_that_is_not_a_zero_checkpoint(tmp_path):
     result = run("export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"))

@@ -16,15 +16,21 @@ from adasvd_lightning.training.module import CausalLMModule
 from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy
 
 
-def main(model_dir: str, out_dir: str, stage: int, method: str) -> None:
+def main(model_dir: str, out_dir: str, stage: int, method: str, resume: bool = False) -> None:
     torch.set_num_threads(1)
     ids = torch.randint(0, 500, (32, 32), generator=torch.Generator().manual_seed(0))
     loader = DataLoader([{"input_ids": r} for r in ids], batch_size=4)
     module = CausalLMModule(load_compressed(model_dir).train(), learning_rate=1e-3)
     callback = SVDCompression(method=method, ratio=0.5, calibration_batches=2, show_progress=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=stage), max_steps=3,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=stage),
+                        max_steps=5 if resume else 3,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback])
+    if resume:  # continue the sharded run from its checkpoint: the structure must match the shards
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=f"{out_dir}/ckpt")
+        if trainer.is_global_zero:
+            torch.save({"step": trainer.global_step}, f"{out_dir}/resumed.pt")
+        return
     trainer.fit(module, train_dataloaders=loader)
     trainer.save_checkpoint(f"{out_dir}/ckpt")
     module.eval()
@@ -35,4 +41,4 @@ def main(model_dir: str, out_dir: str, stage: int, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], resume=len(sys.argv) > 5)
