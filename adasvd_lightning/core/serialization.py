@@ -37,6 +37,8 @@ __all__ = [
     "load_compressed",
     "load_tokenizer",
     "check_model_folder",
+    "load_weights",
+    "build_empty_model",
 ]
 
 MANIFEST_KEY = "adasvd"
@@ -165,7 +167,8 @@ def _load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _build_empty_model(config):
+def build_empty_model(config):
+    """The architecture of ``config`` with uninitialised weights (they are about to be loaded)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -187,21 +190,26 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     manifest = getattr(config, MANIFEST_KEY, None)
     files = _weight_files(path)
     state = _load_state_dict(files)
-    model = _build_empty_model(config)
+    model = build_empty_model(config)
     if manifest:
         apply_manifest(model, manifest)
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model.to(dtype=saved_dtype)
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise InvalidInputError(f"{path}: weights do not match the architecture, unexpected {result.unexpected_keys[:5]}")
-    model.tie_weights()
-    missing = [k for k in result.missing_keys if not _is_tied_alias(model, k, state)]
-    if missing:
-        raise InvalidInputError(f"{path}: weights missing for {missing[:5]}")
+    load_weights(model, state, source=str(path))
     model.to(device=device, dtype=dtype or saved_dtype)
     model.eval()
     return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model`` exactly: no unexpected keys, none missing but tied aliases."""
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise InvalidInputError(f"{source}: weights do not match the architecture, unexpected {result.unexpected_keys[:5]}")
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied_alias(model, k, state)]
+    if missing:
+        raise InvalidInputError(f"{source}: weights missing for {missing[:5]}")
 
 
 def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:

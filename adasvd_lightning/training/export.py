@@ -15,7 +15,15 @@ import torch
 
 from ..core.errors import InvalidInputError
 from ..core.lowrank import FactorizedLinear
-from ..core.serialization import MANIFEST_KEY, _build_empty_model, apply_manifest, check_model_folder, load_tokenizer, save_compressed
+from ..core.serialization import (
+    MANIFEST_KEY,
+    build_empty_model,
+    apply_manifest,
+    check_model_folder,
+    load_tokenizer,
+    load_weights,
+    save_compressed,
+)
 from ..core.surgery import Conv1D, replace_module
 
 __all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
@@ -71,19 +79,10 @@ def export_zero_checkpoint(
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         raise InvalidInputError(f"no parameters under '{model_attr}.' in the checkpoint; pass the right --model-attr")
-    model = _build_empty_model(config)
+    model = build_empty_model(config)
     if manifest:
         apply_manifest(model, manifest)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise InvalidInputError(f"checkpoint weights do not match the architecture: unexpected {unexpected[:5]}")
-    model.tie_weights()
-    persistent = {k for k, _ in model.named_buffers()} | {k for k, _ in model.named_parameters()}
-    absent = [k for k in missing if k in persistent]
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    absent = [k for k in absent if k not in tied]
-    if absent:
-        raise InvalidInputError(f"checkpoint lacks weights for {absent[:5]}")
+    load_weights(model, weights, source=f"checkpoint {checkpoint_dir}")
     if dense:
         _densify(model)
     model.eval()
