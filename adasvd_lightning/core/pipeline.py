@@ -76,12 +76,12 @@ def _factorize_target(
     dense = out_features * in_features + bias_params
     report = ModuleReport(name=name, out_features=out_features, in_features=in_features,
                           params_before=dense, params_after=count_parameters(module), bias_params=bias_params)
+    if rank is None and spec.allocation != "uniform":
+        report.skipped = f"kept dense by the {spec.allocation} allocation"
+        return report, None
     if rank is None or not saves_parameters(out_features, in_features, rank):
-        report.skipped = (
-            f"no rank saves parameters for a {out_features}×{in_features} matrix at its allocated retention"
-        )
-        if rank is not None or spec.allocation == "uniform":
-            warnings.warn(f"{name}: {report.skipped}; left dense", CompressionWarning, stacklevel=3)
+        report.skipped = f"no rank saves parameters for a {out_features}×{in_features} matrix"
+        warnings.warn(f"{name}: {report.skipped}; left dense", CompressionWarning, stacklevel=3)
         return report, None
 
     weight = linear_weight(module).detach()
