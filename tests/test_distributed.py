@@ -34,6 +34,9 @@ def _worker(rank: int, world: int, port: int, method: str, options: dict, out_di
         report = compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), shard)
         torch.save({"state": model.state_dict(), "tokens": report.calibration_tokens,
                     "ranks": [m.rank for m in report.modules]}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks leave together: tearing gloo down while the peer is still in a collective
+        # aborts the process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
