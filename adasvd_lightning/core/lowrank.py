@@ -8,6 +8,17 @@ Parameters are plain tensors on the module — not nested `nn.Linear`s — so su
 compressed matrix (re-compression and "train only the factors" rely on that) and state-dict keys stay
 readable (``…q_proj.up``, ``…q_proj.down``). Column indices are persistent buffers, so they travel in
 the safetensors file with the weights.
+
+Forward paths were chosen by measurement (``benchmarks/inference.py``; 2-core AVX-512 CPU, fp32 and
+bf16): `LowRankLinear` is one ``F.linear`` chain — it already reaches the FLOP-ideal speed-up, and
+``addmm``/``matmul`` spellings measured the same. `ColumnPreservingLinear` is where the time went:
+gathering the input's "rest" columns copies almost the whole activation (index_select is
+memory-bound and slow, worst in bf16) and adding two GEMM results costs one more pass over the
+output. For many tokens it now multiplies the *whole* input by ``down`` scattered into an r × n
+matrix with zero columns at the kept positions (r·k extra MACs, a few percent, against a copy of the
+activation), gathers only the few kept columns, and accumulates the kept part into the result inside
+the second GEMM (``addmm_``, beta = 1). For few tokens (decoding) building that r × n matrix costs
+more than the gather, so it keeps the gather path.
 """
 
 from __future__ import annotations
@@ -27,8 +38,12 @@ class FactorizedLinear(nn.Module):
     rank: int
     kind: str = "abstract"
 
-    def dense_weight(self) -> torch.Tensor:  # pragma: no cover - interface
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def multiply_adds(self) -> int:
+        """Multiply-adds per input row (one token): what the forward costs next to m·n dense."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def _make_factors(self, out_features: int, rank: int, width: int, bias: bool, kw: dict) -> None:
         """up (out × r), down (r × width) and bias, initialised so an untrained layer is well scaled."""
@@ -99,9 +114,18 @@ class LowRankLinear(FactorizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up, self.bias)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The m×n matrix this layer applies (for re-compression, export and error reports)."""
-        return self.up @ self.down
+    def multiply_adds(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The m×n matrix this layer applies (for re-compression, export, error reports, merging).
+
+        ``dtype`` (e.g. float32) computes the product in that dtype, so merging a bf16 layer back to
+        dense rounds once instead of accumulating in bf16.
+        """
+        if dtype is None:
+            return self.up @ self.down
+        return self.up.to(dtype) @ self.down.to(dtype)
 
 
 class ColumnPreservingLinear(FactorizedLinear):
@@ -161,14 +185,39 @@ class ColumnPreservingLinear(FactorizedLinear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(F.linear(x.index_select(-1, self.rest_index), self.down), self.up, self.bias)
-        return low + F.linear(x.index_select(-1, self.kept_index), self.kept_weight)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= self.rank:
+            hidden = F.linear(flat, self.padded_down())
+        else:
+            hidden = F.linear(flat.index_select(1, self.rest_index), self.down)
+        out = F.linear(hidden, self.up, self.bias)
+        # In-place accumulate (beta = 1) instead of `out + …`: one pass over the output fewer.
+        out = out.addmm_(flat.index_select(1, self.kept_index), self.kept_weight.t())
+        return out.view(*lead, self.out_features)
 
-    def dense_weight(self) -> torch.Tensor:
-        w = self.up.new_zeros(self.out_features, self.in_features)
-        w[:, self.rest_index] = self.up @ self.down
-        w[:, self.kept_index] = self.kept_weight
+    def padded_down(self) -> torch.Tensor:
+        """``down`` as an r × in_features matrix with zero columns at the kept positions.
+
+        Multiplying the full input by it equals ``down · x[rest]`` without copying ``x[rest]``.
+        Built per call (r·n writes, cheap next to the GEMM) so it is always in sync with ``down``
+        and gradients flow to ``down`` through ``index_copy``.
+        """
+        zeros = self.down.new_zeros(self.rank, self.in_features)
+        return zeros.index_copy(1, self.rest_index, self.down)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The m×n matrix this layer applies; ``dtype`` (e.g. float32) is the dtype of the product."""
+        up, down, kept = (t if dtype is None else t.to(dtype) for t in (self.up, self.down, self.kept_weight))
+        w = up.new_zeros(self.out_features, self.in_features)
+        w[:, self.rest_index] = up @ down
+        w[:, self.kept_index] = kept
         return w
+
+    def multiply_adds(self) -> int:
+        """The layer's own maths (rank part on the rest columns, dense kept part), not the padding."""
+        rest = self.in_features - self.kept_columns
+        return self.rank * (rest + self.out_features) + self.out_features * self.kept_columns
 
     def manifest_entry(self) -> dict:
         return {**super().manifest_entry(), "kept_columns": self.kept_columns}

@@ -1,0 +1,142 @@
+"""Merge factorized layers back to dense where the factorization would not run faster.
+
+A rank-r layer replaces one m×n GEMM by two thin ones. It costs r·(m+n) multiply-adds per token
+against m·n, so it is only faster when that ratio is clearly below one: two thin GEMMs run at a lower
+FLOP rate than one square-ish GEMM, and each call has a fixed overhead. Measured on the benchmark CPU
+(``benchmarks/inference.py``, 2 cores, fp32 and bf16), a factorized layer that saves 5–10 % of the
+multiply-adds is 0.8–1.1× as fast as the dense one; from about 15 % saving on it is reliably faster.
+Tiny matrices (e.g. 128 × 128) are overhead-bound: even 30 % saving can be slower there.
+
+Merging back trades memory for speed: the merged layer holds m·n weights again instead of r·(m+n)
+— it spends part of the compression budget. That is why nothing calls this automatically: the
+compression pipeline's contract is the parameter budget, and the caller decides whether inference
+speed is worth the extra weights. The svd preset at a uniform ratio c never produces such layers
+(every layer saves exactly c); adaptive rank allocation can (ranks near break-even).
+
+A merged layer is a plain `nn.Linear`, so it simply does not appear in the saved manifest and a
+save→load round trip needs nothing special.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .lowrank import FactorizedLinear
+from .surgery import replace_module
+
+__all__ = [
+    "DEFAULT_MIN_FLOP_SAVING",
+    "MergeWarning",
+    "MergedModule",
+    "flop_saving",
+    "merge_to_linear",
+    "merge_unprofitable",
+]
+
+#: Measured break-even plus margin: below 15 % saving the two-GEMM path was not reliably faster.
+DEFAULT_MIN_FLOP_SAVING = 0.15
+
+
+class MergeWarning(UserWarning):
+    """Factorized layers were replaced by dense ones (the model got larger to get faster)."""
+
+
+@dataclass
+class MergedModule:
+    """One layer merged back to dense, and why."""
+
+    name: str
+    kind: str
+    out_features: int
+    in_features: int
+    rank: int
+    flop_saving: float  # 1 − factorized multiply-adds / dense multiply-adds
+    params_before: int  # weights the factorized layer held (bias excluded)
+    params_after: int  # m·n
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flop_saving(module: FactorizedLinear) -> float:
+    """Fraction of the dense layer's multiply-adds the factorized layer saves (negative: it costs more)."""
+    return 1.0 - module.multiply_adds() / (module.in_features * module.out_features)
+
+
+def merge_to_linear(module: FactorizedLinear) -> nn.Linear:
+    """A plain `nn.Linear` applying the same matrix, in the module's dtype and on its device.
+
+    The product is formed in float32 (or float64 for float64 layers) and rounded once, so a bf16
+    layer's merged weight is as close to the factorized one as bf16 allows.
+    """
+    ref = module.up
+    compute = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        weight = module.dense_weight(compute).to(ref.dtype)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=ref.device, dtype=ref.dtype)
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    linear.train(module.training)
+    linear.weight.requires_grad_(ref.requires_grad)
+    if linear.bias is not None:
+        linear.bias.requires_grad_(module.bias.requires_grad)
+    return linear
+
+
+def merge_unprofitable(
+    model: nn.Module,
+    *,
+    min_flop_saving: float = DEFAULT_MIN_FLOP_SAVING,
+    min_weight_elements: int = 0,
+    warn: bool = True,
+) -> list[MergedModule]:
+    """Replace factorized layers that would not run faster by dense `nn.Linear`s, in place.
+
+    Args:
+        model: any module tree holding `FactorizedLinear` layers.
+        min_flop_saving: merge a layer whose multiply-add saving ``1 − r·(m+n)/(m·n)`` (column-
+            preserving: ``(r·(m+n−k) + m·k)/(m·n)``) is below this. 0 merges only layers that cost
+            more than dense.
+        min_weight_elements: also merge layers whose dense matrix has fewer than this many elements
+            (m·n): per-call overhead dominates tiny GEMMs, so two calls lose to one whatever the
+            rank. 0 (default) disables it, because on small models that would undo all compression.
+        warn: emit one `MergeWarning` naming how many layers were merged and the weights added.
+
+    Returns:
+        The merged layers (empty when none), so callers can put them in a report.
+    """
+    if not 0.0 <= min_flop_saving < 1.0:
+        raise ValueError(f"min_flop_saving must be in [0, 1), got {min_flop_saving}")
+    if min_weight_elements < 0:
+        raise ValueError(f"min_weight_elements must be >= 0, got {min_weight_elements}")
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    merged: list[MergedModule] = []
+    for name, module in candidates:
+        saving = flop_saving(module)
+        elements = module.in_features * module.out_features
+        if saving < min_flop_saving:
+            reason = f"saves {saving:.1%} of the multiply-adds (< {min_flop_saving:.1%})"
+        elif elements < min_weight_elements:
+            reason = f"{module.out_features}×{module.in_features} is below {min_weight_elements} elements"
+        else:
+            continue
+        factor_params = sum(p.numel() for n, p in module.named_parameters() if n != "bias")
+        replace_module(model, name, merge_to_linear(module))
+        merged.append(MergedModule(name, module.kind, module.out_features, module.in_features, module.rank,
+                                   saving, factor_params, elements, reason))
+    if merged and warn:
+        added = sum(m.params_after - m.params_before for m in merged)
+        warnings.warn(
+            f"merged {len(merged)} of {len(candidates)} factorized layers back to dense because they would "
+            f"not run faster ({merged[0].name}: {merged[0].reason}); the model holds {added:,} more weights",
+            MergeWarning,
+            stacklevel=2,
+        )
+    return merged
