@@ -118,6 +118,20 @@ def test_column_preserving_gradients_match_reference(rows):
     torch.testing.assert_close(fast_x, x.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [2, 32], ids=["gather-path", "padded-path"])
+@pytest.mark.parametrize("maker", [low_rank, column_preserving], ids=["low_rank", "column_preserving"])
+def test_forward_under_autocast(maker, rows):
+    """fp32 layer inside bf16 autocast (Lightning's bf16-mixed): runs, returns bf16, gradients reach every factor."""
+    module = maker(True, torch.float32)
+    x = torch.randn(rows, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert_matches(out, reference(module, x), torch.bfloat16)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
 def test_multiply_adds_counts_the_layer_maths():
     lr = LowRankLinear(40, 48, 12)
     assert lr.multiply_adds() == 12 * (40 + 48)

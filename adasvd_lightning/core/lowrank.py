@@ -192,8 +192,14 @@ class ColumnPreservingLinear(FactorizedLinear):
         else:
             hidden = F.linear(flat.index_select(1, self.rest_index), self.down)
         out = F.linear(hidden, self.up, self.bias)
-        # In-place accumulate (beta = 1) instead of `out + …`: one pass over the output fewer.
-        out = out.addmm_(flat.index_select(1, self.kept_index), self.kept_weight.t())
+        kept = flat.index_select(1, self.kept_index)
+        if out.dtype == kept.dtype == self.kept_weight.dtype:
+            # In-place accumulate (beta = 1) instead of `out + …`: one pass over the output fewer.
+            out = out.addmm_(kept, self.kept_weight.t())
+        else:
+            # Under autocast `out` is already in the low dtype; in-place ops are not autocast, the
+            # out-of-place addmm is (it casts all three operands).
+            out = torch.addmm(out, kept, self.kept_weight.t())
         return out.view(*lead, self.out_features)
 
     def padded_down(self) -> torch.Tensor:
