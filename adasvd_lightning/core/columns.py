@@ -80,6 +80,7 @@ def column_preserving_factorize(
     *,
     base: LowRankFactors | None = None,
     min_gain: float = 0.01,
+    driver: str = "auto",
 ) -> ColumnSplit | None:
     """Best column-preserving split at the parameter cost of rank ``rank``, or None if not worth it.
 
@@ -90,10 +91,11 @@ def column_preserving_factorize(
         make_whitening: the method's whitening restricted to the given input columns (None = all).
         base: the plain rank-r factorization, if already computed.
         min_gain: required relative error reduction over the plain factorization.
+        driver: SVD route of the candidate factorizations (:func:`.linalg.thin_svd`).
     """
     w = weight.to(torch.float64)
     m, n = w.shape
-    base = base or factorize(w, rank, make_whitening(None))
+    base = base or factorize(w, rank, make_whitening(None), driver=driver)
     base_dense = base.dense()
     base_error = whitened_error(w, base_dense, gram)
     if rank < 2 or base_error <= 0.0:
@@ -113,7 +115,7 @@ def column_preserving_factorize(
                 rest = mask.nonzero().squeeze(1)
                 h_rr = gram[rest][:, rest]
                 r_c = min(rank - drop, rest.numel(), m)
-                f = factorize(w[:, rest], r_c, make_whitening(rest))
+                f = factorize(w[:, rest], r_c, make_whitening(rest), driver=driver)
                 error = whitened_error(w[:, rest], f.dense(), h_rr)
                 cache[drop] = ColumnSplit(f.up, f.down, kept, rest, w[:, kept].clone(), error)
         return cache[drop]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import InvalidInputError
+from .linalg import SVD_DRIVERS
 from .methods import MethodSpec, get_method
 from .surgery import TargetSelector
 
@@ -33,6 +34,16 @@ class CompressionConfig:
         compute_dtype: precision of the decompositions (``float64`` is the safe default).
         method_options: overrides of the preset's strategies and knobs, e.g.
             ``{"refinement": "adacomp", "adacomp_iterations": 5}`` (see `MethodSpec`).
+        execution_device: block offload (:mod:`.offload`). ``None`` (default) compresses the model
+            where it is. A device (``"cuda"``, ``"cuda:1"``, ``"cpu"``) keeps the model and the calibration
+            activations where they are (typically host memory) and moves one decoder block at a time
+            there for its statistics, factorization and propagation, so the device only ever holds one
+            block. Results equal the in-place run up to the device's arithmetic. The allocation
+            probes of ``module-kl`` / ``sensitivity-ppl`` run the whole model and stay where it is.
+        svd_driver: how truncated SVDs are computed (:mod:`.linalg`). ``"auto"`` (default) and
+            ``"gram"`` take the eigen-decomposition of the smaller Gram matrix when that is accurate for
+            the kept rank (float64) and LAPACK's SVD otherwise; ``"svd"`` always uses LAPACK's SVD (the
+            reference path, several times slower on CPU; same factors to round-off).
     """
 
     method: str = "svd-llm"
@@ -43,6 +54,8 @@ class CompressionConfig:
     damping: float = 1e-6
     compute_dtype: str = "float64"
     method_options: dict = field(default_factory=dict)
+    execution_device: str | None = None
+    svd_driver: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_options, dict):
@@ -67,6 +80,14 @@ class CompressionConfig:
         self.include = list(self.include) if self.include is not None else None
         self.exclude = list(self.exclude)
         TargetSelector(self.include, self.exclude)  # validates the regular expressions
+        if self.svd_driver not in SVD_DRIVERS:
+            raise InvalidInputError(f"svd_driver must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
+        if self.execution_device is not None:
+            try:
+                torch.device(self.execution_device)
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidInputError(f"execution_device {self.execution_device!r} is not a device: {exc}") from None
+            self.execution_device = str(self.execution_device)
 
     @property
     def spec(self) -> MethodSpec:

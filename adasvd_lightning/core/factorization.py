@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import thin_svd
 from .whitening import IdentityWhitening, Whitening
 
 __all__ = [
@@ -73,12 +74,14 @@ def factorize(
     whitening: Whitening | None = None,
     *,
     compute_dtype: torch.dtype = torch.float64,
+    driver: str = "auto",
 ) -> LowRankFactors:
     """Best rank-``rank`` fit of ``weight`` (m×n) in the metric the whitening defines.
 
     SVD of A = W·S = U Σ Vᵀ; keep the top r and split √Σ into both factors so neither factor's scale
     dominates (better conditioned for later fine-tuning and low-precision storage):
     up = U_r √Σ_r, down = √Σ_r V_rᵀ S⁻¹. With the identity whitening this is plain truncated SVD.
+    ``driver`` picks the SVD route (:func:`.linalg.thin_svd`; ``"svd"`` is the LAPACK reference).
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be a matrix, got shape {tuple(weight.shape)}")
@@ -88,7 +91,7 @@ def factorize(
     whitening = whitening or IdentityWhitening()
     w = weight.detach().to(compute_dtype)
     a = whitening.whiten(w)
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    u, s, vh = thin_svd(a, rank, driver=driver)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
     down = whitening.unwhiten(root[:, None] * vh[:rank])

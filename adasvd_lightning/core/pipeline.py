@@ -25,18 +25,21 @@ import torch
 from torch import nn
 
 from .budget import MatrixShape, budget_for_ratio
-from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_inputs, run_block
+from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_inputs
 from .columns import column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
 from .factorization import factorize, saves_parameters
 from .lowrank import ColumnPreservingLinear, LowRankLinear
+from .offload import BlockRunner
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
+from .profiling import PhaseTimer, active_timer, phase
 from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
+from .whitening import Whitening
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 
@@ -48,10 +51,19 @@ class CompressionWarning(UserWarning):
 
 
 def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatistics) -> float:
-    """‖W′X_c − W X_o‖_F / ‖W X_o‖_F from the Gram matrices."""
+    """‖W′X_c − W X_o‖_F / ‖W X_o‖_F from the Gram matrices.
+
+    Single-stream statistics (one H for all three) take the error form tr(E H Eᵀ), E = W′ − W: two
+    m×n×n products instead of four, and no cancellation between large terms.
+    """
     w, a = weight.to(torch.float64), approx.to(torch.float64)
-    num = (a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum() + (w @ grams.h_oo * w).sum()
-    den = (w @ grams.h_oo * w).sum()
+    w_hoo = w @ grams.h_oo
+    den = (w_hoo * w).sum()
+    if grams.h_cc is grams.h_oc and grams.h_oc is grams.h_oo:
+        e = a - w
+        num = (e @ grams.h_cc * e).sum()
+    else:
+        num = (a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum() + den
     return float(num.clamp_min(0.0) / den) ** 0.5 if den > 0 else float("nan")
 
 
@@ -66,8 +78,13 @@ def _factorize_target(
     rank: int | None,
     ctx: PlanContext,
     input_stats: InputStatistics | None,
+    whitenings: dict[int, Whitening] | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
-    """Factor one target at its allocated rank; returns its report and the new module (None = stays dense)."""
+    """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
+
+    ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
+    so they share one Cholesky factorization instead of computing the identical factor three times.
+    """
     spec, config = ctx.spec, ctx.config
     out_features, in_features = linear_shape(module)
     bias = linear_bias(module)
@@ -86,43 +103,113 @@ def _factorize_target(
 
     weight = linear_weight(module).detach()
     w64 = weight.to(config.torch_compute_dtype)
-    whitening = spec.make_whitening(input_stats, damping=config.damping)
-    factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype)
+    key = id(input_stats)
+    with phase("whitening"):
+        if whitenings is not None and key in whitenings:
+            whitening = whitenings[key]
+        else:
+            whitening = spec.make_whitening(input_stats, damping=config.damping)
+            if whitenings is not None:
+                whitenings[key] = whitening
+    with phase("svd"):
+        factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype, driver=config.svd_driver)
     up, down = factors.up, factors.down
     kept = torch.empty(0, dtype=torch.long)
     split = None
     if spec.form == "column-preserving" and input_stats is not None:
-        split = column_preserving_factorize(
-            w64, rank, input_stats.gram,
-            lambda cols: spec.make_whitening(input_stats, damping=config.damping, columns=cols),
-            base=factors, min_gain=spec.column_min_gain,
-        )
+        with phase("columns", absorb=True):
+            split = column_preserving_factorize(
+                w64, rank, input_stats.gram,
+                lambda cols: spec.make_whitening(input_stats, damping=config.damping, columns=cols),
+                base=factors, min_gain=spec.column_min_gain, driver=config.svd_driver,
+            )
         if split is not None:
             up, down, kept = split.up, split.down, split.kept
     if spec.refinement != "none" and input_stats is not None:
-        target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping)
-        up, down, history = adacomp(
-            target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
-            v_steps=spec.refinement == "adacomp",
-        )
-        report.refinement_steps = len(history) - 1
-        up, down = balance_factors(up, down)
+        with phase("refinement", absorb=True):
+            target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping)
+            up, down, history = adacomp(
+                target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
+                v_steps=spec.refinement == "adacomp",
+            )
+            report.refinement_steps = len(history) - 1
+            up, down = balance_factors(up, down)
 
-    b = bias.detach() if bias is not None else None
-    if split is not None:
-        new = ColumnPreservingLinear.from_parts(
-            up.to(weight.device), down.to(weight.device), split.kept_weight.to(weight.device),
-            split.kept.to(weight.device), split.rest.to(weight.device), b, dtype=weight.dtype,
-        )
-        report.kept_columns = split.kept.numel()
-    else:
-        new = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), b, dtype=weight.dtype)
+    with phase("surgery"):
+        b = bias.detach() if bias is not None else None
+        if split is not None:
+            new = ColumnPreservingLinear.from_parts(
+                up.to(weight.device), down.to(weight.device), split.kept_weight.to(weight.device),
+                split.kept.to(weight.device), split.rest.to(weight.device), b, dtype=weight.dtype,
+            )
+            report.kept_columns = split.kept.numel()
+        else:
+            new = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), b, dtype=weight.dtype)
     report.rank = new.rank
     report.params_after = count_parameters(new)
     report.whitening = whitening.kind
     if input_stats is not None:
-        report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams())
+        with phase("report"):
+            report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams())
     return report, new
+
+
+def _compress_block(
+    model: nn.Module,
+    block: nn.Module,
+    targets: dict[str, nn.Module],
+    inputs: list[BlockInput] | None,
+    original_hidden: list[torch.Tensor] | None,
+    paired: bool,
+    ranks: dict[str, int | None],
+    ctx: PlanContext,
+    runner: BlockRunner,
+    report: CompressionReport,
+) -> list[torch.Tensor] | None:
+    """Statistics, factorization and surgery of one block; returns its dense outputs (if computed).
+
+    The block's statistics live only inside this call, so at most one block's Gram matrices exist at
+    any time (they are the largest float64 data of a run: n² per distinct linear input).
+    """
+    stats = None
+    dense_outputs = None
+    if inputs is not None and targets:
+        stats = BlockStatistics(targets)
+        # Dense outputs are only needed as the next block's "original" stream or inputs; otherwise
+        # keeping them would hold a second copy of the calibration activations for nothing.
+        keep = paired or ctx.config.propagation == "original"
+        dense_outputs = [] if keep else None
+        with stats, phase("calibration"):
+            for b, inp in enumerate(inputs):
+                with stats.masked(inp.mask):
+                    if paired:
+                        stats.mode = "original"
+                        dense_outputs.append(runner.run(block, inp, original_hidden[b]))
+                        stats.mode = "compressed"
+                        runner.run(block, inp)
+                    elif keep:
+                        dense_outputs.append(runner.run(block, inp))
+                    else:
+                        runner.run(block, inp)
+    if stats is not None:
+        stats.all_reduce()
+    # Each rank factors its round-robin share of the block's targets; results are broadcast.
+    rank_id, world_size = world()
+    whitenings: dict[int, Whitening] = {}
+    for i, (name, module) in enumerate(targets.items()):
+        owner = i % world_size
+        new, module_report = None, None
+        if rank_id == owner:
+            input_stats = stats.for_module(name) if stats is not None else None
+            module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings)
+        ref = next(module.parameters())
+        with phase("surgery"):
+            new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
+            if new is not None:
+                new.train(module.training)
+                replace_module(model, name, new)
+        report.modules.append(module_report)
+    return dense_outputs
 
 
 @torch.no_grad()
@@ -154,68 +241,51 @@ def compress_model(
 
     was_training = model.training
     model.eval()
+    timer = active_timer()
+    own_timer = timer is None
+    if own_timer:
+        timer = PhaseTimer().__enter__()
+    before = dict(timer.seconds)
+    runner = BlockRunner.for_device(config.execution_device)
     try:
         inputs: list[BlockInput] | None = None
         if calibration:
-            inputs = capture_block_inputs(model, blocks[0], calibration)
+            with phase("calibration"):
+                inputs = capture_block_inputs(model, blocks[0], calibration)
             local_tokens = sum(
                 int(i.mask.sum()) if i.mask is not None else i.hidden.shape[:-1].numel() for i in inputs
             )
             report.calibration_tokens = int(all_reduce_sum([float(local_tokens)], device=inputs[0].hidden.device)[0])
             if progress:
                 progress(ProgressEvent("calibrate", len(inputs), len(inputs)))
-        ctx = PlanContext(model, blocks, plan, shapes, inputs, calibration, spec, config, progress)
-        ranks, report.allocation = plan_ranks(ctx)
+        ctx = PlanContext(model, blocks, plan, shapes, inputs, calibration, spec, config, progress, runner)
+        with phase("allocation", absorb=True):
+            ranks, report.allocation = plan_ranks(ctx)
 
         paired = inputs is not None and spec.refinement != "none" and config.propagation == "compressed"
         original_hidden = [inp.hidden for inp in inputs] if paired else None
         for index, block_name, targets in plan:
             block = blocks[index]
-            stats = None
-            dense_outputs = None
-            if inputs is not None and targets:
-                stats = BlockStatistics(targets)
-                dense_outputs = []
-                with stats:
-                    for b, inp in enumerate(inputs):
-                        with stats.masked(inp.mask):
-                            if paired:
-                                stats.mode = "original"
-                                dense_outputs.append(run_block(block, inp, original_hidden[b]))
-                                stats.mode = "compressed"
-                                run_block(block, inp)
-                            else:
-                                dense_outputs.append(run_block(block, inp))
-            if stats is not None:
-                stats.all_reduce()
-            # Each rank factors its round-robin share of the block's targets; results are broadcast.
-            rank_id, world_size = world()
-            for i, (name, module) in enumerate(targets.items()):
-                owner = i % world_size
-                new, module_report = None, None
-                if rank_id == owner:
-                    input_stats = stats.for_module(name) if stats is not None else None
-                    module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats)
-                ref = next(module.parameters())
-                new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
-                if new is not None:
-                    new.train(module.training)
-                    replace_module(model, name, new)
-                report.modules.append(module_report)
-            del stats
-            if inputs is not None and index + 1 < len(blocks):
-                if paired:
-                    original_hidden = dense_outputs
-                if config.propagation == "compressed" or dense_outputs is None:
-                    new_hidden = [run_block(block, inp) for inp in inputs]
-                else:
-                    new_hidden = dense_outputs
-                for inp, h in zip(inputs, new_hidden):
-                    inp.hidden = h
+            with runner.resident(block):
+                dense_outputs = _compress_block(model, block, targets, inputs, original_hidden, paired,
+                                                ranks, ctx, runner, report)
+                if inputs is not None and index + 1 < len(blocks):
+                    if paired:
+                        original_hidden = dense_outputs
+                    if config.propagation == "compressed" or dense_outputs is None:
+                        with phase("calibration"):
+                            new_hidden = [runner.run(block, inp) for inp in inputs]
+                    else:
+                        new_hidden = dense_outputs
+                    for inp, h in zip(inputs, new_hidden):
+                        inp.hidden = h
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))
     finally:
         model.train(was_training)
+        if own_timer:
+            timer.__exit__(None, None, None)
+    report.phase_seconds = {k: v - before.get(k, 0.0) for k, v in timer.seconds.items() if v - before.get(k, 0.0) > 0}
     report.parameters_after = count_parameters(model)
     report.seconds = time.perf_counter() - start
     return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,12 +18,14 @@ from torch import nn
 
 from .allocation import adacr_block_retentions, block_importance, grouped_loss_ranks, knapsack, uniform_retentions
 from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
-from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch, run_block
+from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch
 from .config import CompressionConfig
 from .distributed import all_reduce_sum
 from .factorization import LowRankFactors, saves_parameters
+from .linalg import singular_values, thin_svd
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
+from .offload import BlockRunner
 from .statistics import BlockStatistics
 from .surgery import linear_bias, linear_weight, replace_module
 
@@ -43,6 +45,22 @@ class PlanContext:
     spec: MethodSpec
     config: CompressionConfig
     progress: ProgressFn | None
+    runner: BlockRunner = field(default_factory=BlockRunner)
+
+
+def _dense_block(ctx: PlanContext, index: int, targets: dict[str, nn.Module], hidden: list[torch.Tensor],
+                 statistics: bool) -> tuple[list[torch.Tensor], BlockStatistics | None]:
+    """Run block ``index`` (as it currently is) on ``hidden``: its outputs and, optionally, statistics."""
+    block = ctx.blocks[index]
+    stats = BlockStatistics(targets) if statistics and targets else None
+    outputs = []
+    with ctx.runner.resident(block), stats if stats is not None else nullcontext():
+        for inp, h in zip(ctx.inputs, hidden):
+            with stats.masked(inp.mask) if stats is not None else nullcontext():
+                outputs.append(ctx.runner.run(block, inp, h))
+    if stats is not None:
+        stats.all_reduce()
+    return outputs, stats
 
 
 def _dense_pass(ctx: PlanContext, visit: Callable[[int, dict, list, list, BlockStatistics | None], None], *,
@@ -50,16 +68,9 @@ def _dense_pass(ctx: PlanContext, visit: Callable[[int, dict, list, list, BlockS
     """Run the dense blocks over the calibration inputs once, calling ``visit`` per block."""
     hidden = [inp.hidden for inp in ctx.inputs]
     for index, block_name, targets in ctx.plan:
-        block = ctx.blocks[index]
-        stats = BlockStatistics(targets) if statistics and targets else None
-        outputs = []
-        with stats if stats is not None else nullcontext():
-            for inp, h in zip(ctx.inputs, hidden):
-                with stats.masked(inp.mask) if stats is not None else nullcontext():
-                    outputs.append(run_block(block, inp, h))
-        if stats is not None:
-            stats.all_reduce()
+        outputs, stats = _dense_block(ctx, index, targets, hidden, statistics)
         visit(index, targets, hidden, outputs, stats)
+        del stats  # one block's statistics at a time
         hidden = outputs
         if ctx.progress:
             ctx.progress(ProgressEvent("allocate", index + 1, len(ctx.plan), block_name))
@@ -88,24 +99,32 @@ def _allocate_adacr(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     return retentions, {"block_importance": importances, "block_retention": [rho_of.get(i) for i in range(len(ctx.plan))]}
 
 
-def _dense_factorizations(ctx: PlanContext, keep_factors: bool) -> dict[str, tuple]:
-    """Whitened SVD of every target under dense-model statistics: name → (singular values, (whitening, U, Vh))."""
-    result: dict[str, tuple] = {}
+def _whitened(ctx: PlanContext, module: nn.Module, stats: BlockStatistics | None, name: str):
+    whitening = ctx.spec.make_whitening(stats.for_module(name) if stats else None, damping=ctx.config.damping)
+    return whitening, whitening.whiten(linear_weight(module).detach().to(torch.float64))
+
+
+def _whitened_svd(ctx: PlanContext, module: nn.Module, stats: BlockStatistics | None, name: str, rank: int) -> tuple:
+    """(singular values, (whitening, U[:, :rank], Vh[:rank])) of W·S under the dense model's statistics."""
+    whitening, a = _whitened(ctx, module, stats, name)
+    u, s, vh = thin_svd(a, rank, driver=ctx.config.svd_driver)
+    return s, (whitening, u, vh)
+
+
+def _dense_spectra(ctx: PlanContext) -> dict[str, torch.Tensor]:
+    """Whitened singular values of every target under dense-model statistics (factors are dropped)."""
+    result: dict[str, torch.Tensor] = {}
 
     def visit(index, targets, hidden, outputs, stats):
         for name, module in targets.items():
-            whitening = ctx.spec.make_whitening(stats.for_module(name) if stats else None, damping=ctx.config.damping)
-            a = whitening.whiten(linear_weight(module).detach().to(torch.float64))
-            u, s, vh = torch.linalg.svd(a, full_matrices=False)
-            result[name] = (s, (whitening, u, vh) if keep_factors else None)
+            result[name] = singular_values(_whitened(ctx, module, stats, name)[1], driver=ctx.config.svd_driver)
 
     _dense_pass(ctx, visit, statistics=ctx.spec.whitening != "none")
     return result
 
 
 def _allocate_grouped_loss(ctx: PlanContext) -> tuple[dict[str, float], dict]:
-    spectra = {name: s for name, (s, _) in _dense_factorizations(ctx, keep_factors=False).items()}
-    return grouped_loss_ranks(ctx.shapes, spectra, ctx.config.ratio), {}
+    return grouped_loss_ranks(ctx.shapes, _dense_spectra(ctx), ctx.config.ratio), {}
 
 
 def _factors_at(cached: tuple, rank: int) -> LowRankFactors:
@@ -113,6 +132,12 @@ def _factors_at(cached: tuple, rank: int) -> LowRankFactors:
     s = cached[0]
     root = s[:rank].sqrt()
     return LowRankFactors(up=u[:, :rank] * root, down=whitening.unwhiten(root[:, None] * vh[:rank]), singular_values=s)
+
+
+def _lowrank_module(module: nn.Module, factors: LowRankFactors) -> nn.Module:
+    bias = linear_bias(module)
+    return LowRankLinear.from_factors(factors.up, factors.down, bias.detach() if bias is not None else None,
+                                      dtype=linear_weight(module).dtype)
 
 
 def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str) -> float:
@@ -141,52 +166,92 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _candidate_rank(shape: MatrixShape, rho: float) -> int | None:
+    rank = None if rho >= 1.0 else max(1, int(rho * shape.dense_params / shape.rank_params))
+    return None if rank is not None and rank > shape.max_useful_rank else rank
+
+
 def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
-    """Duo-SVD module-level allocation: per-module cost table at candidate retentions + knapsack."""
+    """Duo-SVD module-level allocation: per-module cost table at candidate retentions + knapsack.
+
+    Memory-bounded: the probes need every module at its uniform-rank baseline plus, for the module being
+    probed, its factors at each candidate rank. Instead of caching the full whitened SVD of every
+    target (three float64 n×n-sized matrices each: several times the model), the baseline modules are
+    built in a first dense pass (model dtype, rank r only), and the candidates' SVDs are recomputed
+    block by block in a second dense pass interleaved with the probes, so at most one block's
+    statistics and one module's SVD are alive. The numbers are the same as with a full cache: the
+    same statistics, the same decompositions, the same probe order.
+    """
     kind = ctx.spec.allocation
-    cache = _dense_factorizations(ctx, keep_factors=True)
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
     model = ctx.model
+    whiten = ctx.spec.whitening != "none"
+    modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
+    shape_of = {s.name: s for s in ctx.shapes}
+    uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
+                               budget_for_ratio(ctx.shapes, ctx.config.ratio))
+
+    def usable(shape: MatrixShape, rank: int | None) -> bool:
+        return rank is not None and saves_parameters(shape.out_features, shape.in_features, rank)
+
+    base_modules: dict[str, nn.Module] = {}
+
+    def build_baseline(index, targets, hidden, outputs, stats):
+        for name, module in targets.items():
+            rank = uniform[name]
+            if usable(shape_of[name], rank):
+                cached = _whitened_svd(ctx, module, stats, name, rank)
+                base_modules[name] = _lowrank_module(module, _factors_at(cached, rank))
+            else:
+                base_modules[name] = module
+
+    _dense_pass(ctx, build_baseline, statistics=whiten)
     reference = None
     if kind == "module-kl":
         reference = []
         for batch in batches:
             out = model_forward(model, batch)
             reference.append(torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1))
-    modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
-    uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
-                               budget_for_ratio(ctx.shapes, ctx.config.ratio))
 
-    def swapped(shape: MatrixShape, rank: int | None) -> nn.Module:
-        module = modules[shape.name]
-        if rank is None or not saves_parameters(shape.out_features, shape.in_features, rank):
-            return module
-        f = _factors_at(cache[shape.name], rank)
-        bias = linear_bias(module)
-        dtype = linear_weight(module).dtype
-        return LowRankLinear.from_factors(f.up, f.down, bias.detach() if bias is not None else None, dtype=dtype)
-
-    base_modules = {s.name: swapped(s, uniform[s.name]) for s in ctx.shapes}
     options: list[list[tuple[int, float]]] = []
     option_ranks: list[list[int | None]] = []
+    done = 0
     try:
         for s in ctx.shapes:
             replace_module(model, s.name, base_modules[s.name])
         baseline = _sensitivity_metric(model, batches, reference, kind)
-        for i, s in enumerate(ctx.shapes):
-            row, row_ranks = [], []
-            for rho in ctx.spec.sensitivity_candidates:
-                rank = None if rho >= 1.0 else max(1, int(rho * s.dense_params / s.rank_params))
-                if rank is not None and rank > s.max_useful_rank:
-                    rank = None
-                replace_module(model, s.name, swapped(s, rank))
-                row.append((rank_cost(s, rank), _sensitivity_metric(model, batches, reference, kind) - baseline))
-                row_ranks.append(rank)
-            replace_module(model, s.name, base_modules[s.name])
-            options.append(row)
-            option_ranks.append(row_ranks)
-            if ctx.progress:
-                ctx.progress(ProgressEvent("sensitivity", i + 1, len(ctx.shapes), s.name))
+        hidden = [inp.hidden for inp in ctx.inputs]
+        for index, block_name, targets in ctx.plan:
+            # This block's dense statistics: its dense linears go back in for the statistics pass only
+            # (earlier blocks' outputs in ``hidden`` are already the dense model's).
+            for name, module in targets.items():
+                replace_module(model, name, module)
+            hidden, stats = _dense_block(ctx, index, targets, hidden, whiten)
+            for name in targets:
+                replace_module(model, name, base_modules[name])
+            for name, module in targets.items():
+                shape = shape_of[name]
+                cached = None
+                ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
+                top = max((r for r in ranks if usable(shape, r)), default=0)
+                row, row_ranks = [], []
+                for rank in ranks:
+                    if usable(shape, rank):
+                        cached = cached or _whitened_svd(ctx, module, stats, name, top)
+                        candidate = _lowrank_module(module, _factors_at(cached, rank))
+                    else:
+                        candidate = module
+                    replace_module(model, name, candidate)
+                    row.append((rank_cost(shape, rank), _sensitivity_metric(model, batches, reference, kind) - baseline))
+                    row_ranks.append(rank)
+                replace_module(model, name, base_modules[name])
+                del cached
+                options.append(row)
+                option_ranks.append(row_ranks)
+                done += 1
+                if ctx.progress:
+                    ctx.progress(ProgressEvent("sensitivity", done, len(ctx.shapes), name))
+            del stats
     finally:
         for name, module in modules.items():
             replace_module(model, name, module)

@@ -69,20 +69,35 @@ class RefinementTarget:
             y_norm = y_norm - 2 * (w @ s.h_oc[:, kept] * self.w_keep).sum()
             y_norm = y_norm + (self.w_keep @ s.h_cc[kept][:, kept] * self.w_keep).sum()
         self.y_norm = float(y_norm)
-        # Damped Cholesky of H_rr for the V-step's solve (H_rr may be singular: dead channels).
-        scale = float(self.h_rr.diagonal().mean().clamp_min(1e-30))
-        eye = torch.eye(self.h_rr.shape[0], dtype=torch.float64)
-        for factor in (self.damping, 1e-4, 1e-2):
-            chol, info = torch.linalg.cholesky_ex(self.h_rr + factor * scale * eye)
-            if int(info) == 0:
-                break
-        self.h_rr_chol = chol
+        self._h_rr_chol: torch.Tensor | None = None
+
+    @property
+    def h_rr_chol(self) -> torch.Tensor:
+        """Damped Cholesky of H_rr for the V-step's solve (H_rr may be singular: dead channels).
+
+        Computed on first use: the closed-form refinement (U-steps only) never needs this n³ factor.
+        """
+        if self._h_rr_chol is None:
+            scale = float(self.h_rr.diagonal().mean().clamp_min(1e-30))
+            eye = torch.eye(self.h_rr.shape[0], dtype=torch.float64, device=self.h_rr.device)
+            for factor in (self.damping, 1e-4, 1e-2):
+                chol, info = torch.linalg.cholesky_ex(self.h_rr + factor * scale * eye)
+                if int(info) == 0:
+                    break
+            self._h_rr_chol = chol
+        return self._h_rr_chol
 
 
 def objective(target: RefinementTarget, up: torch.Tensor, down: torch.Tensor) -> float:
-    """f(U, V) = ‖U V X_rest − Y‖²_F (per token, as the Grams are means)."""
-    a = up @ down
-    return float((a @ target.h_rr * a).sum() - 2 * (a * target.g).sum()) + target.y_norm
+    """f(U, V) = ‖U V X_rest − Y‖²_F (per token, as the Grams are means).
+
+    Evaluated in factored form, tr((UᵀU)(V H Vᵀ)) − 2 tr(Uᵀ G Vᵀ) + ‖Y‖²: r·n² + m·n·r flops instead of
+    forming the m×n product and multiplying it by H (m·n² + m·n·r) — the dense form costs m/r times more.
+    """
+    vh = down @ target.h_rr
+    quadratic = ((up.T @ up) * (vh @ down.T)).sum()
+    linear = ((target.g @ down.T) * up).sum()
+    return float(quadratic - 2 * linear) + target.y_norm
 
 
 def u_step(target: RefinementTarget, down: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,8 @@ class CompressionReport:
     calibration_tokens: int = 0
     budget_parameters: int = 0  # weights the target linears may keep: ⌊(1 − c)·Σ m·n⌋
     allocation: dict = field(default_factory=dict)  # strategy diagnostics (importances, …)
+    # Exclusive wall seconds per pipeline phase (:mod:`.profiling`): where the time of ``seconds`` went.
+    phase_seconds: dict = field(default_factory=dict)
 
     @property
     def linear_parameters_before(self) -> int:

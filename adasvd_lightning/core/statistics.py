@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .profiling import phase
+
 __all__ = ["InputStatistics", "BlockStatistics"]
 
 
@@ -143,13 +145,14 @@ class BlockStatistics:
                 self._assign_group(name, x)
             if self._group_of.get(name, name) != name:
                 return  # another module with the same input already counts these tokens
-            tokens = self._select_tokens(x)
-            if self.mode == "original":
-                self._stash[name] = tokens.detach()
-            elif self.mode == "compressed":
-                self._stats_for(name, x).add_pair(self._stash.pop(name), tokens)
-            else:
-                self._stats_for(name, x).add(tokens)
+            with phase("statistics"):
+                tokens = self._select_tokens(x)
+                if self.mode == "original":
+                    self._stash[name] = tokens.detach()
+                elif self.mode == "compressed":
+                    self._stats_for(name, x).add_pair(self._stash.pop(name), tokens)
+                else:
+                    self._stats_for(name, x).add(tokens)
 
         return hook
 

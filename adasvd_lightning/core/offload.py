@@ -1,0 +1,76 @@
+"""Block offload: keep the model (and the calibration activations) where they are, run one block elsewhere.
+
+A 70B model does not fit on one accelerator, but one decoder block, its calibration activations for a
+batch and its statistics do. With an execution device set, the pipeline moves a block there before
+its statistics pass, factorizes it there, moves it (now compressed) back, and moves each batch's
+activations over and back as the block runs them. Between blocks nothing but the storage copy exists,
+so accelerator memory is bounded by one block regardless of depth. Without an execution device every
+method here is a no-op and the pipeline runs in place, exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import BlockInput, run_block
+
+__all__ = ["BlockRunner"]
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_move(v, device) for v in obj)
+    return obj
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+@dataclass
+class BlockRunner:
+    """Runs decoder blocks on ``device`` (None: wherever they are, no copies)."""
+
+    device: torch.device | None = None
+
+    @classmethod
+    def for_device(cls, device: str | torch.device | None) -> "BlockRunner":
+        return cls(torch.device(device) if device is not None else None)
+
+    @contextmanager
+    def resident(self, block: nn.Module) -> Iterator[None]:
+        """Hold ``block`` on the execution device for the duration, then put it back where it was.
+
+        Modules swapped into the block meanwhile (its compressed linears) travel back with it.
+        """
+        home = _device_of(block)
+        if self.device is None or home is None:
+            yield
+            return
+        block.to(self.device)
+        try:
+            yield
+        finally:
+            block.to(home)
+
+    def run(self, block: nn.Module, inp: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """``run_block`` with the batch moved to the execution device and the output moved back."""
+        if self.device is None:
+            return run_block(block, inp, hidden)
+        source = inp.hidden if hidden is None else hidden
+        moved = BlockInput(hidden=source.to(self.device), args=_move(inp.args, self.device),
+                           kwargs=_move(inp.kwargs, self.device),
+                           mask=inp.mask.to(self.device) if inp.mask is not None else None)
+        return run_block(block, moved).to(source.device)

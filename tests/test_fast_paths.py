@@ -1,0 +1,167 @@
+"""Each fast linear-algebra path matches its reference path to tolerance."""
+
+import warnings
+
+import pytest
+import torch
+
+from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
+from adasvd_lightning.core.factorization import factorize
+from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
+from adasvd_lightning.core.pipeline import _output_error
+from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, adacomp, objective, v_step
+from adasvd_lightning.core.whitening import compute_whitening
+from conftest import tiny_model
+
+
+def _spectrum_matrix(m: int, n: int, decay: float = 0.9, seed: int = 0) -> torch.Tensor:
+    """A random m×n float64 matrix with singular values decay^i (distinct, well separated)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+def _gram(n: int, tokens: int = 400, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    return x.T @ x / tokens
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96), (64, 64)])
+def test_gram_svd_matches_lapack(shape):
+    a = _spectrum_matrix(*shape)
+    rank = 20
+    u, s, vh = thin_svd(a, rank, driver="gram")
+    u_ref, s_ref, vh_ref = torch.linalg.svd(a, full_matrices=False)
+    assert u.shape == (shape[0], rank) and vh.shape == (rank, shape[1]) and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-12)
+    truncated, truncated_ref = (u * s[:rank]) @ vh, (u_ref[:, :rank] * s_ref[:rank]) @ vh_ref[:rank]
+    torch.testing.assert_close(truncated, truncated_ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_gram_svd_falls_back_when_inaccurate():
+    # Rank 5 matrix asked for rank 10: σ_10 ≈ 0 < GRAM_MIN_RELATIVE·σ_1, so LAPACK must be used.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 30, generator=g, dtype=torch.float64)
+    u, s, vh = thin_svd(a, 10, driver="gram")
+    u_ref, s_ref, vh_ref = torch.linalg.svd(a, full_matrices=False)
+    assert float(s_ref[9] / s_ref[0]) < GRAM_MIN_RELATIVE
+    torch.testing.assert_close(u, u_ref[:, :10])
+    torch.testing.assert_close(vh, vh_ref[:10])
+    # Lower precision always takes the reference route.
+    a32 = _spectrum_matrix(30, 20).float()
+    u32, _, _ = thin_svd(a32, 5, driver="auto")
+    torch.testing.assert_close(u32, torch.linalg.svd(a32, full_matrices=False)[0][:, :5])
+
+
+def test_gram_singular_values_match_lapack():
+    a = _spectrum_matrix(80, 50, decay=0.95)
+    torch.testing.assert_close(singular_values(a, driver="gram"), torch.linalg.svdvals(a), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96)])
+def test_whitened_factorize_drivers_agree(shape):
+    w = _spectrum_matrix(*shape, decay=0.93)
+    whitening = compute_whitening(_gram(shape[1]))
+    fast = factorize(w, 16, whitening, driver="auto")
+    ref = factorize(w, 16, whitening, driver="svd")
+    torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.singular_values, ref.singular_values, rtol=0, atol=1e-10)
+    assert abs(fast.truncation_loss - ref.truncation_loss) < 1e-9
+
+
+def _paired_target(m=40, n=32, kept=(3, 7)):
+    g = torch.Generator().manual_seed(3)
+    xo = torch.randn(500, n, generator=g, dtype=torch.float64)
+    xc = xo + 0.1 * torch.randn(500, n, generator=g, dtype=torch.float64)
+    stats = GramStatistics(h_cc=xc.T @ xc / 500, h_oc=xo.T @ xc / 500, h_oo=xo.T @ xo / 500)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return RefinementTarget(w, stats, kept=torch.tensor(kept)), w, stats
+
+
+def test_factored_objective_matches_dense_form():
+    target, _, _ = _paired_target()
+    g = torch.Generator().manual_seed(4)
+    up = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    down = torch.randn(8, target.h_rr.shape[0], generator=g, dtype=torch.float64)
+    a = up @ down
+    dense = float((a @ target.h_rr * a).sum() - 2 * (a * target.g).sum()) + target.y_norm
+    assert objective(target, up, down) == pytest.approx(dense, rel=1e-12)
+
+
+def test_closed_form_refinement_skips_the_v_step_factor():
+    target, _, _ = _paired_target()
+    g = torch.Generator().manual_seed(5)
+    up = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    down = torch.randn(8, target.h_rr.shape[0], generator=g, dtype=torch.float64)
+    adacomp(target, up, down, v_steps=False)
+    assert target._h_rr_chol is None  # the n³ Cholesky of H_rr was never needed
+    # Computed on demand for V-steps, equal to the eager reference.
+    scale = float(target.h_rr.diagonal().mean())
+    eye = torch.eye(target.h_rr.shape[0], dtype=torch.float64)
+    chol = torch.linalg.cholesky(target.h_rr + target.damping * scale * eye)
+    torch.testing.assert_close(target.h_rr_chol, chol)
+    core = torch.linalg.solve(up.T @ up, up.T @ target.g)
+    torch.testing.assert_close(v_step(target, up), torch.cholesky_solve(core.T, chol).T)
+
+
+def test_single_stream_output_error_matches_expanded_form():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    approx = w + 0.05 * torch.randn(24, 16, generator=g, dtype=torch.float64)
+    h = _gram(16)
+    num = (approx @ h * approx).sum() - 2 * (w @ h * approx).sum() + (w @ h * w).sum()
+    expected = float(num / (w @ h * w).sum()) ** 0.5
+    assert _output_error(w, approx, GramStatistics.single_stream(h)) == pytest.approx(expected, rel=1e-9)
+    # Paired statistics keep the expanded form.
+    _, _, stats = _paired_target(24, 16)
+    num = (approx @ stats.h_cc * approx).sum() - 2 * (w @ stats.h_oc * approx).sum() + (w @ stats.h_oo * w).sum()
+    expected = float(num / (w @ stats.h_oo * w).sum()) ** 0.5
+    assert _output_error(w, approx, stats) == pytest.approx(expected, rel=1e-12)
+
+
+def _compressed(method: str, batches, **config):
+    model = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), batches)
+    with torch.no_grad():
+        logits = model(batches[0]).logits
+    return report, logits
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "adasvd", "duo-svd", "svd-llm-v2"])
+def test_pipeline_fast_driver_matches_reference_driver(method, token_batches):
+    fast, fast_logits = _compressed(method, token_batches, svd_driver="auto")
+    ref, ref_logits = _compressed(method, token_batches, svd_driver="svd")
+    assert [m.rank for m in fast.modules] == [m.rank for m in ref.modules]
+    assert [m.kept_columns for m in fast.modules] == [m.kept_columns for m in ref.modules]
+    for a, b in zip(fast.modules, ref.modules):
+        assert (a.relative_error is None) == (b.relative_error is None)
+        if a.relative_error is not None:
+            assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_inputs_share_one_whitening(token_batches, monkeypatch):
+    """q/k/v (and gate/up) read one tensor: one Cholesky per distinct input, same factors as before."""
+    import adasvd_lightning.core.methods as methods
+
+    calls = []
+    original = methods.compute_whitening
+
+    def counting(gram, **kw):
+        calls.append(gram.shape[0])
+        return original(gram, **kw)
+
+    monkeypatch.setattr(methods, "compute_whitening", counting)
+    report, _ = _compressed("svd-llm-w", token_batches)
+    # Per llama block: attention input (q/k/v), o_proj input, MLP input (gate/up), down_proj input.
+    assert len(calls) == 4 * 2
+    monkeypatch.setattr(methods, "compute_whitening", original)
+    again, _ = _compressed("svd-llm-w", token_batches)
+    assert [m.relative_error for m in report.modules] == [m.relative_error for m in again.modules]
