@@ -1,14 +1,19 @@
 """The ``adasvd`` command line.
 
 Subcommands:
+  fit         train from a recipe (LightningCLI): compression callbacks, recovery fine-tuning
+  validate    run a recipe's validation loop (e.g. compress at setup, then measure perplexity)
+  test        run a recipe's test loop
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
   export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder
   reference   build (once) and print the path of the embedded reference model
 
-Bad input (missing path, ratio outside (0, 1), unknown method, a folder that is not a causal LM, an
-existing output folder) exits with code 2 and one line on stderr, before any work is done.
+Bad input (missing path, ratio outside (0, 1), unknown method or recipe key, a folder that is not a
+causal LM, an existing output folder) exits with code 2 and one line on stderr, before any work is done.
+``fit`` / ``validate`` / ``test`` take LightningCLI arguments (``--config``, ``--print_config``, dotted
+overrides) plus ``--json`` and ``--quiet``; see `adasvd_lightning.lightning_cli`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .core.errors import InvalidInputError
@@ -61,8 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         p.add_argument("--quiet", action="store_true", help="no progress display or tables")
 
+    # fit / validate / test are handed to LightningCLI before argparse runs (see `main`); these
+    # entries only list them in ``adasvd --help``.
+    for name, text in (("fit", "train from a recipe: adasvd fit --config recipes/X.yaml [--print_config]"),
+                       ("validate", "validation loop of a recipe (compress at setup → perplexity)"),
+                       ("test", "test loop of a recipe")):
+        sub.add_parser(name, help=text, add_help=False)
+
     p = sub.add_parser("compress", help="compress a model folder")
-    p.add_argument("--recipe", default=None, help="YAML recipe with compress/calibration sections (flags win)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe (same format as `adasvd fit --config`): model, SVDCompression, calibration data; flags win")
     p.add_argument("--model", default=None, help="model folder, or 'reference' (default) for the embedded model")
     p.add_argument("--method", default=None,
                    help="preset: svd, asvd, svd-llm (default), svd-llm-w, svd-llm-v2, adasvd, duo-svd, adasvd-duo")
@@ -136,28 +149,51 @@ def _pick(flag: Any, section: dict, key: str, default: Any) -> Any:
     return section.get(key, default)
 
 
+def _recipe_calibration(settings: dict, args: argparse.Namespace) -> Callable[[Any], list]:
+    """Batches from the recipe's data module (flags override its text, samples, length and seed)."""
+
+    def draw(model_path) -> list:
+        from .training.datasets_data import CausalLMDataModule
+
+        data = CausalLMDataModule(
+            str(model_path), train_files=[_pick(args.calibration, settings, "text", None) or "embedded:train"],
+            seq_len=_pick(args.seq_len, settings, "seq_len", 256), batch_size=settings["batch_size"],
+            calibration_samples=_pick(args.samples, settings, "samples", 64),
+            seed=_pick(args.seed, settings, "seed", 0),
+        )
+        return [batch["input_ids"] for batch in data.calibration_dataloader()]
+
+    return draw
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .core.config import CompressionConfig
     from .display import compression_progress, console, report_table
-    from .recipe import load_recipe
     from .workflows import CalibrationSpec, compress_folder
 
-    recipe = load_recipe(args.recipe) if args.recipe else {}
-    comp, cal = recipe.get("compress", {}), recipe.get("calibration", {})
-    ratio = _pick(args.ratio, comp, "ratio", None)
+    recipe: dict = {}
+    if args.recipe:
+        from .lightning_cli import one_shot_settings, parse_recipe
+
+        recipe = one_shot_settings(parse_recipe(args.recipe))
+    ratio = _pick(args.ratio, recipe, "ratio", None)
     if ratio is None:
-        raise InvalidInputError("--ratio is required (or compress.ratio in the recipe)")
-    options = {**comp.get("method_options", {}), **_parse_options(args.method_option)}
+        raise InvalidInputError("--ratio is required (or a recipe with an SVDCompression callback)")
+    options = {**recipe.get("method_options", {}), **_parse_options(args.method_option)}
     config = CompressionConfig(
-        method=_pick(args.method, comp, "method", "svd-llm"), ratio=ratio,
-        include=_pick(args.include, comp, "include", None), exclude=_pick(args.exclude, comp, "exclude", []),
-        method_options=options,
+        method=_pick(args.method, recipe, "method", "svd-llm"), ratio=ratio,
+        include=_pick(args.include, recipe, "include", None), exclude=_pick(args.exclude, recipe, "exclude", []),
+        propagation=recipe.get("propagation", "compressed"), method_options=options,
     )
-    calibration = CalibrationSpec(
-        _pick(args.calibration, cal, "text", None), samples=_pick(args.samples, cal, "samples", 64),
-        seq_len=_pick(args.seq_len, cal, "seq_len", 256), seed=_pick(args.seed, cal, "seed", 0),
-    )
-    model = _pick(args.model, comp, "model", "reference")
+    if recipe:
+        from .core.corpus import resolve_text_path
+
+        resolve_text_path(_pick(args.calibration, recipe, "text", None), "train")  # fail before loading
+        calibration = _recipe_calibration(recipe, args)
+    else:
+        calibration = CalibrationSpec(args.calibration, samples=args.samples or 64, seq_len=args.seq_len or 256,
+                                      seed=args.seed if args.seed is not None else 0)
+    model = _pick(args.model, recipe, "model", "reference")
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress
@@ -251,20 +287,56 @@ _COMMANDS = {
 }
 
 
+def _run_lightning(argv: list[str]) -> None:
+    """``adasvd fit|validate|test …``: a LightningCLI run, then a summary (tables, ``--json``)."""
+    from .display import console, report_table
+    from .lightning_cli import run_cli, run_summary
+
+    json_out, quiet = "--json" in argv, "--quiet" in argv
+    args = [a for a in argv if a not in ("--json", "--quiet")]
+    if quiet and args[0] in ("validate", "test"):
+        args += ["--verbose", "false"]  # Lightning's own results table
+    cli = run_cli(args, quiet=quiet)
+    trainer = cli.trainer
+    if not trainer.is_global_zero:
+        return
+    summary = run_summary(args[0], cli)
+    if not quiet:
+        for report in summary["reports"]:
+            console.print(report_table(report))
+        if summary["checkpoint"]:
+            console.print(f"checkpoint: {summary['checkpoint']}")
+    if json_out:
+        payload = {**summary, "reports": [r.to_dict() for r in summary["reports"]]}
+        print(json.dumps(payload, default=float))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     from .display import quiet_libraries
 
+    if argv and argv[0] in ("fit", "validate", "test"):
+        command, run = argv[0], lambda: _run_lightning(argv)
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: _COMMANDS[args.command](args)
     quiet_libraries()
     try:
-        _COMMANDS[args.command](args)
+        run()
     except InvalidInputError as exc:
-        print(f"adasvd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"adasvd {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("adasvd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        if not isinstance(exc, MisconfigurationException):
+            raise
+        # Lightning rejects the trainer arguments (e.g. an accelerator this machine does not have).
+        print(f"adasvd {command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

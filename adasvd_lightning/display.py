@@ -90,27 +90,48 @@ def compression_progress(enabled: bool = True) -> Iterator:
         yield on_event
 
 
+def _short_names(names: list[str]) -> tuple[list[str], str]:
+    """Drop the prefix every name shares up to the block index ("model.layers.")."""
+    if not names:
+        return names, ""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1] if "." in prefix else ""
+    # Keep the block index visible: cut only up to the last separator before a digit.
+    while prefix and any(not n[len(prefix):] or not n[len(prefix)].isdigit() for n in names) and "." in prefix[:-1]:
+        prefix = prefix[: prefix[:-1].rfind(".") + 1]
+    if any(not n[len(prefix):] for n in names):
+        prefix = ""
+    return [n[len(prefix):] for n in names], prefix
+
+
 def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Table:
-    """Per-module table plus totals for a compression report."""
-    table = Table(title=f"{report.method} @ {report.ratio:.0%}", show_lines=False)
-    for column in ("module", "shape", "rank", "kept cols", "params", "rel. error", "whitening"):
-        table.add_column(column, justify="left" if column in ("module", "whitening") else "right")
+    """Per-module table (shape, rank, kept columns, parameters, relative error) plus totals.
+
+    Module names drop the prefix they all share ("model.layers.") so the table fits a terminal.
+    """
     rows = report.modules if max_rows is None else report.modules[:max_rows]
-    for m in rows:
+    names, prefix = _short_names([m.name for m in report.modules])
+    title = f"{report.method} @ {report.ratio:.0%}" + (f" — modules under {prefix}" if prefix else "")
+    table = Table(title=title, show_lines=False)
+    for column in ("module", "shape", "rank", "kept", "params", "rel. err"):
+        table.add_column(column, justify="left" if column == "module" else "right", no_wrap=column != "module")
+    for name, m in zip(names, rows):
         table.add_row(
-            m.name,
+            name,
             f"{m.out_features}×{m.in_features}",
             str(m.rank) if m.rank is not None else "dense",
             str(m.kept_columns) if m.kept_columns else "-",
-            f"{format_params(m.params_before)} → {format_params(m.params_after)}",
+            f"{format_params(m.params_before)}→{format_params(m.params_after)}",
             f"{m.relative_error:.4f}" if m.relative_error is not None else "-",
-            m.whitening or (m.skipped and "skipped") or "-",
         )
     if max_rows is not None and len(report.modules) > max_rows:
-        table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "", "")
+        table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "")
+    whitening = sorted({m.whitening for m in report.modules if m.whitening})
     table.caption = (
         f"linears {format_params(report.linear_parameters_before)} → {format_params(report.linear_parameters_after)} "
-        f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model {format_params(report.parameters_before)} → "
-        f"{format_params(report.parameters_after)} ({report.model_ratio:.2%}); {report.seconds:.1f}s"
+        f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model "
+        f"{format_params(report.parameters_before)} → {format_params(report.parameters_after)} "
+        f"({report.model_ratio:.2%}); {report.seconds:.1f}s"
+        + (f"; whitening: {', '.join(whitening)}" if whitening else "")
     )
     return table

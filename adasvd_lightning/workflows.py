@@ -6,6 +6,7 @@ milliseconds with an `InvalidInputError` and no output folder is created.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +79,19 @@ def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:
 def compress_folder(
     model: str | Path | None,
     config: CompressionConfig,
-    calibration: CalibrationSpec,
+    calibration: CalibrationSpec | Callable[[Path], list],
     out: str | Path,
     *,
     overwrite: bool = False,
     device: str | None = None,
     progress: ProgressFn | None = None,
 ) -> CompressionReport:
-    """Load a model folder, compress it, save the compressed folder atomically, return the report."""
+    """Load a model folder, compress it, save the compressed folder atomically, return the report.
+
+    ``calibration`` is a `CalibrationSpec` (random windows of a text file) or a function of the model
+    folder returning the batches (recipes use their data module's calibration loader, so a one-shot
+    ``compress --recipe`` calibrates on exactly what ``adasvd validate`` of the same recipe does).
+    """
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
@@ -93,7 +99,10 @@ def compress_folder(
     path = resolve_model(model, show_progress=progress is not None)
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
-    batches = calibration_batches(tokenizer, calibration)
+    if isinstance(calibration, CalibrationSpec):
+        batches = calibration_batches(tokenizer, calibration)
+    else:
+        batches = calibration(path)
     report = compress_model(net, config, batches, progress=progress)
     save_compressed(
         net.cpu(),

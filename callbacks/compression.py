@@ -61,8 +61,11 @@ class SVDCompression(Callback):
         ratio: fraction of each target matrix's parameters removed, in (0, 1) (single-stage points).
         at: ``"setup"``, ``"step"``, ``"epoch"`` or ``"fit_end"`` (see module docstring).
         schedule: for ``at="step"``/``"epoch"``: (point, ratio) pairs, points and ratios increasing.
-        calibration_batches: how many batches each rank draws for calibration statistics.
-        calibration_dataloader: where to draw them from; default: the trainer's train dataloader.
+        calibration_batches: how many batches to draw for calibration statistics (split between the
+            ranks). Default ``None``: every batch of a dedicated calibration loader (this argument,
+            or the data module's ``calibration_dataloader()``), or 16 batches of the train loader.
+        calibration_dataloader: where to draw them from; default: the data module's
+            ``calibration_dataloader()`` if it has one, else the train dataloader.
         model_attr: attribute of the LightningModule holding the model to compress (default
             ``"model"``); when the module has no such attribute, the LightningModule itself is used.
         include / exclude: regular expressions selecting target linears by full module name.
@@ -81,7 +84,7 @@ class SVDCompression(Callback):
         *,
         at: str = "setup",
         schedule: Sequence[tuple[int, float]] | None = None,
-        calibration_batches: int = 16,
+        calibration_batches: int | None = None,
         calibration_dataloader: Iterable | None = None,
         model_attr: str = "model",
         include: Sequence[str] | None = None,
@@ -101,7 +104,7 @@ class SVDCompression(Callback):
             raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")
         self.at = at
         self.stages = self._validate_schedule(at, schedule, self.config.ratio)
-        if calibration_batches < 1:
+        if calibration_batches is not None and calibration_batches < 1:
             raise InvalidInputError(f"calibration_batches must be >= 1, got {calibration_batches}")
         self.calibration_batches = calibration_batches
         self.calibration_dataloader = calibration_dataloader
@@ -149,30 +152,56 @@ class SVDCompression(Callback):
         module = getattr(pl_module, self.model_attr, None)
         return module if isinstance(module, nn.Module) else pl_module
 
+    def _calibration_source(self, trainer: L.Trainer) -> tuple[Iterable | None, bool]:
+        """The loader to calibrate on, and whether it is a dedicated calibration loader."""
+        if self.calibration_dataloader is not None:
+            return self.calibration_dataloader, True
+        datamodule = trainer.datamodule
+        if datamodule is not None and callable(getattr(datamodule, "calibration_dataloader", None)):
+            return datamodule.calibration_dataloader(), True
+        if trainer.state.fn == "fit":
+            return trainer.fit_loop._data_source.dataloader(), False
+        # validate / test: no train loader is attached, but the data module (or model) can make one.
+        source = datamodule if datamodule is not None else trainer.lightning_module
+        make = getattr(source, "train_dataloader", None)
+        return (make() if callable(make) else None), False
+
     def _draw_batches(self, trainer: L.Trainer) -> list[Any]:
-        loader = self.calibration_dataloader
+        try:
+            loader, dedicated = self._calibration_source(trainer)
+        except NotImplementedError:  # a LightningModule without train_dataloader
+            loader, dedicated = None, False
         if loader is None:
-            loader = trainer.fit_loop._data_source.dataloader()
-        if loader is None:
-            raise InvalidInputError("SVDCompression needs a train dataloader or calibration_dataloader for calibration")
-        # In ``setup`` the train dataloader has no distributed sampler yet: under a process group each
-        # rank takes every world-th batch, so the ranks calibrate on disjoint shards whose statistics
-        # the core then sums.
+            raise InvalidInputError(
+                "SVDCompression needs calibration data: pass calibration_dataloader, or use a data module "
+                "with calibration_dataloader() or train_dataloader()"
+            )
+        # In ``setup`` the loader has no distributed sampler yet: under a process group each rank takes
+        # every world-th batch, so the ranks calibrate on disjoint shards whose statistics the core sums.
         rank, world_size = world()
-        stop = self.calibration_batches * world_size
-        batches = list(itertools.islice(iter(loader), rank, stop, world_size))
-        if not batches:
-            raise InvalidInputError("the calibration dataloader yielded no batches")
-        return batches
+        count = self.calibration_batches or (None if dedicated else 16)
+        stop = count * world_size if count is not None else None
+        drawn = list(itertools.islice(iter(loader), stop))
+        # Every rank draws the same batches, so all of them reach the same verdict (no rank is left
+        # waiting in a collective for a peer that raised).
+        if len(drawn) < world_size:
+            raise InvalidInputError(
+                f"calibration needs at least one batch per process: got {len(drawn)} batch(es) for "
+                f"{world_size} process(es); draw more calibration samples or use a smaller batch size"
+            )
+        return drawn[rank::world_size]
 
     # -- hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        # validate / test / predict: only at="setup" applies (compress, then evaluate the result);
+        # the training points have nothing to do outside fit.
+        if stage != "fit" and self.at != "setup":
             return
         self._chain_checkpoint_restore(pl_module)
         model = self.target_module(pl_module)
         find_targets(model, self.config.selector)  # fail on patterns matching nothing before calibration
-        self._check_points_fit(trainer)
+        if stage == "fit":
+            self._check_points_fit(trainer)
         if self.at == "setup" and not self.reports:
             self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
 

@@ -45,6 +45,17 @@ def read_zero_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Te
     return state, {}
 
 
+def recorded_model_path(checkpoint_dir: str | Path) -> Path | None:
+    """The model folder a recipe run started from (``model_path`` in the module's hyperparameters)."""
+    shards = sorted((Path(checkpoint_dir).expanduser() / "checkpoint").glob("*model_states.pt"))
+    if not shards:
+        return None
+    client = torch.load(shards[0], map_location="cpu", weights_only=True)
+    value = (client.get("hyper_parameters") or {}).get("model_path")
+    path = Path(str(value)) if value else None
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
 def export_zero_checkpoint(
     checkpoint_dir: str | Path,
     out: str | Path,
@@ -57,7 +68,8 @@ def export_zero_checkpoint(
     """Write the model held by a ZeRO checkpoint to ``out`` (compressed, or dense with ``dense=True``).
 
     The architecture comes from the model config the callback stored in the checkpoint, or from
-    ``base_model`` (a model folder, which also supplies the tokenizer).
+    ``base_model`` (a model folder, which also supplies the tokenizer). Without ``base_model`` the
+    tokenizer comes from the folder a recipe run recorded as ``model_path``, when it still exists.
     """
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
@@ -86,7 +98,8 @@ def export_zero_checkpoint(
     if dense:
         _densify(model)
     model.eval()
-    tokenizer = load_tokenizer(base_model) if base_model is not None else None
+    tokenizer_source = base_model if base_model is not None else recorded_model_path(checkpoint_dir)
+    tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
     return save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite,
                            metadata={"exported_from": str(Path(checkpoint_dir).expanduser().resolve())})
 

@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from torch import nn
 
-__all__ = ["CausalLMModule", "warmup_cosine"]
+from ..core.errors import InvalidInputError
+
+__all__ = ["CausalLMModule", "PretrainedCausalLMModule", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -75,13 +77,23 @@ class CausalLMModule(L.LightningModule):
         self._val_tokens += tokens
 
     def on_validation_epoch_end(self) -> None:
+        self._log_perplexity("val")
+
+    # The test loop uses the same token-weighted accumulation, reported as test_loss / test_ppl.
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity("test")
+
+    def _log_perplexity(self, prefix: str) -> None:
         stats = torch.tensor([self._val_nll, float(self._val_tokens)], dtype=torch.float64, device=self.device)
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self.trainer.world_size > 1 else stats
         nll, tokens = float(stats[0]), float(stats[1])
         if tokens > 0:
             mean = nll / tokens
-            self.log("val_loss", mean, prog_bar=True, sync_dist=False)
-            self.log("val_ppl", math.exp(min(mean, 700.0)), prog_bar=True, sync_dist=False)
+            self.log(f"{prefix}_loss", mean, prog_bar=True, sync_dist=False)
+            self.log(f"{prefix}_ppl", math.exp(min(mean, 700.0)), prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -100,3 +112,39 @@ class CausalLMModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup=warmup, total=total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PretrainedCausalLMModule(CausalLMModule):
+    """`CausalLMModule` built from a model folder, so a YAML recipe can name the model by path.
+
+    Args:
+        model_path: a Hugging Face causal-LM folder (dense or written by ``save_compressed``), or
+            ``"reference"`` for the embedded reference model (trained once, then cached).
+        dtype: weight dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
+        learning_rate / weight_decay / warmup_steps / betas: as `CausalLMModule`.
+
+    The weights are read with safetensors and never run remote code (``trust_remote_code`` stays off).
+    """
+
+    def __init__(
+        self,
+        model_path: str = "reference",
+        *,
+        dtype: str = "auto",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 10,
+        betas: tuple[float, float] = (0.9, 0.95),
+    ) -> None:
+        from ..core.serialization import load_compressed
+        from ..workflows import resolve_model
+
+        dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise InvalidInputError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+        path = resolve_model(model_path)
+        model = load_compressed(path, dtype=dtypes[dtype])
+        super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, betas=betas)
+        self.model_path = str(path)
+        self.save_hyperparameters()
