@@ -105,8 +105,8 @@ def _check_strategy(strategy: Any) -> None:
         if strategy not in known:
             close = difflib.get_close_matches(strategy, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            deepspeed = ", ".join(sorted(k for k in known if k.startswith("deepspeed_stage")))
-            raise InvalidInputError(f"trainer.strategy: unknown strategy {strategy!r}{hint}; DeepSpeed: {deepspeed}")
+            stages = ", ".join(sorted(k for k in known if k.startswith("deepspeed_stage")))
+            raise InvalidInputError(f"trainer.strategy: unknown strategy {strategy!r}{hint}; DeepSpeed: {stages}")
         return
     if "DeepSpeed" in _class_name(strategy):
         stage = _get(_get(strategy, "init_args"), "stage", 2)

@@ -7,14 +7,12 @@ line for its second process.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from adasvd_lightning.cli import main

@@ -143,7 +143,8 @@ class PretrainedCausalLMModule(CausalLMModule):
         if dtype not in dtypes:
             raise InvalidInputError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
         path = resolve_model(model_path)
-        model = load_compressed(path, dtype=dtypes[dtype])
+        # load_compressed returns an eval-mode model; Lightning switches modes per loop from train mode.
+        model = load_compressed(path, dtype=dtypes[dtype]).train()
         super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay,
                          warmup_steps=warmup_steps, betas=betas)
         self.model_path = str(path)
