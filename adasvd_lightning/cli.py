@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
     common(p)
 
-    p = sub.add_parser("quickstart", help="reference model → svd, svd-llm, adasvd-duo at 40% and 60% → perplexity")
+    p = sub.add_parser("quickstart", help="reference model → svd, svd-llm, adasvd-duo at 40%% and 60%% → perplexity")
     p.add_argument("--ratios", type=_ratio, nargs="+", default=[0.4, 0.6])
     p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"])
     p.add_argument("--samples", type=_positive_int, default=64)

@@ -121,3 +121,19 @@ def test_existing_output_is_refused(tiny_reference, tmp_path):
     out.mkdir()
     result = run("compress", "--model", str(tiny_reference), "--ratio", "0.4", "--out", str(out))
     assert result.returncode == 2 and "already exists" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["", "compress", "evaluate", "quickstart", "export", "reference", "fit",
+                                     "validate", "test"])
+def test_help_of_every_subcommand(command, capsys):
+    from adasvd_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if command in ("fit", "validate", "test"):
+        assert "--config" in out and "--print_config" in out
+    if not command:
+        assert all(name in out for name in ("fit", "validate", "compress", "export"))
