@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"])
     p.add_argument("--samples", type=_positive_int, default=64)
     p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--model", default="reference", help="model folder (default: the embedded reference model)")
+    p.add_argument("--max-windows", type=_positive_int, default=None,
+                   help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
     p = sub.add_parser("export", help="DeepSpeed ZeRO checkpoint of a compressed run → model folder")
@@ -233,19 +236,19 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
     for method in args.methods:
         get_method(method)
-    path = resolve_model("reference", show_progress=not args.quiet)
-    rows = [{"method": "dense", "ratio": 0.0, **evaluate_folder(path, device=args.device)}]
+    path = resolve_model(args.model, show_progress=not args.quiet)
+    rows = [{"method": "dense", "ratio": 0.0, **evaluate_folder(path, device=args.device, max_windows=args.max_windows)}]
     calibration = CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
             for method in args.methods:
                 out = f"{tmp}/{method}-{ratio}"
                 report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out, device=args.device)
-                result = evaluate_folder(out, device=args.device)
+                result = evaluate_folder(out, device=args.device, max_windows=args.max_windows)
                 rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
                              "compress_seconds": report.seconds, **result})
     if not args.quiet:
-        table = Table(title=f"reference model {path.name}: perplexity on the embedded test split")
+        table = Table(title=f"{path.name}: perplexity on the embedded test split")
         for column in ("method", "ratio", "achieved", "perplexity", "Δ vs dense", "parameters"):
             table.add_column(column, justify="right")
         dense = rows[0]["perplexity"]

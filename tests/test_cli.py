@@ -137,3 +137,15 @@ def test_help_of_every_subcommand(command, capsys):
         assert "--config" in out and "--print_config" in out
     if not command:
         assert all(name in out for name in ("fit", "validate", "compress", "export"))
+
+
+def test_quickstart_table_on_a_given_model(tiny_reference):
+    result = run("quickstart", "--model", str(tiny_reference), "--methods", "svd", "svd-llm", "--ratios", "0.5",
+                 "--samples", "8", "--seq-len", "32", "--max-windows", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = last_json(result.stdout)["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("dense", 0.0), ("svd", 0.5), ("svd-llm", 0.5)]
+    dense, svd, svd_llm = (r["perplexity"] for r in rows)
+    assert dense < svd_llm < svd  # data-aware whitening beats plain SVD at equal parameters
+    assert rows[1]["parameters"] == rows[2]["parameters"] < rows[0]["parameters"]
+    assert "perplexity on the embedded test split" in result.stderr
