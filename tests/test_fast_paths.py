@@ -124,7 +124,13 @@ def test_single_stream_output_error_matches_expanded_form():
     assert _output_error(w, approx, stats) == pytest.approx(expected, rel=1e-12)
 
 
+# Fewer module-KL candidates than the preset's ten: the same code paths, a third of the probes.
+_FEW_CANDIDATES = {"sensitivity_candidates": [0.4, 0.7, 1.0]}
+
+
 def _compressed(method: str, batches, **config):
+    if method in ("duo-svd", "adasvd-duo"):
+        config.setdefault("method_options", _FEW_CANDIDATES)
     model = tiny_model("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompressionWarning)
@@ -165,3 +171,26 @@ def test_shared_inputs_share_one_whitening(token_batches, monkeypatch):
     monkeypatch.setattr(methods, "compute_whitening", original)
     again, _ = _compressed("svd-llm-w", token_batches)
     assert [m.relative_error for m in report.modules] == [m.relative_error for m in again.modules]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
+def test_prefix_replay_matches_full_forward(family, token_batches):
+    """Probes that replay the cached prefix see the logits of the full forward."""
+    from adasvd_lightning.core.planning import _sensitivity_metric
+    from adasvd_lightning.core.replay import PrefixReplay
+    from adasvd_lightning.core.surgery import find_decoder_blocks
+
+    model = tiny_model(family)
+    _, blocks = find_decoder_blocks(model)
+    with torch.no_grad():
+        full = _sensitivity_metric(model, token_batches, None, "sensitivity-ppl")
+        replay = PrefixReplay(model, blocks, token_batches)
+        replay.advance(len(blocks) - 1)
+        calls = []
+        handle = blocks[0].register_forward_hook(lambda *a: calls.append(1))
+        with replay.active():
+            fast = _sensitivity_metric(model, token_batches, None, "sensitivity-ppl", replay)
+        handle.remove()
+    assert replay.enabled and not calls  # the prefix really was skipped
+    assert fast == pytest.approx(full, rel=1e-6)
+    assert all(b is not None and not type(b).__name__.startswith("_Replayed") for b in blocks)

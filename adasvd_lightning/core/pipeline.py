@@ -279,6 +279,9 @@ def compress_model(
                         new_hidden = dense_outputs
                     for inp, h in zip(inputs, new_hidden):
                         inp.hidden = h
+            # The plan holds the dense modules it found; once swapped out they must not stay alive,
+            # or the run would end holding the dense and the compressed model side by side.
+            targets.clear()
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))
     finally:

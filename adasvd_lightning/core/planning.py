@@ -26,6 +26,7 @@ from .linalg import singular_values, thin_svd
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
+from .replay import PrefixReplay
 from .statistics import BlockStatistics
 from .surgery import linear_bias, linear_weight, replace_module
 
@@ -140,10 +141,16 @@ def _lowrank_module(module: nn.Module, factors: LowRankFactors) -> nn.Module:
                                       dtype=linear_weight(module).dtype)
 
 
-def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str) -> float:
-    """Mean KL(dense ‖ current) over tokens (``module-kl``) or calibration perplexity (``sensitivity-ppl``)."""
+def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str,
+                        replay: PrefixReplay | None = None) -> float:
+    """Mean KL(dense ‖ current) over tokens (``module-kl``) or calibration perplexity (``sensitivity-ppl``).
+
+    With an active ``replay`` the blocks before its replay point return cached outputs (same logits).
+    """
     total, count = 0.0, 0
     for i, batch in enumerate(batches):
+        if replay is not None:
+            replay.batch = i
         out = model_forward(model, batch)
         logits = (out.logits if hasattr(out, "logits") else out).float()
         logp = torch.log_softmax(logits, dim=-1)
@@ -180,7 +187,8 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     built in a first dense pass (model dtype, rank r only), and the candidates' SVDs are recomputed
     block by block in a second dense pass interleaved with the probes, so at most one block's
     statistics and one module's SVD are alive. The numbers are the same as with a full cache: the
-    same statistics, the same decompositions, the same probe order.
+    same statistics, the same decompositions, the same probe order. Probes of block i replay the
+    baseline prefix's cached output (:mod:`.replay`) and compute only blocks i… and the head.
     """
     kind = ctx.spec.allocation
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
@@ -220,8 +228,10 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
         for s in ctx.shapes:
             replace_module(model, s.name, base_modules[s.name])
         baseline = _sensitivity_metric(model, batches, reference, kind)
+        replay = PrefixReplay(model, ctx.blocks, batches)
         hidden = [inp.hidden for inp in ctx.inputs]
         for index, block_name, targets in ctx.plan:
+            replay.advance(index)  # blocks < index are at their baseline: probes rerun only the suffix
             # This block's dense statistics: its dense linears go back in for the statistics pass only
             # (earlier blocks' outputs in ``hidden`` are already the dense model's).
             for name, module in targets.items():
@@ -242,7 +252,9 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
                     else:
                         candidate = module
                     replace_module(model, name, candidate)
-                    row.append((rank_cost(shape, rank), _sensitivity_metric(model, batches, reference, kind) - baseline))
+                    with replay.active():
+                        value = _sensitivity_metric(model, batches, reference, kind, replay)
+                    row.append((rank_cost(shape, rank), value - baseline))
                     row_ranks.append(rank)
                 replace_module(model, name, base_modules[name])
                 del cached

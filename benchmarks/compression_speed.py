@@ -1,0 +1,300 @@
+"""Compression speed and memory: per-phase wall time and peak host memory of each preset.
+
+    python benchmarks/compression_speed.py                  # default grid (~15 min on 2 cores), writes BENCHMARKS.md
+    python benchmarks/compression_speed.py --quick --no-write
+    python benchmarks/compression_speed.py --hidden 256 512 --presets svd-llm adasvd --no-reference
+
+Models: synthetic Llama-shaped models with random weights (head_dim 64, intermediate ≈ 2.69·hidden as
+in Llama-2, vocabulary 4096, float32) and the trained reference model. Calibration: random token ids
+(synthetic) or the embedded training split (reference), in batches of 8 sequences.
+
+Every run is its own process, so its memory figures are its own:
+
+* phases — exclusive wall seconds per pipeline phase from `CompressionReport.phase_seconds`
+  (:mod:`adasvd_lightning.core.profiling`); ``allocation`` is everything done only to plan ranks
+  (dense passes, their statistics and SVDs, module-KL probes), ``columns`` and ``refinement`` include
+  their own decompositions.
+* unavoidable — measured in the same process: one dense forward of the whole model over the calibration
+  batches, plus one decomposition per target matrix (the faster of LAPACK SVD and the Gram-eigh path of
+  :mod:`adasvd_lightning.core.linalg`, in float64, timed once per distinct shape on a random matrix).
+  ``× unavoidable`` = compression seconds / that sum (the issue's target: ≤ 2).
+* memory — resident set size sampled every 5 ms by a thread during `compress_model` (``peak − start``
+  = what compression adds on top of the loaded model and calibration ids; glibc may keep freed memory,
+  so this is an upper bound on live data) and the process's ``ru_maxrss``. ``budget`` = 0.2 × dense
+  model bytes + one decoder block's statistics (float64 Gram matrices of its distinct linear inputs,
+  three per input with paired refinement statistics): the issue's target for the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, run_json, write_section  # noqa: E402
+
+PRESETS = ("svd", "svd-llm", "adasvd", "duo-svd", "adasvd-duo")
+KL_PRESETS = ("duo-svd", "adasvd-duo")
+SYNTH_VOCAB = 4096
+BATCH = 8
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakSampler:
+    """Samples this process's resident set size in a thread (the allocator releases the GIL in torch ops)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _synthetic(hidden: int, blocks: int):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    heads = max(1, hidden // 64)
+    config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=max(64, round(hidden * 2.6875 / 64) * 64),
+                            num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=heads,
+                            vocab_size=SYNTH_VOCAB, max_position_embeddings=4096)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def _block_statistics_bytes(model, paired: bool) -> int:
+    """float64 Gram bytes of one block's distinct linear inputs (Llama: attention, o_proj, MLP, down_proj)."""
+    cfg = model.config
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return (3 * h * h + i * i) * 8 * (3 if paired else 1)
+
+
+def _decomposition_seconds(shapes: dict[tuple[int, int], int]) -> dict:
+    """One float64 decomposition per matrix: LAPACK SVD and the Gram-eigh path, timed once per shape."""
+    import torch
+
+    from adasvd_lightning.core.linalg import thin_svd
+
+    lapack = fast = 0.0
+    for (m, n), count in shapes.items():
+        a = torch.randn(m, n, dtype=torch.float64)
+        rank = max(1, int(0.6 * m * n / (m + n)))
+        t0 = time.perf_counter()
+        torch.linalg.svd(a, full_matrices=False)
+        t1 = time.perf_counter()
+        thin_svd(a, rank, driver="gram")
+        t2 = time.perf_counter()
+        lapack += (t1 - t0) * count
+        fast += (t2 - t1) * count
+        del a
+    return {"lapack": lapack, "gram": fast}
+
+
+def one(spec: dict) -> dict:
+    """Build/load a model, measure the unavoidable parts and one compression (runs in a child process)."""
+    import warnings
+
+    import torch
+
+    from adasvd_lightning import CompressionConfig, compress_model
+    from adasvd_lightning.core.surgery import find_targets, linear_shape
+
+    if spec["model"] == "reference":
+        from adasvd_lightning import load_compressed, load_tokenizer
+        from adasvd_lightning.display import quiet_libraries
+        from adasvd_lightning.workflows import CalibrationSpec, calibration_batches, resolve_model
+
+        quiet_libraries()
+        path = resolve_model("reference", show_progress=False)
+        model = load_compressed(path)
+        batches = calibration_batches(load_tokenizer(path), CalibrationSpec(None, samples=spec["samples"],
+                                                                             seq_len=spec["seq_len"]))
+    else:
+        model = _synthetic(spec["hidden"], spec["blocks"])
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, SYNTH_VOCAB, (spec["samples"], spec["seq_len"]), generator=g)
+        batches = list(ids.split(BATCH))
+    torch.manual_seed(0)
+    shapes: dict[tuple[int, int], int] = {}
+    for _, _, targets in find_targets(model):
+        for module in targets.values():
+            shapes[linear_shape(module)] = shapes.get(linear_shape(module), 0) + 1
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = sum(int(b["input_ids"].numel()) if isinstance(b, dict) else int(b.numel()) for b in batches)
+
+    with torch.no_grad():  # one dense forward over the calibration data (head included)
+        t0 = time.perf_counter()
+        for b in batches:
+            model(**b) if isinstance(b, dict) else model(b)
+        forward_s = time.perf_counter() - t0
+
+    config = CompressionConfig(method=spec["method"], ratio=spec["ratio"], **spec.get("config", {}))
+    with warnings.catch_warnings(), _PeakSampler() as sampler:
+        warnings.simplefilter("ignore")
+        report = compress_model(model, config, batches)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    decomposition = _decomposition_seconds(shapes)
+    paired = config.spec.refinement != "none" and config.propagation == "compressed"
+    hidden = model.config.hidden_size
+    return {
+        **{k: spec[k] for k in ("model", "method", "ratio", "samples", "seq_len")},
+        "hidden": hidden, "blocks": model.config.num_hidden_layers, "tokens": tokens,
+        "seconds": report.seconds, "phases": getattr(report, "phase_seconds", {}),
+        "forward_s": forward_s, "svd_lapack_s": decomposition["lapack"], "svd_gram_s": decomposition["gram"],
+        "unavoidable_s": forward_s + min(decomposition["lapack"], decomposition["gram"]),
+        "model_mb": model_bytes / 2**20, "stats_mb": _block_statistics_bytes(model, paired) / 2**20,
+        "activations_mb": tokens * hidden * 4 / 2**20,
+        "rss_start_mb": sampler.start / 2**20, "rss_peak_mb": sampler.peak / 2**20,
+        "extra_mb": (sampler.peak - sampler.start) / 2**20, "maxrss_mb": maxrss / 2**20,
+        "achieved_ratio": report.achieved_ratio,
+    }
+
+
+def _grid(args) -> list[dict]:
+    runs: list[dict] = []
+    base = dict(model="synthetic", ratio=args.ratio, samples=args.samples, seq_len=args.seq_len)
+
+    def add(**kw):
+        spec = {**base, **kw}
+        if spec not in runs:
+            runs.append(spec)
+
+    for hidden in args.hidden:
+        for method in args.presets:
+            if method in KL_PRESETS and hidden > args.kl_max_hidden:
+                continue
+            add(hidden=hidden, blocks=args.blocks[0], method=method, sweep="hidden")
+    for blocks in args.blocks:
+        add(hidden=args.sweep_hidden, blocks=blocks, method=args.sweep_method, sweep="blocks")
+    for tokens in args.tokens:
+        add(hidden=args.sweep_hidden, blocks=args.blocks[0], method=args.sweep_method,
+            samples=max(1, tokens // args.seq_len), sweep="tokens")
+    if args.reference:
+        for method in args.presets:
+            runs.append(dict(model="reference", method=method, ratio=args.ratio, samples=64, seq_len=256,
+                             sweep="reference"))
+    return runs
+
+
+def _phase_cell(row: dict) -> str:
+    from adasvd_lightning.core.profiling import PHASES
+
+    total = row["seconds"] or 1.0
+    parts = [(p, row["phases"].get(p, 0.0)) for p in PHASES]
+    return ", ".join(f"{p} {s:.1f} ({s / total:.0%})" for p, s in parts if s >= 0.05 * total or s >= 1.0)
+
+
+def _table(rows: list[dict], title: str) -> list[str]:
+    lines = [f"**{title}**", "",
+             "| model | preset | tokens | seconds | × unavoidable | main phases (s, share) | peak extra MB | "
+             "budget MB | model MB | block stats MB | activations MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = "reference" if r["model"] == "reference" else f"h{r['hidden']}×{r['blocks']}"
+        budget = 0.2 * r["model_mb"] + r["stats_mb"]
+        lines.append(
+            f"| {name} | {r['method']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['seconds'] / r['unavoidable_s']:.1f} "
+            f"({r['unavoidable_s']:.1f} s) | {_phase_cell(r)} | {r['extra_mb']:.0f} | {budget:.0f} | "
+            f"{r['model_mb']:.0f} | {r['stats_mb']:.0f} | {r['activations_mb']:.0f} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--hidden", nargs="+", type=int, default=[256, 512, 1024, 2048])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8, 16],
+                        help="block sweep (the first value is used by the other sweeps)")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192, 32768], help="calibration token sweep")
+    parser.add_argument("--sweep-hidden", type=int, default=512, help="hidden size of the block and token sweeps")
+    parser.add_argument("--sweep-method", default="svd-llm")
+    parser.add_argument("--kl-max-hidden", type=int, default=512,
+                        help="module-kl presets (probe-bound: one model forward per module and candidate) only up to this size")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--no-reference", dest="reference", action="store_false")
+    parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(json.loads(args.one))))
+        return
+    if args.quick:
+        args.hidden, args.blocks, args.tokens, args.sweep_hidden, args.samples = [128], [2], [512], 128, 4
+        args.presets, args.reference = ["svd", "svd-llm"], False
+
+    script = str(Path(__file__).resolve())
+    rows = []
+    started = time.perf_counter()
+    for spec in _grid(args):
+        sweep = spec.pop("sweep")
+        row = run_json([script, "--one", json.dumps(spec)])
+        row["sweep"] = sweep
+        rows.append(row)
+        print(f"{sweep:>9} {row['model']:>9} h{row['hidden']}×{row['blocks']} {row['method']:>10} "
+              f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
+              f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB  [{_phase_cell(row)}]", flush=True)
+    wall = time.perf_counter() - started
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("compression_speed_quick.json" if args.quick else "compression_speed.json")
+    out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:]}, indent=2))
+    if args.no_write or args.quick:
+        return
+    by = {s: [r for r in rows if r["sweep"] == s] for s in ("hidden", "blocks", "tokens", "reference")}
+    lines = [
+        "## Compression speed and memory (per phase, per preset)",
+        "",
+        f"Command: `OMP_NUM_THREADS=2 flock /tmp/adasvd-cpu.lock python benchmarks/compression_speed.py{(' ' + ' '.join(sys.argv[1:])) if sys.argv[1:] else ''}`",
+        f"Machine: {machine()}. Whole grid: {wall / 60:.1f} min. Ratio {args.ratio:.0%}. Raw rows: "
+        f"`benchmarks/results/{out.name}`.",
+        "",
+        "Synthetic models are Llama-shaped with random weights (`h{hidden}×{blocks}`, head_dim 64, intermediate "
+        "≈ 2.69·hidden, vocabulary 4096); calibration is random ids in batches of 8 × "
+        f"{args.seq_len}. `× unavoidable` = compression seconds / (one dense forward over the calibration data + "
+        "one float64 decomposition per target matrix, the faster of LAPACK SVD and Gram-eigh), measured in the "
+        "same process. Phases are exclusive seconds from `CompressionReport.phase_seconds` (phases under 5 % and "
+        "1 s omitted); `allocation` is all the work done only to plan ranks (dense passes, their SVDs, module-KL "
+        "probes). `peak extra` = peak RSS during `compress_model` (5 ms sampling) − RSS before it, an upper bound "
+        "on live data (it includes calibration activations and, for module-KL, the probes' reference log-probs); "
+        "`budget` = 0.2 × model + one block's float64 statistics, the issue's memory target for that overhead.",
+        "",
+    ]
+    lines += _table(by["hidden"], f"Hidden-size sweep ({args.blocks[0]} blocks, {args.samples}×{args.seq_len} tokens)")
+    lines += _table(by["blocks"], f"Depth sweep (hidden {args.sweep_hidden}, {args.sweep_method})")
+    lines += _table(by["tokens"], f"Calibration-token sweep (hidden {args.sweep_hidden}, {args.blocks[0]} blocks, {args.sweep_method})")
+    if by["reference"]:
+        lines += _table(by["reference"], "Reference model (64 × 256 calibration tokens, as in the quality table)")
+    write_section("compression-speed", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
