@@ -12,6 +12,7 @@ from .core.errors import AdaSVDError, InvalidInputError
 from .core.evaluation import PerplexityResult, evaluate_perplexity
 from .core.factorization import factorize, rank_for_ratio
 from .core.lowrank import LowRankLinear
+from .core.merging import MergeWarning, merge_unprofitable
 from .core.methods import PRESETS, get_method
 from .core.params import count_parameters
 from .core.pipeline import CompressionWarning, compress_model
@@ -28,6 +29,7 @@ __all__ = [
     "CompressionWarning",
     "InvalidInputError",
     "LowRankLinear",
+    "MergeWarning",
     "ModuleReport",
     "PRESETS",
     "PerplexityResult",
@@ -40,6 +42,7 @@ __all__ = [
     "get_method",
     "load_compressed",
     "load_tokenizer",
+    "merge_unprofitable",
     "rank_for_ratio",
     "sample_calibration_windows",
     "save_compressed",
