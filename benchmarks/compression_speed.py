@@ -188,11 +188,13 @@ def _grid(args) -> list[dict]:
         for method in args.presets:
             if method in KL_PRESETS and hidden > args.kl_max_hidden:
                 continue
+            if hidden > args.all_max_hidden and method not in args.large_presets:
+                continue
             add(hidden=hidden, blocks=args.blocks[0], method=method, sweep="hidden")
     for blocks in args.blocks:
         add(hidden=args.sweep_hidden, blocks=blocks, method=args.sweep_method, sweep="blocks")
     for tokens in args.tokens:
-        add(hidden=args.sweep_hidden, blocks=args.blocks[0], method=args.sweep_method,
+        add(hidden=args.token_hidden, blocks=args.blocks[0], method=args.sweep_method,
             samples=max(1, tokens // args.seq_len), sweep="tokens")
     if args.reference:
         for method in args.presets:
@@ -232,10 +234,14 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8, 16],
                         help="block sweep (the first value is used by the other sweeps)")
     parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192, 32768], help="calibration token sweep")
-    parser.add_argument("--sweep-hidden", type=int, default=512, help="hidden size of the block and token sweeps")
+    parser.add_argument("--sweep-hidden", type=int, default=256, help="hidden size of the block sweep")
+    parser.add_argument("--token-hidden", type=int, default=512, help="hidden size of the token sweep")
     parser.add_argument("--sweep-method", default="svd-llm")
     parser.add_argument("--kl-max-hidden", type=int, default=512,
                         help="module-kl presets (probe-bound: one model forward per module and candidate) only up to this size")
+    parser.add_argument("--all-max-hidden", type=int, default=1024,
+                        help="above this hidden size only --large-presets run (time limit of the default grid)")
+    parser.add_argument("--large-presets", nargs="+", default=["svd-llm"])
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ratio", type=float, default=0.4)
@@ -248,7 +254,8 @@ def main() -> None:
         print(json.dumps(one(json.loads(args.one))))
         return
     if args.quick:
-        args.hidden, args.blocks, args.tokens, args.sweep_hidden, args.samples = [128], [2], [512], 128, 4
+        args.hidden, args.blocks, args.tokens, args.samples = [128], [2], [512], 4
+        args.sweep_hidden = args.token_hidden = 128
         args.presets, args.reference = ["svd", "svd-llm"], False
 
     script = str(Path(__file__).resolve())
@@ -264,10 +271,12 @@ def main() -> None:
               f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB  [{_phase_cell(row)}]", flush=True)
     wall = time.perf_counter() - started
 
+    if args.quick:
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("compression_speed_quick.json" if args.quick else "compression_speed.json")
+    out = RESULTS / "compression_speed.json"
     out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:]}, indent=2))
-    if args.no_write or args.quick:
+    if args.no_write:
         return
     by = {s: [r for r in rows if r["sweep"] == s] for s in ("hidden", "blocks", "tokens", "reference")}
     lines = [
@@ -290,7 +299,7 @@ def main() -> None:
     ]
     lines += _table(by["hidden"], f"Hidden-size sweep ({args.blocks[0]} blocks, {args.samples}×{args.seq_len} tokens)")
     lines += _table(by["blocks"], f"Depth sweep (hidden {args.sweep_hidden}, {args.sweep_method})")
-    lines += _table(by["tokens"], f"Calibration-token sweep (hidden {args.sweep_hidden}, {args.blocks[0]} blocks, {args.sweep_method})")
+    lines += _table(by["tokens"], f"Calibration-token sweep (hidden {args.token_hidden}, {args.blocks[0]} blocks, {args.sweep_method})")
     if by["reference"]:
         lines += _table(by["reference"], "Reference model (64 × 256 calibration tokens, as in the quality table)")
     write_section("compression-speed", "\n".join(lines))

@@ -101,28 +101,38 @@ def column_preserving_factorize(
     if rank < 2 or base_error <= 0.0:
         return None
     order = torch.argsort(column_scores(w, base_dense, gram), descending=True)
-    cache: dict[int, ColumnSplit | None] = {}
+    # The search probes ~log(rank) splits; only their errors are kept, plus the best split so far
+    # (each split holds float64 factors of the whole matrix: keeping all of them was the largest
+    # transient of a column-preserving run).
+    errors: dict[int, float] = {}
+    best: dict = {"drop": None, "split": None}
 
-    def split(drop: int) -> ColumnSplit | None:
-        if drop not in cache:
-            count = preserved_columns_for(drop, rank, m, n)
-            if count < 1:
-                cache[drop] = None
-            else:
-                kept = order[:count].sort().values
-                mask = torch.ones(n, dtype=torch.bool)
-                mask[kept] = False
-                rest = mask.nonzero().squeeze(1)
-                h_rr = gram[rest][:, rest]
-                r_c = min(rank - drop, rest.numel(), m)
-                f = factorize(w[:, rest], r_c, make_whitening(rest), driver=driver)
-                error = whitened_error(w[:, rest], f.dense(), h_rr)
-                cache[drop] = ColumnSplit(f.up, f.down, kept, rest, w[:, kept].clone(), error)
-        return cache[drop]
+    def build(drop: int) -> ColumnSplit | None:
+        count = preserved_columns_for(drop, rank, m, n)
+        if count < 1:
+            return None
+        kept = order[:count].sort().values
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[kept] = False
+        rest = mask.nonzero().squeeze(1)
+        h_rr = gram[rest][:, rest]
+        r_c = min(rank - drop, rest.numel(), m)
+        f = factorize(w[:, rest], r_c, make_whitening(rest), driver=driver)
+        error = whitened_error(w[:, rest], f.dense(), h_rr)
+        return ColumnSplit(f.up, f.down, kept, rest, w[:, kept].clone(), error)
 
     def cost(drop: int) -> float:
-        s = split(drop)
-        return s.error if s is not None else math.inf
+        if drop not in errors:
+            candidate = build(drop)
+            errors[drop] = candidate.error if candidate is not None else math.inf
+            if candidate is not None and (best["split"] is None or candidate.error < best["split"].error):
+                best.update(drop=drop, split=candidate)
+            del candidate
+        return errors[drop]
+
+    def split(drop: int) -> ColumnSplit | None:
+        cost(drop)
+        return best["split"] if best["drop"] == drop else build(drop)  # build is deterministic
 
     lo, hi = 1, rank - 1
     while hi - lo > 2:
@@ -134,8 +144,8 @@ def column_preserving_factorize(
             hi = b - 1 if cost(a) < cost(b) else b
         else:
             lo = a + 1
-    best = min(range(lo, hi + 1), key=cost)
-    result = split(best)
+    chosen = min(range(lo, hi + 1), key=cost)
+    result = split(chosen)
     if result is None or result.error >= (1.0 - min_gain) * base_error:
         return None
     return result
