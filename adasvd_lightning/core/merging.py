@@ -2,10 +2,12 @@
 
 A rank-r layer replaces one m×n GEMM by two thin ones. It costs r·(m+n) multiply-adds per token
 against m·n, so it is only faster when that ratio is clearly below one: two thin GEMMs run at a lower
-FLOP rate than one square-ish GEMM, and each call has a fixed overhead. Measured on the benchmark CPU
-(``benchmarks/inference.py``, 2 cores, fp32 and bf16), a factorized layer that saves 5–10 % of the
-multiply-adds is 0.8–1.1× as fast as the dense one; from about 15 % saving on it is reliably faster.
-Tiny matrices (e.g. 128 × 128) are overhead-bound: even 30 % saving can be slower there.
+FLOP rate than one square-ish GEMM, and each call has a fixed overhead. Measured on a 2-core AVX-512
+CPU (fp32, 1024–2816-wide matrices, 128–4096 rows): a factorized layer saving 5–10 % of the
+multiply-adds ran at 0.8–1.1× the dense speed, at 15 % about break-even (0.95–1.07×), at 20 %
+1.05–1.35×, at 60 % 2.2–2.4× (ideal 2.5×). Hence the default threshold of 15 %: below it merging
+costs at most 15 % of that layer's weights and loses no speed. Tiny matrices (≤ 512 wide) are
+overhead-bound: there even 20–30 % saving measured 0.7–1.1× (bf16 worse), hence ``min_weight_elements``.
 
 Merging back trades memory for speed: the merged layer holds m·n weights again instead of r·(m+n)
 — it spends part of the compression budget. That is why nothing calls this automatically: the
