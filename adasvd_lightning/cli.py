@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the calibration window sampling (default 0)")
     p.add_argument("--include", nargs="+", default=None, help="regex patterns of target module names")
     p.add_argument("--exclude", nargs="+", default=None, help="regex patterns of module names to leave dense")
+    p.add_argument("--execution-device", default=None,
+                   help="keep the model where it is loaded (--device) and move one decoder block at a time "
+                        "to this device for compression (e.g. --device cpu --execution-device cuda)")
+    p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
+                   help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
@@ -187,7 +192,13 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         method=_pick(args.method, recipe, "method", "svd-llm"), ratio=ratio,
         include=_pick(args.include, recipe, "include", None), exclude=_pick(args.exclude, recipe, "exclude", []),
         propagation=recipe.get("propagation", "compressed"), method_options=options,
+        execution_device=_pick(args.execution_device, recipe, "execution_device", None),
+        svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
     )
+    if config.execution_device is not None:
+        from .workflows import resolve_device
+
+        resolve_device(config.execution_device)  # fail now, not after loading the model
     if recipe:
         from .core.corpus import resolve_text_path
 

@@ -134,6 +134,10 @@ def validate_before_run(config: Any) -> None:
                 callback = SVDCompression(**args)  # construction validates every argument, cheaply
             except TypeError as exc:
                 raise InvalidInputError(f"SVDCompression: {exc}") from None
+            if callback.config.execution_device is not None:
+                from .workflows import resolve_device
+
+                resolve_device(callback.config.execution_device)
             last = callback.stages[-1][0]
             limit = max_steps if callback.at == "step" else max_epochs if callback.at == "epoch" else None
             if limit is not None and limit >= 0 and last >= limit:
@@ -356,6 +360,8 @@ def one_shot_settings(config: Any) -> dict:
         "include": args.get("include"),
         "exclude": list(args.get("exclude") or []),
         "propagation": args.get("propagation", "compressed"),
+        "execution_device": args.get("execution_device"),
+        "svd_driver": args.get("svd_driver", "auto"),
         "text": str(files[0]) if files[0] is not None else None,
         "samples": _get(data, "calibration_samples", 64),
         "seq_len": _get(data, "seq_len", 256),

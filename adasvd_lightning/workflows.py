@@ -66,7 +66,9 @@ def resolve_device(value: str | None) -> torch.device:
     except RuntimeError:
         raise InvalidInputError(f"unknown device {value!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda requested but no CUDA device is available")
+        raise InvalidInputError(f"device {value!r} requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {value!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 

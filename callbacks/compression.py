@@ -72,6 +72,9 @@ class SVDCompression(Callback):
         propagation: ``"compressed"`` (sequential, default) or ``"original"`` calibration inputs.
         method_options: overrides of the preset's strategies and knobs (see ``MethodSpec``).
         restart: where later schedule stages start: ``"factors"`` (current factors) or ``"dense"``.
+        execution_device: move one decoder block at a time to this device for compression while the
+            model stays where it is (``CompressionConfig.execution_device``); default: in place.
+        svd_driver: ``"auto"`` (default), ``"gram"`` or ``"svd"`` (``CompressionConfig.svd_driver``).
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
             transient rich bar before training on a terminal; plain log lines otherwise, so it never
             competes with Lightning's progress bar).
@@ -92,13 +95,15 @@ class SVDCompression(Callback):
         propagation: str = "compressed",
         method_options: dict | None = None,
         restart: str = "factors",
+        execution_device: str | None = None,
+        svd_driver: str = "auto",
         show_progress: bool = True,
     ) -> None:
         super().__init__()
         # Validate everything at construction: a bad ratio or method fails before the Trainer starts.
         self.config = CompressionConfig(
             method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation,
-            method_options=method_options or {},
+            method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
         )
         if at not in POINTS:
             raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")

@@ -187,6 +187,7 @@ BAD_RECIPES = {
     "schedule-not-increasing": (_callback(at="step", schedule=[[1, 0.4], [2, 0.3]]), "ratios must increase"),
     "schedule-beyond-max-steps": (_callback(at="step", schedule=[[1, 0.2], [9, 0.4]]), "never reached"),
     "unknown-method": (_callback(method="svd-lm"), "unknown method"),
+    "missing-execution-device": (_callback(execution_device="cuda:99"), "cuda:99"),
     "missing-model": ({"model": {"model_path": "/no/such/model"}}, "folder not found"),
     "missing-data": ({"data": {"train_files": ["/no/such/text.txt"]}}, "text file not found"),
     "deepspeed-stage": ({"trainer": {"strategy": {
