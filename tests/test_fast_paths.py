@@ -194,3 +194,21 @@ def test_prefix_replay_matches_full_forward(family, token_batches):
     assert replay.enabled and not calls  # the prefix really was skipped
     assert fast == pytest.approx(full, rel=1e-6)
     assert all(b is not None and not type(b).__name__.startswith("_Replayed") for b in blocks)
+
+
+def test_module_kl_allocation_with_replay_matches_full_forwards(token_batches, monkeypatch):
+    """The suffix-only probes give the cost table (and ranks) of probes that run the whole model."""
+    import adasvd_lightning.core.planning as planning
+
+    fast, _ = _compressed("duo-svd", token_batches)
+
+    class FullForwards(planning.PrefixReplay):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.enabled = False
+
+    monkeypatch.setattr(planning, "PrefixReplay", FullForwards)
+    ref, _ = _compressed("duo-svd", token_batches)
+    assert [m.rank for m in fast.modules] == [m.rank for m in ref.modules]
+    for name, row in ref.allocation["sensitivity"].items():
+        assert fast.allocation["sensitivity"][name] == pytest.approx(row, rel=1e-5, abs=1e-9)
