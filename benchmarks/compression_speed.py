@@ -213,15 +213,16 @@ def _phase_cell(row: dict) -> str:
 
 def _table(rows: list[dict], title: str) -> list[str]:
     lines = [f"**{title}**", "",
-             "| model | preset | tokens | seconds | × unavoidable | main phases (s, share) | peak extra MB | "
-             "budget MB | model MB | block stats MB | activations MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | preset | tokens | seconds | × unavoidable | main phases (s, share) | decomposition s LAPACK / gram | "
+             "peak extra MB | budget MB | model MB | block stats MB | activations MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "reference" if r["model"] == "reference" else f"h{r['hidden']}×{r['blocks']}"
         budget = 0.2 * r["model_mb"] + r["stats_mb"]
         lines.append(
             f"| {name} | {r['method']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['seconds'] / r['unavoidable_s']:.1f} "
-            f"({r['unavoidable_s']:.1f} s) | {_phase_cell(r)} | {r['extra_mb']:.0f} | {budget:.0f} | "
+            f"({r['unavoidable_s']:.1f} s) | {_phase_cell(r)} | {r['svd_lapack_s']:.2f} / {r['svd_gram_s']:.2f} | "
+            f"{r['extra_mb']:.0f} | {budget:.0f} | "
             f"{r['model_mb']:.0f} | {r['stats_mb']:.0f} | {r['activations_mb']:.0f} |"
         )
     return lines + [""]
@@ -249,7 +250,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite the BENCHMARKS.md section from benchmarks/results/compression_speed.json (no runs)")
+    parser.add_argument("--out", default="compression_speed.json",
+                        help="raw rows file under benchmarks/results/ (use another name for a partial re-run)")
     args = parser.parse_args()
+    out = RESULTS / args.out
+    if args.render:
+        saved = json.loads(out.read_text())
+        _render(saved["rows"], parser.parse_args(saved["argv"]), saved["argv"], saved.get("wall_s"), saved["machine"],
+                out.name)
+        return
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
@@ -274,17 +285,20 @@ def main() -> None:
     if args.quick:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "compression_speed.json"
-    out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:]}, indent=2))
-    if args.no_write:
-        return
+    out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:], "wall_s": wall}, indent=2))
+    if not args.no_write:
+        _render(rows, args, sys.argv[1:], wall, machine(), out.name)
+
+
+def _render(rows: list[dict], args, argv: list[str], wall: float | None, machine_line: str, out_name: str) -> None:
+    """Write the BENCHMARKS.md section from the rows of one grid run."""
     by = {s: [r for r in rows if r["sweep"] == s] for s in ("hidden", "blocks", "tokens", "reference")}
     lines = [
         "## Compression speed and memory (per phase, per preset)",
         "",
-        f"Command: `OMP_NUM_THREADS=2 flock /tmp/adasvd-cpu.lock python benchmarks/compression_speed.py{(' ' + ' '.join(sys.argv[1:])) if sys.argv[1:] else ''}`",
-        f"Machine: {machine()}. Whole grid: {wall / 60:.1f} min. Ratio {args.ratio:.0%}. Raw rows: "
-        f"`benchmarks/results/{out.name}`.",
+        f"Command: `OMP_NUM_THREADS=2 flock /tmp/adasvd-cpu.lock python benchmarks/compression_speed.py{(' ' + ' '.join(argv)) if argv else ''}`",
+        f"Machine: {machine_line}." + (f" Whole grid: {wall / 60:.1f} min." if wall else "")
+        + f" Ratio {args.ratio:.0%}. Raw rows: `benchmarks/results/{out_name}`.",
         "",
         "Synthetic models are Llama-shaped with random weights (`h{hidden}×{blocks}`, head_dim 64, intermediate "
         "≈ 2.69·hidden, vocabulary 4096); calibration is random ids in batches of 8 × "

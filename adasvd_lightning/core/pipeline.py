@@ -193,6 +193,7 @@ def _compress_block(
                         runner.run(block, inp)
     if stats is not None:
         stats.all_reduce()
+        stats.finalize()
     # Each rank factors its round-robin share of the block's targets; results are broadcast.
     rank_id, world_size = world()
     whitenings: dict[int, Whitening] = {}

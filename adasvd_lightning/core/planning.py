@@ -61,6 +61,7 @@ def _dense_block(ctx: PlanContext, index: int, targets: dict[str, nn.Module], hi
                 outputs.append(ctx.runner.run(block, inp, h))
     if stats is not None:
         stats.all_reduce()
+        stats.finalize()
     return outputs, stats
 
 

@@ -62,8 +62,12 @@ class RefinementTarget:
         s = self.stats
         self.rest = rest
         self.w_keep = w[:, kept]
-        self.h_rr = s.h_cc[rest][:, rest]
-        self.g = w @ s.h_oc[:, rest] - self.w_keep @ s.h_cc[kept][:, rest]
+        if kept.numel():
+            self.h_rr = s.h_cc[rest][:, rest]
+            self.g = w @ s.h_oc[:, rest] - self.w_keep @ s.h_cc[kept][:, rest]
+        else:  # nothing preserved: the rest is everything, no n×n copies needed
+            self.h_rr = s.h_cc
+            self.g = w @ s.h_oc
         y_norm = (w @ s.h_oo * w).sum()
         if kept.numel():
             y_norm = y_norm - 2 * (w @ s.h_oc[:, kept] * self.w_keep).sum()
