@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -301,7 +302,11 @@ class SVDCompression(Callback):
             scheduler = config.scheduler
             if done > 0 and hasattr(scheduler, "last_epoch"):
                 scheduler.last_epoch = done - 1
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # A fast-forward, not a training step: PyTorch's "step() before optimizer.step()"
+                    # warning does not apply (no schedule value is skipped).
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                    scheduler.step()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _chain_checkpoint_restore(self, pl_module: L.LightningModule) -> None:
