@@ -47,6 +47,16 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _saving(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"minimum FLOP saving must be in [0, 1), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -91,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execution-device", default=None,
                    help="keep the model where it is loaded (--device) and move one decoder block at a time "
                         "to this device for compression (e.g. --device cpu --execution-device cuda)")
+    p.add_argument("--merge-unprofitable", type=_saving, nargs="?", const=0.15, default=None, metavar="MIN_SAVING",
+                   help="merge factorized layers that save less than MIN_SAVING (default 0.15) of their "
+                        "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -210,7 +223,8 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     model = _pick(args.model, recipe, "model", "reference")
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
-            model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress
+            model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
+            merge_min_saving=_pick(args.merge_unprofitable, recipe, "merge_unprofitable", None),
         )
     if not args.quiet:
         console.print(report_table(report))

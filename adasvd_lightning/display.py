@@ -133,5 +133,6 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         f"{format_params(report.parameters_before)} → {format_params(report.parameters_after)} "
         f"({report.model_ratio:.2%}); {report.seconds:.1f}s"
         + (f"; whitening: {', '.join(whitening)}" if whitening else "")
+        + (f"; {len(report.merged)} merged back to dense (would not run faster)" if report.merged else "")
     )
     return table

@@ -362,6 +362,7 @@ def one_shot_settings(config: Any) -> dict:
         "propagation": args.get("propagation", "compressed"),
         "execution_device": args.get("execution_device"),
         "svd_driver": args.get("svd_driver", "auto"),
+        "merge_unprofitable": args.get("merge_unprofitable"),
         "text": str(files[0]) if files[0] is not None else None,
         "samples": _get(data, "calibration_samples", 64),
         "seq_len": _get(data, "seq_len", 256),

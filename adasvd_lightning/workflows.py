@@ -16,6 +16,7 @@ from .core.config import CompressionConfig
 from .core.corpus import read_text, resolve_text_path, sample_calibration_windows, tokenize_text
 from .core.errors import InvalidInputError
 from .core.evaluation import evaluate_perplexity
+from .core.merging import merge_and_record
 from .core.params import count_parameters
 from .core.pipeline import ProgressFn, compress_model
 from .core.report import CompressionReport
@@ -87,6 +88,7 @@ def compress_folder(
     overwrite: bool = False,
     device: str | None = None,
     progress: ProgressFn | None = None,
+    merge_min_saving: float | None = None,
 ) -> CompressionReport:
     """Load a model folder, compress it, save the compressed folder atomically, return the report.
 
@@ -106,6 +108,8 @@ def compress_folder(
     else:
         batches = calibration(path)
     report = compress_model(net, config, batches, progress=progress)
+    if merge_min_saving is not None:
+        merge_and_record(net, report, min_flop_saving=merge_min_saving)
     save_compressed(
         net.cpu(),
         out,

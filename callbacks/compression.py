@@ -42,6 +42,7 @@ from torch import nn
 from adasvd_lightning.core.config import CompressionConfig
 from adasvd_lightning.core.distributed import world
 from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.merging import merge_and_record
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
 from adasvd_lightning.core.serialization import apply_manifest, build_manifest
@@ -76,6 +77,8 @@ class SVDCompression(Callback):
         execution_device: move one decoder block at a time to this device for compression while the
             model stays where it is (``CompressionConfig.execution_device``); default: in place.
         svd_driver: ``"auto"`` (default), ``"gram"`` or ``"svd"`` (``CompressionConfig.svd_driver``).
+        merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
+            their multiply-adds back to dense (they would not run faster; e.g. 0.15). Default: keep all.
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
             transient rich bar before training on a terminal; plain log lines otherwise, so it never
             competes with Lightning's progress bar).
@@ -98,6 +101,7 @@ class SVDCompression(Callback):
         restart: str = "factors",
         execution_device: str | None = None,
         svd_driver: str = "auto",
+        merge_unprofitable: float | None = None,
         show_progress: bool = True,
     ) -> None:
         super().__init__()
@@ -118,6 +122,9 @@ class SVDCompression(Callback):
         if restart not in ("factors", "dense"):
             raise InvalidInputError(f"restart must be 'factors' or 'dense', got {restart!r}")
         self.restart = restart
+        if merge_unprofitable is not None and not 0.0 <= merge_unprofitable < 1.0:
+            raise InvalidInputError(f"merge_unprofitable must be in [0, 1), got {merge_unprofitable}")
+        self.merge_unprofitable = merge_unprofitable
         self.show_progress = show_progress
         self._dense_modules: dict[str, nn.Module] = {}
         self.reports: list[CompressionReport] = []
@@ -259,6 +266,8 @@ class SVDCompression(Callback):
         live = self.show_progress and trainer.is_global_zero and not rebuild_optimizers
         with compression_progress(live) as progress:
             report = compress_model(model, config, batches, progress=progress)
+        if self.merge_unprofitable is not None:
+            merge_and_record(model, report, min_flop_saving=self.merge_unprofitable)
         self.reports.append(report)
         self.completed.append(point)
         self._manifest = build_manifest(model)

@@ -153,3 +153,22 @@ def test_quickstart_table_on_a_given_model(tiny_reference):
     assert dense < svd_llm < svd  # data-aware whitening beats plain SVD at equal parameters
     assert rows[1]["parameters"] == rows[2]["parameters"] < rows[0]["parameters"]
     assert "perplexity on the embedded test split" in result.stderr
+
+
+def test_merge_unprofitable_from_the_command_line(tiny_reference, tmp_path):
+    """Merged layers are dense in the saved folder and in the report; outputs do not change."""
+    common = ["--model", str(tiny_reference), "--method", "svd-llm", "--ratio", "0.4", "--samples", "8",
+              "--seq-len", "32", "--json"]
+    plain = last_json(run("compress", *common, "--out", str(tmp_path / "plain")).stdout)
+    result = run("compress", *common, "--merge-unprofitable", "0.5", "--out", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    merged = last_json(result.stdout)
+    # Every layer saves ~40% < 50%: all merge back, so nothing is removed any more.
+    assert len(merged["merged"]) == len(merged["modules"]) and merged["achieved_ratio"] == 0.0
+    assert all(m["rank"] is None and "multiply-adds" in m["skipped"] for m in merged["modules"])
+    assert merged["parameters_after"] == merged["parameters_before"]
+    assert "merged back to dense" in result.stderr
+    scores = [last_json(run("evaluate", "--model", str(tmp_path / name), "--seq-len", "32", "--max-windows", "8",
+                            "--json").stdout) for name in ("plain", "merged")]
+    assert scores[1]["parameters"] == merged["parameters_after"] > plain["parameters_after"]
+    assert abs(scores[1]["perplexity"] / scores[0]["perplexity"] - 1) < 1e-4

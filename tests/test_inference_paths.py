@@ -217,3 +217,28 @@ def test_save_load_round_trip_after_merge(tmp_path):
     assert count_parameters(loaded) == count_parameters(model)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_merged_gpt2_layers_save_and_load_as_conv1d(tmp_path):
+    """GPT-2 folders are rebuilt with Conv1D (weights in × out): a merged nn.Linear would load
+    transposed. Merged layers must come back as Conv1Ds with the same outputs."""
+    import torch
+
+    from adasvd_lightning.core.config import CompressionConfig
+    from adasvd_lightning.core.merging import merge_unprofitable
+    from adasvd_lightning.core.pipeline import compress_model
+    from adasvd_lightning.core.serialization import load_compressed, save_compressed
+    from adasvd_lightning.core.surgery import Conv1D
+    from conftest import tiny_model
+
+    model = tiny_model("gpt2")
+    compress_model(model, CompressionConfig(method="svd", ratio=0.4))
+    merged = merge_unprofitable(model, min_flop_saving=0.99, warn=False)
+    assert merged and all(isinstance(model.get_submodule(m.name), Conv1D) for m in merged)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    save_compressed(model, tmp_path / "gpt2")
+    with torch.no_grad():
+        after = load_compressed(tmp_path / "gpt2")(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)

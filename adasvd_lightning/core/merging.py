@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .lowrank import FactorizedLinear
-from .surgery import replace_module
+from .surgery import Conv1D, replace_module
 
 __all__ = [
     "DEFAULT_MIN_FLOP_SAVING",
@@ -36,6 +36,7 @@ __all__ = [
     "MergedModule",
     "flop_saving",
     "merge_to_linear",
+    "merge_and_record",
     "merge_unprofitable",
 ]
 
@@ -65,26 +66,38 @@ class MergedModule:
         return asdict(self)
 
 
+def uses_conv1d(model: nn.Module) -> bool:
+    """Whether the model's dense linears are GPT-2 style `Conv1D`s (weights stored in × out)."""
+    return Conv1D is not None and getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+
+
 def flop_saving(module: FactorizedLinear) -> float:
     """Fraction of the dense layer's multiply-adds the factorized layer saves (negative: it costs more)."""
     return 1.0 - module.multiply_adds() / (module.in_features * module.out_features)
 
 
-def merge_to_linear(module: FactorizedLinear) -> nn.Linear:
+def merge_to_linear(module: FactorizedLinear, *, conv1d: bool = False) -> nn.Module:
     """A plain `nn.Linear` applying the same matrix, in the module's dtype and on its device.
 
     The product is formed in float32 (or float64 for float64 layers) and rounded once, so a bf16
-    layer's merged weight is as close to the factorized one as bf16 allows.
+    layer's merged weight is as close to the factorized one as bf16 allows. ``conv1d=True`` builds a
+    GPT-2 `Conv1D` (weight stored in × out) instead: a saved GPT-2 folder is rebuilt with `Conv1D`s, and
+    an `nn.Linear` weight would load transposed — silently so for square matrices.
     """
     ref = module.up
     compute = torch.float64 if ref.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         weight = module.dense_weight(compute).to(ref.dtype)
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=ref.device, dtype=ref.dtype)
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
+        if conv1d:
+            linear = Conv1D(module.out_features, module.in_features).to(device=ref.device, dtype=ref.dtype)
+            linear.weight.copy_(weight.T)
+            linear.bias.copy_(module.bias if module.bias is not None else torch.zeros_like(linear.bias))
+        else:
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                               device=ref.device, dtype=ref.dtype)
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
     linear.train(module.training)
     linear.weight.requires_grad_(ref.requires_grad)
     if linear.bias is not None:
@@ -119,6 +132,8 @@ def merge_unprofitable(
     if min_weight_elements < 0:
         raise ValueError(f"min_weight_elements must be >= 0, got {min_weight_elements}")
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLinear)]
+    # GPT-2 checkpoints hold Conv1D layers: merged layers must be Conv1Ds again to save and load right.
+    conv1d = uses_conv1d(model)
     merged: list[MergedModule] = []
     for name, module in candidates:
         saving = flop_saving(module)
@@ -130,7 +145,7 @@ def merge_unprofitable(
         else:
             continue
         factor_params = sum(p.numel() for n, p in module.named_parameters() if n != "bias")
-        replace_module(model, name, merge_to_linear(module))
+        replace_module(model, name, merge_to_linear(module, conv1d=conv1d))
         merged.append(MergedModule(name, module.kind, module.out_features, module.in_features, module.rank,
                                    saving, factor_params, elements, reason))
     if merged and warn:
@@ -141,4 +156,17 @@ def merge_unprofitable(
             MergeWarning,
             stacklevel=2,
         )
+    return merged
+
+
+def merge_and_record(model: nn.Module, report, *, min_flop_saving: float = DEFAULT_MIN_FLOP_SAVING) -> list[MergedModule]:
+    """`merge_unprofitable` after a compression run, recorded in its `CompressionReport`.
+
+    The report's module entries become dense ("skipped" says why) and its parameter counts are redone,
+    so achieved ratios stay honest about the weights the merge added back.
+    """
+    from .params import count_parameters
+
+    merged = merge_unprofitable(model, min_flop_saving=min_flop_saving, warn=False)
+    report.record_merges(merged, count_parameters(model))
     return merged

@@ -39,6 +39,20 @@ class CompressionReport:
     allocation: dict = field(default_factory=dict)  # strategy diagnostics (importances, …)
     # Exclusive wall seconds per pipeline phase (:mod:`.profiling`): where the time of ``seconds`` went.
     phase_seconds: dict = field(default_factory=dict)
+    # Factorized layers merged back to dense after compression (:mod:`.merging`): they would not run faster.
+    merged: list = field(default_factory=list)
+
+    def record_merges(self, merged: list, parameters_after: int) -> None:
+        """Account for layers `merge_unprofitable` turned back into dense matrices (ratios stay honest)."""
+        by_name = {m.name: m for m in self.modules}
+        for item in merged:
+            module = by_name.get(item.name)
+            if module is not None:
+                module.params_after = item.params_after + module.bias_params
+                module.rank, module.kept_columns = None, 0
+                module.skipped = item.reason
+            self.merged.append(asdict(item))
+        self.parameters_after = parameters_after
 
     @property
     def linear_parameters_before(self) -> int:
