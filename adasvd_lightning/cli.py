@@ -317,18 +317,27 @@ _COMMANDS = {
 
 def _run_lightning(argv: list[str]) -> None:
     """``adasvd fit|validate|test …``: a LightningCLI run, then a summary (tables, ``--json``)."""
-    from .display import console, report_table
-    from .lightning_cli import run_cli, run_summary
+    from .lightning_cli import run_cli
 
     json_out, quiet = "--json" in argv, "--quiet" in argv
     args = [a for a in argv if a not in ("--json", "--quiet")]
     if quiet and args[0] in ("validate", "test"):
         args += ["--verbose", "false"]  # Lightning's own results table
     cli = run_cli(args, quiet=quiet)
-    trainer = cli.trainer
-    if not trainer.is_global_zero:
-        return
-    summary = run_summary(args[0], cli)
+    try:
+        if cli.trainer.is_global_zero:
+            _print_summary(args[0], cli, json_out=json_out, quiet=quiet)
+    finally:
+        from .core.distributed import shutdown
+
+        shutdown()  # multi-process runs: every rank leaves the process group together
+
+
+def _print_summary(command: str, cli, *, json_out: bool, quiet: bool) -> None:
+    from .display import console, report_table
+    from .lightning_cli import run_summary
+
+    summary = run_summary(command, cli)
     if not quiet:
         for report in summary["reports"]:
             console.print(report_table(report))

@@ -10,6 +10,7 @@ import torch
 
 from adasvd_lightning import load_compressed, load_tokenizer
 from adasvd_lightning.callbacks import SVDCompression, TrainableParameters
+from adasvd_lightning.core.distributed import shutdown
 from adasvd_lightning.display import quiet_libraries
 from adasvd_lightning.training.data import TextBlocksDataModule
 from adasvd_lightning.training.module import CausalLMModule
@@ -38,3 +39,4 @@ def main(model_dir, out, stage, trainable, steps, compress, method, ratio) -> No
 if __name__ == "__main__":
     a = sys.argv[1:]
     main(a[0], a[1], int(a[2]), a[3], int(a[4]), a[5] == "1", a[6], float(a[7]))
+    shutdown()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .lowrank import FactorizedLinear, module_from_entry
 
-__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module"]
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module", "shutdown"]
 
 
 def is_distributed() -> bool:
@@ -76,3 +76,15 @@ def share_module(module: nn.Module | None, payload: Any, owner: int, device: tor
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=owner)
     return module, payload
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    A process that exits while a peer is still inside a collective (or while gloo's threads are alive)
+    can abort with "terminate called without an active exception" *after* the work succeeded; every
+    multi-process entry point calls this last.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from adasvd_lightning import load_compressed
 from adasvd_lightning.callbacks import SVDCompression
+from adasvd_lightning.core.distributed import shutdown
 from adasvd_lightning.training.module import CausalLMModule
 from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy
 
@@ -42,3 +43,4 @@ def main(model_dir: str, out_dir: str, stage: int, method: str, resume: bool = F
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], resume=len(sys.argv) > 5)
+    shutdown()
