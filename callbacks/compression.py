@@ -63,9 +63,10 @@ class SVDCompression(Callback):
         ratio: fraction of each target matrix's parameters removed, in (0, 1) (single-stage points).
         at: ``"setup"``, ``"step"``, ``"epoch"`` or ``"fit_end"`` (see module docstring).
         schedule: for ``at="step"``/``"epoch"``: (point, ratio) pairs, points and ratios increasing.
-        calibration_batches: how many batches to draw for calibration statistics (split between the
-            ranks). Default ``None``: every batch of a dedicated calibration loader (this argument,
-            or the data module's ``calibration_dataloader()``), or 16 batches of the train loader.
+        calibration_batches: how many batches each rank draws for calibration statistics. Default
+            ``None``: a dedicated calibration loader (this argument, or the data module's
+            ``calibration_dataloader()``) is used whole, split between the ranks; the train loader
+            gives 16 batches per rank.
         calibration_dataloader: where to draw them from; default: the data module's
             ``calibration_dataloader()`` if it has one, else the train dataloader.
         model_attr: attribute of the LightningModule holding the model to compress (default
