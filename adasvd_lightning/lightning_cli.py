@@ -87,14 +87,14 @@ def _callbacks(trainer_cfg: Any) -> list[tuple[str, dict]]:
 
 
 def _check_model_path(value: Any) -> None:
+    """The model folder exists and holds a causal LM (``reference`` is built on first use)."""
     from .core.serialization import check_model_folder
 
-    if value is None or str(value) == "reference":
-        return
-    path = Path(str(value)).expanduser()
-    if not path.exists():
-        raise InvalidInputError(f"model.model_path: folder not found: {path}")
-    check_model_folder(path)
+    if value is not None and str(value) != "reference":
+        try:
+            check_model_folder(str(value))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"model.model_path: {exc}") from None
 
 
 def _check_strategy(strategy: Any) -> None:
@@ -138,13 +138,7 @@ def validate_before_run(config: Any) -> None:
                 from .workflows import resolve_device
 
                 resolve_device(callback.config.execution_device)
-            last = callback.stages[-1][0]
-            limit = max_steps if callback.at == "step" else max_epochs if callback.at == "epoch" else None
-            if limit is not None and limit >= 0 and last >= limit:
-                raise InvalidInputError(
-                    f"SVDCompression schedule point {callback.at} {last} is never reached: "
-                    f"trainer.{'max_steps' if callback.at == 'step' else 'max_epochs'} is {limit}"
-                )
+            callback.check_schedule_reached(max_steps=max_steps, max_epochs=max_epochs)
         elif name == "TrainableParameters":
             TrainableParameters(**args)
 

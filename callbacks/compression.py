@@ -247,8 +247,14 @@ class SVDCompression(Callback):
                 f"at={self.at!r} changes the model during training, which multi-process strategies do not "
                 "support yet; use at='setup' with DDP/DeepSpeed"
             )
+        self.check_schedule_reached(max_steps=trainer.max_steps, max_epochs=trainer.max_epochs)
+
+    def check_schedule_reached(self, *, max_steps: int | None, max_epochs: int | None) -> None:
+        """Refuse a schedule point the trainer never reaches (also used on recipes before any work)."""
+        if self.at not in ("step", "epoch"):
+            return
         last = self.stages[-1][0]
-        limit = trainer.max_steps if self.at == "step" else trainer.max_epochs
+        limit = max_steps if self.at == "step" else max_epochs
         if limit is not None and limit >= 0 and last >= limit:
             name = "max_steps" if self.at == "step" else "max_epochs"
             raise InvalidInputError(f"schedule {self.at} {last} is never reached: the trainer stops at {name}={limit}")

@@ -61,27 +61,20 @@ def column_preserving(bias: bool, dtype: torch.dtype, m: int = 48, n: int = 40, 
     return ColumnPreservingLinear.from_parts(up, down, kept_weight, kept, rest, b, dtype=dtype)
 
 
-INPUT_SHAPES = {"2d": (23, 40), "3d": (3, 7, 40), "3d-many": (4, 16, 40)}
+# Column-preserving: 2 rows < rank 10 take the gather path; 23 / 21 / 64 rows ≥ rank the zero-padded-down path.
+FORWARD_CASES = {
+    **{f"low-rank-{k}": (low_rank, v) for k, v in {"2d": (23, 40), "3d": (3, 7, 40), "3d-many": (4, 16, 40)}.items()},
+    **{f"column-preserving-{k}": (column_preserving, v) for k, v in {
+        "2d-few": (2, 40), "2d": (23, 40), "3d": (3, 7, 40), "3d-many": (4, 16, 40), "3d-few": (1, 1, 40)}.items()},
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", list(INPUT_SHAPES.values()), ids=list(INPUT_SHAPES))
-def test_low_rank_forward_matches_reference(dtype, bias, shape):
-    module = low_rank(bias, dtype)
-    x = torch.randn(*shape).to(dtype)
-    assert_matches(module(x), reference(module, x), dtype)
-
-
-# 2 rows < rank 10 takes the gather path; 23 / 21 / 64 rows ≥ rank take the zero-padded-down path.
-CP_SHAPES = {"2d-few": (2, 40), "2d": (23, 40), "3d": (3, 7, 40), "3d-many": (4, 16, 40), "3d-few": (1, 1, 40)}
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", list(CP_SHAPES.values()), ids=list(CP_SHAPES))
-def test_column_preserving_forward_matches_reference(dtype, bias, shape):
-    module = column_preserving(bias, dtype)
+@pytest.mark.parametrize("case", list(FORWARD_CASES))
+def test_forward_matches_reference(dtype, bias, case):
+    make, shape = FORWARD_CASES[case]
+    module = make(bias, dtype)
     x = torch.randn(*shape).to(dtype)
     assert_matches(module(x), reference(module, x), dtype)
 
