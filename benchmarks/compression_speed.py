@@ -22,7 +22,7 @@ Every run is its own process, so its memory figures are its own:
   = what compression adds on top of the loaded model and calibration ids; glibc may keep freed memory,
   so this is an upper bound on live data) and the process's ``ru_maxrss``. ``budget`` = 0.2 × dense
   model bytes + one decoder block's statistics (float64 Gram matrices of its distinct linear inputs,
-  three per input with paired refinement statistics): the issue's target for the overhead.
+  two per input — H_cc and H_oc — with paired refinement statistics): the issue's target for the overhead.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _block_statistics_bytes(model, paired: bool) -> int:
     """float64 Gram bytes of one block's distinct linear inputs (Llama: attention, o_proj, MLP, down_proj)."""
     cfg = model.config
     h, i = cfg.hidden_size, cfg.intermediate_size
-    return (3 * h * h + i * i) * 8 * (3 if paired else 1)
+    return (3 * h * h + i * i) * 8 * (2 if paired else 1)
 
 
 def _decomposition_seconds(shapes: dict[tuple[int, int], int]) -> dict:

@@ -9,7 +9,7 @@ from adasvd_lightning import CompressionConfig, CompressionWarning, compress_mod
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
-from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, adacomp, objective, v_step
+from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, adacomp, objective, u_step, v_step
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
 
@@ -212,3 +212,87 @@ def test_module_kl_allocation_with_replay_matches_full_forwards(token_batches, m
     assert [m.rank for m in fast.modules] == [m.rank for m in ref.modules]
     for name, row in ref.allocation["sensitivity"].items():
         assert fast.allocation["sensitivity"][name] == pytest.approx(row, rel=1e-5, abs=1e-9)
+
+
+def test_adacomp_with_shared_products_matches_plain_alternation():
+    """adaComp reuses V's products between the objective and the next U-step: same iterates as the plain loop."""
+    target, _, _ = _paired_target(kept=())
+    g = torch.Generator().manual_seed(7)
+    up = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    down = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    fast_up, fast_down, history = adacomp(target, up, down, iterations=6, tolerance=0.0)
+    ref_up, ref_down, ref_history = up, down, [objective(target, up, down)]
+    for _ in range(6):
+        ref_up = u_step(target, ref_down)
+        ref_history.append(objective(target, ref_up, ref_down))
+        ref_down = v_step(target, ref_up)
+        ref_history.append(objective(target, ref_up, ref_down))
+    assert len(history) == len(ref_history) == 13
+    assert history == pytest.approx(ref_history, rel=1e-10)
+    torch.testing.assert_close(fast_up @ fast_down, ref_up @ ref_down, rtol=1e-9, atol=1e-9)
+
+
+def test_measured_target_energy_replaces_h_oo():
+    _, w, stats = _paired_target(kept=(3, 7))
+    energy = float((w @ stats.h_oo * w).sum())
+    with_h_oo = RefinementTarget(w, stats, kept=torch.tensor([3, 7]))
+    measured = RefinementTarget(w, GramStatistics(stats.h_cc, stats.h_oc), kept=torch.tensor([3, 7]),
+                                target_energy=energy)
+    assert measured.y_norm == pytest.approx(with_h_oo.y_norm, rel=1e-12)
+    with pytest.raises(ValueError, match="h_oo"):
+        RefinementTarget(w, GramStatistics(stats.h_cc, stats.h_oc))
+
+
+@pytest.mark.parametrize("method", ["svd", "svd-llm-w", "svd-llm", "adasvd", "adasvd-duo"])
+def test_reported_error_equals_direct_measurement(method, token_batches):
+    """The report's error (refinement objective, dropped singular values or Gram form) is the measured one.
+
+    In block 0 every stream sees the same inputs, so ‖(W′ − W)X‖/‖W X‖ can be computed directly from the
+    dense model's captured activations and the stored compressed module.
+    """
+    import copy
+
+    from adasvd_lightning.core.surgery import find_targets, linear_weight
+
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    [(_, _, targets), *_] = find_targets(dense)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in targets.items()]
+    with torch.no_grad():
+        for batch in token_batches:
+            dense(batch)
+    for h in handles:
+        h.remove()
+    config = {"method_options": _FEW_CANDIDATES} if method == "adasvd-duo" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), token_batches)
+    by_name = {m.name: m for m in report.modules}
+    modules = dict(model.named_modules())
+    checked = 0
+    for name, dense_module in targets.items():
+        if by_name[name].rank is None:
+            continue
+        x = torch.cat(inputs[name]).double()
+        w = linear_weight(dense_module).detach().double()
+        approx = modules[name].dense_weight().detach().double()
+        expected = float(((x @ (approx - w).T).norm() / (x @ w.T).norm()))
+        assert by_name[name].relative_error == pytest.approx(expected, rel=1e-3), name
+        checked += 1
+    assert checked >= 5
+
+
+def test_closed_form_update_never_forms_g():
+    """One U-step needs only G·Vᵀ = W·(H_oc·Vᵀ); the m×n matrix G is formed only for V-steps."""
+    target, w, stats = _paired_target(kept=())
+    g = torch.Generator().manual_seed(8)
+    down = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    up0 = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    up, _, history = adacomp(target, up0, down, v_steps=False)
+    assert target._g is None
+    explicit = torch.linalg.solve(down @ stats.h_cc @ down.T, (w @ stats.h_oc @ down.T).T).T
+    torch.testing.assert_close(up, explicit, rtol=1e-9, atol=1e-9)
+    assert history[-1] == pytest.approx(objective(target, explicit, down), rel=1e-12)
+    torch.testing.assert_close(target.g, w @ stats.h_oc)  # formed on demand, as before

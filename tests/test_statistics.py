@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from adasvd_lightning.core.statistics import BlockStatistics, InputStatistics
@@ -46,3 +47,41 @@ def test_token_mask_excludes_padding(token_batches):
         with stats.masked(mask):
             model(token_batches[0], attention_mask=mask)
     assert stats.for_module("model.layers.0.self_attn.q_proj").tokens == 4 * 20
+
+
+def test_target_energy_is_the_dense_output_energy_without_bias(token_batches):
+    """‖W x‖² per token read off the outputs equals tr(W H Wᵀ) from the Gram matrix (masked, bias removed)."""
+    model = tiny_model("qwen2")  # q/k/v carry biases
+    [(_, _, targets), *_] = find_targets(model)
+    mask = torch.ones(4, 32, dtype=torch.long)
+    mask[:, 20:] = 0
+    with BlockStatistics(targets) as stats, torch.no_grad():
+        for batch in token_batches:
+            with stats.masked(mask):
+                model(batch, attention_mask=mask)
+    stats.finalize()
+    for name, module in targets.items():
+        w = module.weight.detach().double()
+        expected = float((w @ stats.for_module(name).gram * w).sum())
+        assert stats.target_energy(name) == pytest.approx(expected, rel=1e-5), name
+    assert stats.for_module("model.layers.0.self_attn.q_proj").tokens == 2 * 4 * 20
+
+
+def test_paired_mode_measures_energy_on_the_dense_stream_only():
+    """In paired mode ‖W X_o‖² comes from the "original" pass; the compressed-stream pass adds nothing."""
+    lin = torch.nn.Linear(6, 4)
+    g = torch.Generator().manual_seed(2)
+    xo, xc = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+    with BlockStatistics({"lin": lin}) as stats, torch.no_grad():
+        stats.mode = "original"
+        lin(xo)
+        stats.mode = "compressed"
+        lin(xc)
+    stats.finalize()
+    s = stats.for_module("lin")
+    w = lin.weight.detach().double()
+    assert s.tokens == 10
+    assert torch.allclose(s.gram, xc.double().T @ xc.double() / 10)
+    assert torch.allclose(s.grams().h_oc, xo.double().T @ xc.double() / 10)
+    assert s.grams().h_oo is None  # never accumulated: the energy replaces it
+    assert stats.target_energy("lin") == pytest.approx(float((xo.double() @ w.T).square().sum() / 10), rel=1e-6)

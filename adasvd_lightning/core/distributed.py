@@ -49,7 +49,7 @@ def all_reduce_statistics(stats: dict[str, Any]) -> None:
         return
     for name in sorted(stats):  # same order on every rank
         s = stats[name]
-        tensors = [s.gram_sum, s.abs_sum] + ([s.cross_sum, s.original_sum] if s.cross_sum is not None else [])
+        tensors = [s.gram_sum, s.abs_sum] + ([s.cross_sum] if s.cross_sum is not None else [])
         for t in tensors:
             dist.all_reduce(t)
         s.tokens = int(all_reduce_sum([float(s.tokens)], device=s.gram_sum.device)[0])

@@ -50,21 +50,26 @@ class CompressionWarning(UserWarning):
 
 
 
-def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatistics) -> float:
+def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatistics,
+                  target_energy: float | None = None) -> float:
     """‖W′X_c − W X_o‖_F / ‖W X_o‖_F from the Gram matrices.
 
-    Single-stream statistics (one H for all three) take the error form tr(E H Eᵀ), E = W′ − W: two
-    m×n×n products instead of four, and no cancellation between large terms.
+    ``target_energy`` (‖W X_o‖², measured on the dense outputs) saves the m·n² product that computes it
+    from H_oo. Single-stream statistics (one H) take the error form tr(E H Eᵀ), E = W′ − W: no
+    cancellation between large terms.
     """
     w, a = weight.to(torch.float64), approx.to(torch.float64)
-    w_hoo = w @ grams.h_oo
-    den = (w_hoo * w).sum()
-    if grams.h_cc is grams.h_oc and grams.h_oc is grams.h_oo:
+    den = target_energy if target_energy is not None else grams.target_energy(w)
+    if grams.h_cc is grams.h_oc:
         e = a - w
-        num = (e @ grams.h_cc * e).sum()
+        num = float((e @ grams.h_cc * e).sum())
     else:
-        num = (a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum() + den
-    return float(num.clamp_min(0.0) / den) ** 0.5 if den > 0 else float("nan")
+        num = float((a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum()) + den
+    return _relative(num, den)
+
+
+def _relative(squared_error: float, energy: float) -> float:
+    return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,11 +84,19 @@ def _factorize_target(
     ctx: PlanContext,
     input_stats: InputStatistics | None,
     whitenings: dict[int, Whitening] | None = None,
+    target_energy: float | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
     ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
     so they share one Cholesky factorization instead of computing the identical factor three times.
+    ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`).
+
+    The report's relative output error is read off numbers the factorization already has whenever
+    they are exact for the stored module (float32/float64 factors): the final refinement objective
+    f = ‖W′X_c − W X_o‖², or — single stream, exact Cholesky whitening, nothing else — the dropped
+    singular values of W·L (their squares sum to ‖(W − W′)X‖², all of them to ‖W X‖²). Otherwise it is
+    computed from the Gram matrices (m·n² flops per matrix).
     """
     spec, config = ctx.spec, ctx.config
     out_features, in_features = linear_shape(module)
@@ -125,15 +138,21 @@ def _factorize_target(
             )
         if split is not None:
             up, down, kept = split.up, split.down, split.kept
+    known_error: float | None = None  # relative output error, when the factorization already knows it
     if spec.refinement != "none" and input_stats is not None:
         with phase("refinement", absorb=True):
-            target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping)
+            target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping,
+                                      target_energy=target_energy)
             up, down, history = adacomp(
                 target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                 v_steps=spec.refinement == "adacomp",
             )
             report.refinement_steps = len(history) - 1
             up, down = balance_factors(up, down)
+            known_error = _relative(history[-1], target.target_energy)
+    elif split is None and whitening.kind == "cholesky" and input_stats is not None:
+        sigma2 = factors.singular_values.to(torch.float64).square()
+        known_error = _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
 
     with phase("surgery"):
         b = bias.detach() if bias is not None else None
@@ -150,7 +169,11 @@ def _factorize_target(
     report.whitening = whitening.kind
     if input_stats is not None:
         with phase("report"):
-            report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams())
+            if known_error is not None and weight.dtype in (torch.float32, torch.float64):
+                report.relative_error = known_error
+            else:  # e.g. bf16 factors: their rounding is part of the error, so measure the stored module
+                report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams(),
+                                                      target_energy)
     return report, new
 
 
@@ -202,7 +225,8 @@ def _compress_block(
         new, module_report = None, None
         if rank_id == owner:
             input_stats = stats.for_module(name) if stats is not None else None
-            module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings)
+            energy = stats.target_energy(name) if stats is not None else None
+            module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy)
         ref = next(module.parameters())
         with phase("surgery"):
             new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)

@@ -12,7 +12,13 @@ only positions where it is non-zero contribute.
 Paired mode (for refinement against dense targets): run the *dense* block on the dense model's hidden
 states with ``mode = "original"`` (inputs are stashed, one batch at a time), then the same block on the
 compressed model's hidden states with ``mode = "compressed"``; each compressed-stream input is paired
-with its stashed original and H_cc = X_cᵀX_c, H_oc = X_oᵀX_c, H_oo = X_oᵀX_o are accumulated.
+with its stashed original and H_cc = X_cᵀX_c and H_oc = X_oᵀX_c are accumulated.
+
+Target energy: every target's output is also observed (forward hook) in ``"single"`` and ``"original"``
+mode, and Σ‖W x‖² (bias removed) is accumulated per module in float64. That is the denominator of every
+relative output error and the ‖Y‖² of refinement; reading it off the outputs the forward computes anyway
+costs N·m per module, where the Gram route needs a third n×n Gram product per input in paired mode
+(H_oo = X_oᵀX_o, N·n² per batch and n² memory) or an m·n² product per matrix afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from .profiling import phase
+from .surgery import linear_bias
 
 __all__ = ["InputStatistics", "BlockStatistics"]
 
@@ -34,14 +41,13 @@ class InputStatistics:
     """Accumulated statistics of one distinct linear input of width n.
 
     ``gram_sum`` is Σ x_c x_cᵀ of the inputs the layer sees; in paired mode ``cross_sum`` (Σ x_o x_cᵀ)
-    and ``original_sum`` (Σ x_o x_oᵀ) relate them to the dense model's inputs x_o.
+    relates them to the dense model's inputs x_o.
     """
 
     gram_sum: torch.Tensor  # n×n float64, Σ x xᵀ
     abs_sum: torch.Tensor  # n float64, Σ |x| (ASVD's activation scale)
     tokens: int = 0
     cross_sum: torch.Tensor | None = None
-    original_sum: torch.Tensor | None = None
     normalized: bool = False  # True after `finalize`: the *_sum fields hold means
 
     def finalize(self) -> None:
@@ -53,7 +59,7 @@ class InputStatistics:
         """
         if self.normalized or self.tokens == 0:  # no tokens: `gram` raises when it is read
             return
-        for t in (self.gram_sum, self.abs_sum, self.cross_sum, self.original_sum):
+        for t in (self.gram_sum, self.abs_sum, self.cross_sum):
             if t is not None:
                 t.div_(self.tokens)
         self.normalized = True
@@ -67,32 +73,31 @@ class InputStatistics:
         """Accumulate a (tokens × n) batch in float64 (float32 sums drift over millions of tokens)."""
         if self.normalized:
             raise RuntimeError("statistics were finalized; no more batches can be added")
-        x64 = x.detach().to(torch.float64)
+        self._add64(x.detach().to(torch.float64))
+
+    def _add64(self, x64: torch.Tensor) -> None:
         self.gram_sum.addmm_(x64.T, x64)
         self.abs_sum.add_(x64.abs().sum(dim=0))
         self.tokens += x64.shape[0]
 
     def add_pair(self, x_original: torch.Tensor, x_compressed: torch.Tensor) -> None:
         """Accumulate a batch seen by the dense model (x_o) and by the compressed prefix (x_c)."""
-        xo = x_original.detach().to(torch.float64)
+        if self.normalized:
+            raise RuntimeError("statistics were finalized; no more batches can be added")
         if self.cross_sum is None:
             self.cross_sum = torch.zeros_like(self.gram_sum)
-            self.original_sum = torch.zeros_like(self.gram_sum)
-        self.add(x_compressed)
         xc = x_compressed.detach().to(torch.float64)
-        self.cross_sum.addmm_(xo.T, xc)
-        self.original_sum.addmm_(xo.T, xo)
+        self._add64(xc)
+        self.cross_sum.addmm_(x_original.detach().to(torch.float64).T, xc)
 
     def grams(self):
-        """`GramStatistics` (means) for refinement; single-stream statistics give H_cc = H_oc = H_oo."""
+        """`GramStatistics` (means) for refinement; single-stream statistics give H_cc = H_oc (= H_oo)."""
         from .refinement import GramStatistics
 
         h = self.gram
         if self.cross_sum is None:
             return GramStatistics.single_stream(h)
-        if self.normalized:
-            return GramStatistics(h_cc=h, h_oc=self.cross_sum, h_oo=self.original_sum)
-        return GramStatistics(h_cc=h, h_oc=self.cross_sum / self.tokens, h_oo=self.original_sum / self.tokens)
+        return GramStatistics(h_cc=h, h_oc=self.cross_sum if self.normalized else self.cross_sum / self.tokens)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -127,6 +132,9 @@ class BlockStatistics:
         self._stash: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, str] = {}  # module name -> group leader name
         self._stats: dict[str, InputStatistics] = {}
+        self._energy: dict[str, torch.Tensor] = {}  # module name -> Σ ‖W x‖² (float64 scalar)
+        self._energy_tokens: dict[str, int] = {}
+        self._energy_normalized = False
         # First-batch input tensor per module. Holding the tensors (not just their addresses) keeps
         # the allocator from reusing a freed buffer, which would make unrelated inputs look shared.
         self._seen: dict[str, torch.Tensor] = {}
@@ -137,6 +145,7 @@ class BlockStatistics:
     def __enter__(self) -> "BlockStatistics":
         for name, module in self.targets.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+            self._handles.append(module.register_forward_hook(self._make_output_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -175,6 +184,26 @@ class BlockStatistics:
 
         return hook
 
+    def _make_output_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            # The dense targets' outputs: on the compressed stream ("compressed") they are not targets.
+            if self.mode == "compressed" or not isinstance(output, torch.Tensor):
+                return
+            with phase("statistics"):
+                y = self._select_tokens(output.detach())
+                bias = linear_bias(module)
+                if bias is not None:
+                    y = y - bias.detach()
+                # Row sums in the output dtype (m terms), the running total in float64.
+                energy = y.float().square().sum(dim=-1).to(torch.float64).sum()
+                if name in self._energy:
+                    self._energy[name] += energy
+                else:
+                    self._energy[name] = energy
+                self._energy_tokens[name] = self._energy_tokens.get(name, 0) + y.shape[0]
+
+        return hook
+
     def _assign_group(self, name: str, x: torch.Tensor) -> None:
         if name in self._seen:
             # A module came round again: the first batch is over and its grouping is final.
@@ -204,12 +233,27 @@ class BlockStatistics:
         """Sum the statistics over ranks of a process group (no-op without one)."""
         from .distributed import all_reduce_statistics
 
+        from .distributed import all_reduce_sum, is_distributed
+
         all_reduce_statistics(self._stats)
+        if is_distributed() and self._energy:
+            names = sorted(self._energy)  # same order on every rank
+            device = self._energy[names[0]].device
+            sums = all_reduce_sum([float(self._energy[n]) for n in names] + [float(self._energy_tokens[n]) for n in names],
+                                  device=device)
+            for i, n in enumerate(names):
+                self._energy[n] = torch.tensor(sums[i], dtype=torch.float64, device=device)
+                self._energy_tokens[n] = int(sums[len(names) + i])
 
     def finalize(self) -> None:
         """Sums → means in place for every input (after `all_reduce`; see `InputStatistics.finalize`)."""
         for stats in self._stats.values():
             stats.finalize()
+        if not self._energy_normalized:
+            for name, tokens in self._energy_tokens.items():
+                if tokens:
+                    self._energy[name] = self._energy[name] / tokens
+            self._energy_normalized = True
 
     # -- results -----------------------------------------------------------------------------------
     def for_module(self, name: str) -> InputStatistics:
@@ -217,6 +261,17 @@ class BlockStatistics:
         if leader not in self._stats:
             raise RuntimeError(f"no calibration input reached {name}; is it used in the forward pass?")
         return self._stats[leader]
+
+    def target_energy(self, name: str) -> float | None:
+        """Mean ‖W x‖² per token of a target's dense output (bias removed), or None if never observed.
+
+        In paired mode this is over the dense model's stream (‖W X_o‖²: refinement's ‖Y‖² and the
+        denominator of the relative output error). Read after `finalize`.
+        """
+        if name not in self._energy or not self._energy_tokens.get(name):
+            return None
+        value = self._energy[name]
+        return float(value if self._energy_normalized else value / self._energy_tokens[name])
 
     def groups(self) -> dict[str, list[str]]:
         """Leader name → all module names sharing its input (for reports and tests)."""
