@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and benchmarks/results/ alone")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], float(args.one[1]), args.samples, args.seq_len)))
@@ -91,11 +91,11 @@ def main() -> None:
             print(f"{method:>11} {ratio:.0%}: ppl {row['perplexity']:10.2f}  Δ {row['delta']:+9.2%}  "
                   f"{row['seconds']:6.1f}s  peak {row['peak_rss_mb']:.0f} MB", flush=True)
 
+    if args.no_write:  # a partial run must not overwrite the full table's raw rows and plot either
+        return
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps({"dense": dense, "rows": rows, "machine": machine()}, indent=2))
     _plot(dense, rows, args.methods)
-    if args.no_write:
-        return
     lines = [
         "## Quality: perplexity vs compression ratio (reference model)",
         "",
