@@ -17,6 +17,13 @@ is reported beside it.
 r·(m+n−k) + m·k) plus attention's QKᵀ and A·V products over the causal triangle (T·(T+1)/2 key
 positions per query summed, per head). Not counted: embeddings, norms, rotary, softmax, SiLU —
 they are part of the measured time, so an achieved fraction of 1.0 is not reachable.
+
+Allocator: by default the run first calls `adasvd_lightning.core.runtime.retain_freed_memory` (glibc
+``mallopt``) so freed activations stay in the heap for the next op, for every model alike. With
+glibc's defaults each activation above 32 MiB is a fresh ``mmap``: at 32 × 512 that is about 1.8
+million minor page faults (≈ 7 GiB zero-filled by the kernel) per forward, 20–30 % of the latency, and
+a cost that does not shrink with the rank. ``--system-malloc`` measures with the defaults instead;
+the minor page faults per forward are recorded either way.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -53,6 +61,7 @@ class Candidate:
     achieved_ratio: float = 0.0
     merged: int = 0
     latencies: dict = field(default_factory=dict)  # (batch, seq) -> list of seconds
+    faults: dict = field(default_factory=dict)  # (batch, seq) -> minor page faults of each timed forward
 
 
 def synthetic_llama(args: argparse.Namespace) -> nn.Module:
@@ -117,13 +126,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: nn.Module, ids: torch.Tensor, device: torch.device) -> float:
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_forward(model: nn.Module, ids: torch.Tensor, device: torch.device) -> tuple[float, int]:
+    """Seconds of one forward and the minor page faults the process took during it."""
     sync(device)
+    faults = minor_faults()
     start = time.perf_counter()
     with torch.inference_mode():
         model(input_ids=ids, use_cache=False)
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, minor_faults() - faults
 
 
 def measure(candidates: list[Candidate], shapes: list[tuple[int, int]], vocab: int, device: torch.device,
@@ -132,15 +147,54 @@ def measure(candidates: list[Candidate], shapes: list[tuple[int, int]], vocab: i
     generator = torch.Generator().manual_seed(0)
     for batch, seq in shapes:
         ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
-        warm = [time_forward(c.model, ids, device) for c in candidates]
+        warm = [time_forward(c.model, ids, device)[0] for c in candidates]
         rounds = min(max_repeats, max(repeats, int(min_seconds / max(warm[0], 1e-6)) + 1))
         for c in candidates:
-            c.latencies[(batch, seq)] = []
+            c.latencies[(batch, seq)], c.faults[(batch, seq)] = [], []
         for _ in range(rounds):
             for c in candidates:
-                c.latencies[(batch, seq)].append(time_forward(c.model, ids, device))
+                seconds, faults = time_forward(c.model, ids, device)
+                c.latencies[(batch, seq)].append(seconds)
+                c.faults[(batch, seq)].append(faults)
         dense_ms = statistics.median(candidates[0].latencies[(batch, seq)]) * 1e3
         print(f"  batch {batch:>3} × seq {seq:>4}: {rounds} rounds, dense {dense_ms:9.1f} ms", flush=True)
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def op_breakdown(candidates: list[Candidate], batch: int, seq: int, vocab: int, device: torch.device) -> list[dict]:
+    """torch.profiler self time of one forward per model, split into linear GEMMs, attention, the rest.
+
+    Attention = the fused SDPA kernel (or, under eager attention, its matmuls land in GEMMs).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    out = []
+    for c in candidates:
+        time_forward(c.model, ids, device)  # warm-up outside the profile
+        faults = minor_faults()
+        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+            c.model(input_ids=ids, use_cache=False)
+        faults = minor_faults() - faults
+        parts = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        top = {}
+        for event in prof.key_averages():
+            ms = event.self_cpu_time_total / 1e3
+            if event.key in GEMM_OPS:
+                parts["gemm"] += ms
+            elif "scaled_dot_product" in event.key:
+                parts["attention"] += ms
+            else:
+                parts["other"] += ms
+                top[event.key] = ms
+        biggest = sorted(top.items(), key=lambda kv: -kv[1])[:5]
+        out.append({"label": c.label, "batch": batch, "seq": seq, "total_ms": sum(parts.values()),
+                    **{f"{k}_ms": v for k, v in parts.items()}, "minor_faults": faults,
+                    "other_top": [[k, v] for k, v in biggest]})
+        print(f"  profile {c.label}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in parts.items()), flush=True)
+    return out
 
 
 def rows_for(candidates: list[Candidate], config, shapes: list[tuple[int, int]], model_name: str) -> list[dict]:
@@ -157,10 +211,11 @@ def rows_for(candidates: list[Candidate], config, shapes: list[tuple[int, int]],
             ideal = dense_macs / macs
             speedup = dense_latency / latency
             rows.append({
-                "model": model_name, "label": c.label, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio,
+                "model": model_name, "attention": c.model.config._attn_implementation, "label": c.label, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio,
                 "merged_layers": c.merged, "batch": batch, "seq": seq, "tokens": tokens,
                 "latency_ms": latency * 1e3, "latency_median_ms": statistics.median(c.latencies[(batch, seq)]) * 1e3,
                 "latency_runs_ms": [t * 1e3 for t in c.latencies[(batch, seq)]],
+                "minor_faults": statistics.median(c.faults[(batch, seq)]),
                 "tokens_per_s": tokens / latency, "gflop": 2 * macs / 1e9, "gflop_per_s": 2 * macs / latency / 1e9,
                 "weight_bytes": c.weight_bytes, "ideal_speedup": ideal, "speedup": speedup,
                 "fraction_of_ideal": speedup / ideal,
@@ -178,13 +233,19 @@ def benchmark_model(name: str, dense: nn.Module, args: argparse.Namespace, devic
         else:
             model, achieved, merged = compress(dense, ratio, args.min_flop_saving)
         model = model.to(device=device, dtype=dtype).eval()
+        if candidates and model.config._attn_implementation != candidates[0].model.config._attn_implementation:
+            raise RuntimeError("dense and compressed models must run the same attention implementation")
         label = "dense" if ratio == 0.0 else f"svd {ratio:.0%}"
         candidates.append(Candidate(label, ratio, model, weight_bytes(model), linear_macs_per_token(model),
                                     achieved, merged))
         print(f"{name} {label}: {weight_bytes(model) / 2**20:.1f} MiB of weights, "
               f"{linear_macs_per_token(model) / 1e6:.1f} M linear MACs/token, merged back {merged}", flush=True)
     measure(candidates, shapes, dense.config.vocab_size, device, args.repeats, args.min_seconds, args.max_repeats)
-    return rows_for(candidates, dense.config, shapes, name)
+    rows = rows_for(candidates, dense.config, shapes, name)
+    if name == "synthetic" and not args.no_profile:
+        batch, seq = max(shapes, key=lambda bs: bs[0] * bs[1])
+        args.profile_rows = op_breakdown([candidates[0], candidates[-1]], batch, seq, dense.config.vocab_size, device)
+    return rows
 
 
 def layer_microbenchmark(device: torch.device, dtype: torch.dtype, tokens: int = 1024) -> list[dict]:
@@ -301,10 +362,15 @@ def main() -> None:
     parser.add_argument("--max-repeats", type=int, default=15)
     parser.add_argument("--min-flop-saving", type=float, default=None,
                         help="merge back layers saving less (default: merging.DEFAULT_MIN_FLOP_SAVING)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's malloc defaults (freed activations unmapped, page-faulted in again)")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the torch.profiler breakdown of dense and most compressed at the largest shape")
     parser.add_argument("--reference", action="store_true", help="also benchmark the embedded reference model")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--rewrite", metavar="JSON", help="re-render the BENCHMARKS.md section from a saved result")
     args = parser.parse_args()
+    args.profile_rows = []
     if args.rewrite:
         result = json.loads(Path(args.rewrite).read_text())
         name = Path(args.rewrite).stem
@@ -313,9 +379,12 @@ def main() -> None:
         return
 
     from adasvd_lightning.core.merging import DEFAULT_MIN_FLOP_SAVING
+    from adasvd_lightning.core.runtime import retain_freed_memory
     from adasvd_lightning.display import quiet_libraries
 
     quiet_libraries()
+    # Before any model exists; process-wide, so dense and compressed models run under the same allocator.
+    retained = not args.system_malloc and retain_freed_memory()
     if args.min_flop_saving is None:
         args.min_flop_saving = DEFAULT_MIN_FLOP_SAVING
     device = torch.device(args.device)
@@ -347,7 +416,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "device": str(device), "dtype": args.dtype, "model": shape, "argv": sys.argv[1:],
               "reference": args.reference, "min_flop_saving": args.min_flop_saving, "seconds": seconds,
-              "load_average": load, "rows": rows, "layers": layers}
+              "freed_memory_retained": retained,
+              "load_average": load, "rows": rows, "layers": layers, "profile": args.profile_rows}
     (RESULTS / f"inference{suffix}.json").write_text(json.dumps(result, indent=2))
     if not args.no_write:
         write_section(f"inference{suffix}", render_section(result))
@@ -381,6 +451,50 @@ def fixed_cost_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def runtime_note(result: dict) -> str:
+    rows = result["rows"]
+    attention = sorted({r.get("attention", "?") for r in rows})
+    if "freed_memory_retained" not in result:
+        allocator = "not recorded"
+    elif result["freed_memory_retained"]:
+        allocator = ("freed memory retained for reuse (`adasvd_lightning.core.runtime.retain_freed_memory`, glibc "
+                     "`mallopt`), set once for the whole process before any model is built")
+    else:
+        allocator = ("glibc defaults (`--system-malloc`: every freed block above 32 MiB goes back to the kernel, "
+                     "so the next activation of that size is page-faulted in and zero-filled again)")
+    note = (f"Runtime, identical for dense and compressed models: attention implementation "
+            f"{', '.join(f'`{a}`' for a in attention)} (transformers' `config._attn_implementation`; `sdpa` runs "
+            f"PyTorch's fused causal flash-attention kernel on CPU, no T × T score matrix). Allocator: {allocator}.")
+    model = rows[0]["model"]
+    largest = max((r for r in rows if r["model"] == model and "minor_faults" in r), default=None,
+                  key=lambda r: r["tokens"])
+    if largest is not None:
+        faults = [r for r in rows if r["model"] == model and r["tokens"] == largest["tokens"]
+                  and (r["batch"], r["seq"]) == (largest["batch"], largest["seq"])]
+        note += (f" Minor page faults per forward (median of the rounds) at {largest['batch']} × {largest['seq']}: "
+                 + ", ".join(f"{r['label']} {r['minor_faults']:,.0f}" for r in faults) + ".")
+    return note
+
+
+def profile_table(profile: list[dict]) -> list[str]:
+    if not profile:
+        return []
+    p = profile[0]
+    lines = [f"torch.profiler, one forward at {p['batch']} × {p['seq']} (self CPU time; the profiler adds a "
+             "little): *linear GEMMs* = `aten::mm`/`addmm` of the projections, MLP and LM head; *attention* = "
+             "the fused SDPA kernel; *other* = everything else (element-wise ops of norms, rotary, SiLU·up, "
+             "residual adds, embedding).",
+             "",
+             "| variant | total ms | linear GEMMs ms | attention ms | other ms | other, largest ops (ms) | "
+             "minor page faults |",
+             "|---|---|---|---|---|---|---|"]
+    for r in profile:
+        top = ", ".join(f"{k.removeprefix('aten::')} {v:.0f}" for k, v in r["other_top"])
+        lines.append(f"| {r['label']} | {r['total_ms']:.0f} | {r['gemm_ms']:.0f} | {r['attention_ms']:.0f} | "
+                     f"{r['other_ms']:.0f} | {top} | {r['minor_faults']:,} |")
+    return [*lines, ""]
+
+
 def render_section(result: dict) -> str:
     """The BENCHMARKS.md section of one run (also re-rendered from its JSON with ``--rewrite``)."""
     rows, layers, load = result["rows"], result["layers"], result["load_average"]
@@ -409,18 +523,23 @@ def render_section(result: dict) -> str:
         f"(`merge_unprofitable`, min FLOP saving {result.get('min_flop_saving', 0.15):.0%}): {merged} "
         "(the svd preset saves exactly the ratio in every layer, so none falls below the threshold).",
         "",
+        runtime_note(result),
+        "",
         summary(rows),
         "",
         markdown_rows(rows),
         "",
         f"Where the gap to the ideal comes from ({first['model']}): per shape, a least-squares fit of latency ≈ "
         "t₀ + GFLOP / rate over the four variants. t₀ does not shrink with compression (norms, SiLU, rotary, "
-        "softmax, and attention, which the CPU runs far below GEMM efficiency: t₀ grows with the sequence "
-        "length). The larger t₀'s share of the compressed model's latency, the further the achieved speed-up "
-        "falls below the FLOP ideal.",
+        "softmax, residual adds, and attention, which the CPU runs well below GEMM efficiency: t₀ grows with "
+        "the sequence length). The larger t₀'s share of the compressed model's latency, the further the "
+        "achieved speed-up falls below the FLOP ideal. The fitted rate is an average: the factorized layers' "
+        "second GEMM (inner dimension = the rank) runs below the dense layers' GEMM rate, which the fit "
+        "partly books into t₀.",
         "",
         *fixed_cost_table(rows),
         "",
+        *profile_table(result.get("profile", [])),
         f"Single layer 2816 × 1024 at 60 % ({result['dtype']}): dense vs factorized forward paths, best of 15. "
         "Column-preserving layer: 64 kept columns, rank chosen for the same multiply-adds as the low-rank layer; "
         "*old path* = the previous forward (gather the rest columns, two GEMMs, add).",

@@ -1,0 +1,45 @@
+"""Process-level settings for CPU inference (opt-in; nothing in the library calls them by itself).
+
+`retain_freed_memory`: glibc's ``malloc`` serves every block above its mmap threshold (128 KiB at
+start, adapting up to 32 MiB) with a fresh ``mmap`` and gives it back to the kernel on ``free``. A
+transformer forward on CPU allocates activations of tens to hundreds of MiB per op (batch 32 × seq
+512 × hidden 1024 in float32 is 64 MiB; an MLP activation 176 MiB), so every op's output is
+page-faulted in and zero-filled by the kernel again: measured on the inference benchmark's
+synthetic Llama at 32 × 512, about 1.8 million minor page faults (≈ 7 GiB) per forward and 20–30 %
+of the latency (``benchmarks/inference.py``, BENCHMARKS.md). Raising the thresholds keeps freed
+blocks in the heap for the next op, as jemalloc / tcmalloc (the usual ``LD_PRELOAD`` advice for CPU
+inference) do. Costs: the process keeps its peak heap instead of returning it to the system.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+__all__ = ["retain_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_INT_MAX = 2**31 - 1
+
+
+def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = _INT_MAX) -> bool:
+    """Make glibc keep freed large blocks for reuse instead of unmapping them (``mallopt``).
+
+    Blocks up to ``mmap_threshold`` bytes come from the heap, and the heap top is returned to the
+    system only when more than ``trim_threshold`` bytes are free there. Affects allocations made
+    after the call, process-wide (every tensor on the CPU, whatever model). Returns ``False``, and
+    changes nothing, where there is no glibc ``mallopt`` (macOS, Windows, musl).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl has no mmap / trim tunables
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, _INT_MAX))
+    return bool(ok and mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, _INT_MAX)))
