@@ -220,6 +220,9 @@ def _compress_block(
     # Each rank factors its round-robin share of the block's targets; results are broadcast.
     rank_id, world_size = world()
     whitenings: dict[int, Whitening] = {}
+    # A shared input's statistics and whitening are dropped after the last target this rank factors
+    # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
+    last_use = {stats.leader(name): i for i, name in enumerate(targets) if i % world_size == rank_id} if stats else {}
     for i, (name, module) in enumerate(targets.items()):
         owner = i % world_size
         new, module_report = None, None
@@ -227,6 +230,10 @@ def _compress_block(
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy)
+            if stats is not None and last_use.get(stats.leader(name)) == i:
+                whitenings.pop(id(input_stats), None)
+                stats.release(name)
+            input_stats = None
         ref = next(module.parameters())
         with phase("surgery"):
             new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
