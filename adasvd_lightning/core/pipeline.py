@@ -229,7 +229,8 @@ def _compress_block(
     whitenings: dict[int, Whitening] = {}
     # A shared input's statistics and whitening are dropped after the last target this rank factors
     # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
-    last_use = {stats.leader(name): i for i, name in enumerate(targets) if i % world_size == rank_id} if stats else {}
+    mine = [(i, name) for i, name in enumerate(targets) if i % world_size == rank_id]
+    last_use = {stats.leader(name): i for i, name in mine} if stats is not None else {}
     for i, (name, module) in enumerate(targets.items()):
         owner = i % world_size
         new, module_report = None, None

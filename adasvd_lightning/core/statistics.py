@@ -43,8 +43,8 @@ def accumulate_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -
     """h += xᵀx on the block lower triangle only (diagonal blocks whole); `mirror_lower` completes it.
 
     H is symmetric, so half of a full GEMM's work is redundant. BLAS's symmetric rank-k update is not
-    exposed by torch; row blocks of width b against the columns up to their diagonal do
-    (k + 1)/(2k) of the work for k = ⌈n/b⌉ blocks — 62 % at n = 1024, 55 % at n = 2816, 51 % at n = 11008 — with the
+    exposed by torch; row blocks of width b against the columns up to their diagonal do (k + 1)/(2k)
+    of the work for k = ⌈n/b⌉ blocks (62 % at n = 1024, 55 % at n = 2816, 51 % at n = 11008) with the
     same dot products, so every computed entry is what the full product would give.
     """
     n = x.shape[1]
@@ -290,8 +290,8 @@ class BlockStatistics:
         if is_distributed() and self._energy:
             names = sorted(self._energy)  # same order on every rank
             device = self._energy[names[0]].device
-            sums = all_reduce_sum([float(self._energy[n]) for n in names] + [float(self._energy_tokens[n]) for n in names],
-                                  device=device)
+            local = [float(self._energy[n]) for n in names] + [float(self._energy_tokens[n]) for n in names]
+            sums = all_reduce_sum(local, device=device)
             for i, n in enumerate(names):
                 self._energy[n] = torch.tensor(sums[i], dtype=torch.float64, device=device)
                 self._energy_tokens[n] = int(sums[len(names) + i])
