@@ -57,12 +57,20 @@ class _PeakSampler:
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.start = self.peak = _rss()
+        self.peak_phase = "-"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
+        from adasvd_lightning.core import profiling
+
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
+            rss = _rss()
+            if rss > self.peak:
+                self.peak = rss
+                timer = profiling.active_timer()  # which pipeline phase was running at the peak
+                stack = list(timer._stack) if timer is not None else []
+                self.peak_phase = stack[-1][0] if stack else "-"
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "_PeakSampler":
@@ -171,6 +179,7 @@ def one(spec: dict) -> dict:
         "activations_mb": tokens * hidden * 4 / 2**20,
         "rss_start_mb": sampler.start / 2**20, "rss_peak_mb": sampler.peak / 2**20,
         "extra_mb": (sampler.peak - sampler.start) / 2**20, "maxrss_mb": maxrss / 2**20,
+        "peak_phase": sampler.peak_phase,
         "achieved_ratio": report.achieved_ratio,
     }
 
@@ -214,7 +223,7 @@ def _phase_cell(row: dict) -> str:
 def _table(rows: list[dict], title: str) -> list[str]:
     lines = [f"**{title}**", "",
              "| model | preset | tokens | seconds | × unavoidable | main phases (s, share) | decomposition s LAPACK / gram | "
-             "peak extra MB | budget MB | model MB | block stats MB | activations MB |",
+             "peak extra MB (phase at peak) | budget MB | model MB | block stats MB | activations MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = "reference" if r["model"] == "reference" else f"h{r['hidden']}×{r['blocks']}"
@@ -222,7 +231,7 @@ def _table(rows: list[dict], title: str) -> list[str]:
         lines.append(
             f"| {name} | {r['method']} | {r['tokens']:,} | {r['seconds']:.1f} | {r['seconds'] / r['unavoidable_s']:.1f} "
             f"({r['unavoidable_s']:.1f} s) | {_phase_cell(r)} | {r['svd_lapack_s']:.2f} / {r['svd_gram_s']:.2f} | "
-            f"{r['extra_mb']:.0f} | {budget:.0f} | "
+            f"{r['extra_mb']:.0f}{' (' + r['peak_phase'] + ')' if r.get('peak_phase') else ''} | {budget:.0f} | "
             f"{r['model_mb']:.0f} | {r['stats_mb']:.0f} | {r['activations_mb']:.0f} |"
         )
     return lines + [""]
@@ -279,7 +288,7 @@ def main() -> None:
         rows.append(row)
         print(f"{sweep:>9} {row['model']:>9} h{row['hidden']}×{row['blocks']} {row['method']:>10} "
               f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
-              f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB  [{_phase_cell(row)}]", flush=True)
+              f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')}  [{_phase_cell(row)}]", flush=True)
     wall = time.perf_counter() - started
 
     if args.quick:

@@ -258,8 +258,10 @@ def test_reported_error_equals_direct_measurement(method, token_batches):
     dense = copy.deepcopy(model)
     [(_, _, targets), *_] = find_targets(dense)
     inputs: dict[str, list[torch.Tensor]] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
-               for n, m in targets.items()]
+    def capture(name):
+        return lambda mod, args: inputs.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [m.register_forward_pre_hook(capture(n)) for n, m in targets.items()]
     with torch.no_grad():
         for batch in token_batches:
             dense(batch)

@@ -130,3 +130,32 @@ def test_compression_is_deterministic(token_batches):
         with torch.no_grad():
             outs.append(model(token_batches[0]).logits)
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "adasvd"])
+def test_paired_refinement_with_a_block_left_out(method, token_batches):
+    """Paired (dense + compressed) streams still advance through a block that has no targets.
+
+    Regression: with block 0 excluded, the dense stream was never produced and block 1 crashed.
+    Block 0 is untouched, so block 1's two streams are identical and its report equals a run whose
+    inputs are the dense model's (propagation="original"), module by module where the ranks agree.
+    """
+    model = tiny_model("llama")
+    block0 = {n: p.detach().clone() for n, p in model.model.layers[0].named_parameters()}
+    config = CompressionConfig(method=method, ratio=0.4, include=[r"layers\.1\."])
+    report = compress_model(model, config, token_batches)
+    assert report.modules and all(m.name.startswith("model.layers.1.") for m in report.modules)
+    for n, p in model.model.layers[0].named_parameters():
+        torch.testing.assert_close(p, block0[n], rtol=0, atol=0)
+    reference = tiny_model("llama")
+    full = compress_model(reference, CompressionConfig(method=method, ratio=0.4, propagation="original"),
+                          token_batches)
+    same = {m.name: m for m in full.modules}
+    compared = 0
+    for m in report.modules:
+        if m.rank == same[m.name].rank and method == "svd-llm":
+            assert m.relative_error == pytest.approx(same[m.name].relative_error, rel=1e-5), m.name
+            compared += 1
+    assert compared >= 4 or method != "svd-llm"
+    with torch.no_grad():
+        assert torch.isfinite(model(token_batches[0]).logits).all()

@@ -85,3 +85,28 @@ def test_paired_mode_measures_energy_on_the_dense_stream_only():
     assert torch.allclose(s.grams().h_oc, xo.double().T @ xc.double() / 10)
     assert s.grams().h_oo is None  # never accumulated: the energy replaces it
     assert stats.target_energy("lin") == pytest.approx(float((xo.double() @ w.T).square().sum() / 10), rel=1e-6)
+
+
+def test_block_lower_gram_matches_full_product():
+    """The symmetric blocked update computes the same entries as xᵀx, for widths that do and do not divide."""
+    from adasvd_lightning.core.statistics import accumulate_gram, mirror_lower
+
+    g = torch.Generator().manual_seed(3)
+    for n, block in [(10, 4), (12, 4), (7, 16)]:
+        h = torch.zeros(n, n, dtype=torch.float64)
+        chunks = [torch.randn(9, n, generator=g, dtype=torch.float64) for _ in range(3)]
+        for c in chunks:
+            accumulate_gram(h, c, block=block)
+        mirror_lower(h, block=block)
+        x = torch.cat(chunks)
+        torch.testing.assert_close(h, x.T @ x, rtol=1e-13, atol=1e-13)
+    # Through InputStatistics at a width above the default block, reading the Gram between batches.
+    stats = InputStatistics.empty(700)
+    x = torch.randn(40, 700, generator=g)
+    stats.add(x[:20])
+    first = stats.gram.clone()
+    stats.add(x[20:])
+    stats.finalize()
+    x64 = x.double()
+    torch.testing.assert_close(first, x64[:20].T @ x64[:20] / 20, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.gram, x64.T @ x64 / 40, rtol=1e-12, atol=1e-12)

@@ -196,18 +196,25 @@ def _compress_block(
     """
     stats = None
     dense_outputs = None
+    if inputs is not None and paired and not targets:
+        with phase("calibration"):  # nothing to compress here, but the dense stream still advances
+            for b, inp in enumerate(inputs):
+                original_hidden[b] = runner.run(block, inp, original_hidden[b])
+        return original_hidden
     if inputs is not None and targets:
         stats = BlockStatistics(targets)
         # Dense outputs are only needed as the next block's "original" stream or inputs; otherwise
-        # keeping them would hold a second copy of the calibration activations for nothing.
-        keep = paired or ctx.config.propagation == "original"
-        dense_outputs = [] if keep else None
+        # keeping them would hold a second copy of the calibration activations for nothing. The
+        # dense stream advances in place, batch by batch: its block inputs are dead once that batch
+        # has run, so the two streams never need a third full copy of the activations.
+        keep = ctx.config.propagation == "original" and not paired
+        dense_outputs = [] if keep else original_hidden
         with stats, phase("calibration"):
             for b, inp in enumerate(inputs):
                 with stats.masked(inp.mask):
                     if paired:
                         stats.mode = "original"
-                        dense_outputs.append(runner.run(block, inp, original_hidden[b]))
+                        original_hidden[b] = runner.run(block, inp, original_hidden[b])
                         stats.mode = "compressed"
                         runner.run(block, inp)
                     elif keep:
@@ -220,6 +227,10 @@ def _compress_block(
     # Each rank factors its round-robin share of the block's targets; results are broadcast.
     rank_id, world_size = world()
     whitenings: dict[int, Whitening] = {}
+    # A shared input's statistics and whitening are dropped after the last target this rank factors
+    # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
+    mine = [(i, name) for i, name in enumerate(targets) if i % world_size == rank_id]
+    last_use = {stats.leader(name): i for i, name in mine} if stats is not None else {}
     for i, (name, module) in enumerate(targets.items()):
         owner = i % world_size
         new, module_report = None, None
@@ -227,6 +238,10 @@ def _compress_block(
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy)
+            if stats is not None and last_use.get(stats.leader(name)) == i:
+                whitenings.pop(id(input_stats), None)
+                stats.release(name)
+            input_stats = None
         ref = next(module.parameters())
         with phase("surgery"):
             new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
@@ -295,15 +310,13 @@ def compress_model(
                 dense_outputs = _compress_block(model, block, targets, inputs, original_hidden, paired,
                                                 ranks, ctx, runner, report)
                 if inputs is not None and index + 1 < len(blocks):
-                    if paired:
-                        original_hidden = dense_outputs
                     if config.propagation == "compressed" or dense_outputs is None:
                         with phase("calibration"):
-                            new_hidden = [runner.run(block, inp) for inp in inputs]
+                            for inp in inputs:  # one batch at a time: no second full copy
+                                inp.hidden = runner.run(block, inp)
                     else:
-                        new_hidden = dense_outputs
-                    for inp, h in zip(inputs, new_hidden):
-                        inp.hidden = h
+                        for inp, h in zip(inputs, dense_outputs):
+                            inp.hidden = h
             # The plan holds the dense modules it found; once swapped out they must not stay alive,
             # or the run would end holding the dense and the compressed model side by side.
             targets.clear()
