@@ -173,11 +173,12 @@ def op_breakdown(candidates: list[Candidate], batch: int, seq: int, vocab: int, 
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     out = []
     for c in candidates:
-        time_forward(c.model, ids, device)  # warm-up outside the profile
-        faults = minor_faults()
-        with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
-            c.model(input_ids=ids, use_cache=False)
-        faults = minor_faults() - faults
+        time_forward(c.model, ids, device)
+        for _ in range(2):  # the profiler's own allocations move the heap: the first profiled forward warms up
+            faults = minor_faults()
+            with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+                c.model(input_ids=ids, use_cache=False)
+            faults = minor_faults() - faults
         parts = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
         top = {}
         for event in prof.key_averages():
@@ -480,10 +481,13 @@ def profile_table(profile: list[dict]) -> list[str]:
     if not profile:
         return []
     p = profile[0]
-    lines = [f"torch.profiler, one forward at {p['batch']} × {p['seq']} (self CPU time; the profiler adds a "
-             "little): *linear GEMMs* = `aten::mm`/`addmm` of the projections, MLP and LM head; *attention* = "
+    lines = [f"torch.profiler, one forward at {p['batch']} × {p['seq']} (the second of two profiled forwards; self "
+             "CPU time; the profiler adds a little): *linear GEMMs* = `aten::mm`/`addmm` of the projections, MLP and LM head; *attention* = "
              "the fused SDPA kernel; *other* = everything else (element-wise ops of norms, rotary, SiLU·up, "
-             "residual adds, embedding).",
+             "residual adds, embedding). Page faults land in the op that first writes the new memory; the profiler's "
+             "own allocations change the heap layout, so a profiled forward can take page faults where the timed "
+             "forwards above took none (their counts are in the runtime line), and its element-wise ops (mostly "
+             "`mul`) then look slower than in the timed runs.",
              "",
              "| variant | total ms | linear GEMMs ms | attention ms | other ms | other, largest ops (ms) | "
              "minor page faults |",
