@@ -212,7 +212,8 @@ def rows_for(candidates: list[Candidate], config, shapes: list[tuple[int, int]],
             ideal = dense_macs / macs
             speedup = dense_latency / latency
             rows.append({
-                "model": model_name, "attention": c.model.config._attn_implementation, "label": c.label, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio,
+                "model": model_name, "attention": c.model.config._attn_implementation,
+                "label": c.label, "ratio": c.ratio, "achieved_ratio": c.achieved_ratio,
                 "merged_layers": c.merged, "batch": batch, "seq": seq, "tokens": tokens,
                 "latency_ms": latency * 1e3, "latency_median_ms": statistics.median(c.latencies[(batch, seq)]) * 1e3,
                 "latency_runs_ms": [t * 1e3 for t in c.latencies[(batch, seq)]],
@@ -482,7 +483,8 @@ def profile_table(profile: list[dict]) -> list[str]:
         return []
     p = profile[0]
     lines = [f"torch.profiler, one forward at {p['batch']} × {p['seq']} (the second of two profiled forwards; self "
-             "CPU time; the profiler adds a little): *linear GEMMs* = `aten::mm`/`addmm` of the projections, MLP and LM head; *attention* = "
+             "CPU time; the profiler adds a little): *linear GEMMs* = `aten::mm`/`addmm` of the projections, "
+             "MLP and LM head; *attention* = "
              "the fused SDPA kernel; *other* = everything else (element-wise ops of norms, rotary, SiLU·up, "
              "residual adds, embedding). Page faults land in the op that first writes the new memory; the profiler's "
              "own allocations change the heap layout, so a profiled forward can take page faults where the timed "
