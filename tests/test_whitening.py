@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from adasvd_lightning.core.factorization import factorize
-from adasvd_lightning.core.whitening import CholeskyWhitening, EigenWhitening, compute_whitening
+from adasvd_lightning.core.whitening import CholeskyWhitening, EigenWhitening, _symmetric, compute_whitening
 
 
 def _problem(m=48, n=32, tokens=400, seed=0):
@@ -93,3 +93,18 @@ def test_non_finite_gram_is_rejected():
     h[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         compute_whitening(h)
+
+
+def test_symmetrization_without_temporaries_matches_the_average():
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(37, 37, generator=g, dtype=torch.float64)
+    before = a.clone()
+    sym = _symmetric(a, block=8)  # blocks that do not divide the width
+    torch.testing.assert_close(sym, 0.5 * (a + a.T), rtol=0, atol=1e-15)
+    assert torch.equal(sym, sym.T)
+    assert torch.equal(a, before)  # the caller's matrix is never written
+    exact = a @ a.T
+    exact = torch.tril(exact) + torch.tril(exact, -1).T  # exactly symmetric, as the statistics are
+    assert _symmetric(exact).data_ptr() == exact.data_ptr()  # passed through: no n×n copy
+    f32 = _symmetric(before.float(), block=8)
+    torch.testing.assert_close(f32, 0.5 * (before + before.T), rtol=0, atol=1e-6)

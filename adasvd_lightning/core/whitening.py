@@ -102,8 +102,29 @@ class EigenWhitening(Whitening):
         return (a / self.sqrt_eigenvalues.to(a.dtype)) @ self.eigenvectors.to(a.dtype).T
 
 
-def _symmetrize(h: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (h + h.T)
+def _symmetric(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """float64 ``gram`` made exactly symmetric, without n×n temporaries.
+
+    The pipeline's statistics are symmetric by construction and pass through uncopied (a float64 input
+    is returned as is; nothing here writes to it). Otherwise (user input, round-off) one float64 copy
+    is averaged with its transpose block by block — ``0.5·(H + Hᵀ)`` would hold two more n×n
+    matrices, 2 GB for an 11008-wide MLP input, at the memory peak of a compression run.
+    """
+    h = gram.detach().to(torch.float64)
+    if torch.equal(h, h.T):
+        return h
+    h = gram.detach().to(torch.float64, copy=True)  # `detach` shares storage: always a fresh copy here
+    n = h.shape[0]
+    for i in range(0, n, block):
+        rows = slice(i, min(i + block, n))
+        diag = h[rows, rows]
+        diag.copy_(0.5 * (diag + diag.T))
+        for j in range(i + block, n, block):
+            cols = slice(j, min(j + block, n))
+            mean = 0.5 * (h[rows, cols] + h[cols, rows].T)
+            h[rows, cols] = mean
+            h[cols, rows] = mean.T
+    return h
 
 
 def compute_whitening(
@@ -125,10 +146,9 @@ def compute_whitening(
     """
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"Gram matrix must be square, got shape {tuple(gram.shape)}")
-    h = _symmetrize(gram.detach().to(torch.float64))
+    h = _symmetric(gram)
     if not torch.isfinite(h).all():
         raise ValueError("Gram matrix contains NaN or Inf; the calibration activations are not finite")
-    n = h.shape[0]
 
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
@@ -136,7 +156,8 @@ def compute_whitening(
 
     scale = float(h.diagonal().mean().clamp_min(0.0))
     if damping > 0 and scale > 0:
-        damped = h + (damping * scale) * torch.eye(n, dtype=h.dtype, device=h.device)
+        damped = h.clone()
+        damped.diagonal().add_(damping * scale)
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky")
