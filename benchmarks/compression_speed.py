@@ -316,8 +316,10 @@ def _render(rows: list[dict], args, argv: list[str], wall: float | None, machine
         "same process. Phases are exclusive seconds from `CompressionReport.phase_seconds` (phases under 5 % and "
         "1 s omitted); `allocation` is all the work done only to plan ranks (dense passes, their SVDs, module-KL "
         "probes). `peak extra` = peak RSS during `compress_model` (5 ms sampling) − RSS before it, an upper bound "
-        "on live data (it includes calibration activations and, for module-KL, the probes' reference log-probs); "
-        "`budget` = 0.2 × model + one block's float64 statistics, the issue's memory target for that overhead.",
+        "on live data (it includes calibration activations and, for module-KL, the probes' reference log-probs), "
+        "with the pipeline phase that was running when the peak was sampled; "
+        "`budget` = 0.2 × model + one block's float64 statistics (H_cc and H_oc per distinct input with paired "
+        "statistics), the issue's memory target for that overhead.",
         "",
     ]
     lines += _table(by["hidden"], f"Hidden-size sweep ({args.blocks[0]} blocks, {args.samples}×{args.seq_len} tokens)")
