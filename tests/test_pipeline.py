@@ -147,15 +147,14 @@ def test_paired_refinement_with_a_block_left_out(method, token_batches):
     assert report.modules and all(m.name.startswith("model.layers.1.") for m in report.modules)
     for n, p in model.model.layers[0].named_parameters():
         torch.testing.assert_close(p, block0[n], rtol=0, atol=0)
-    reference = tiny_model("llama")
-    full = compress_model(reference, CompressionConfig(method=method, ratio=0.4, propagation="original"),
-                          token_batches)
-    same = {m.name: m for m in full.modules}
-    compared = 0
-    for m in report.modules:
-        if m.rank == same[m.name].rank and method == "svd-llm":
+    if method == "svd-llm":  # uniform allocation: the ranks match module by module (adaCR's do not)
+        reference = tiny_model("llama")
+        full = compress_model(reference, CompressionConfig(method=method, ratio=0.4, propagation="original"),
+                              token_batches)
+        same = {m.name: m for m in full.modules}
+        matching = [m for m in report.modules if m.rank == same[m.name].rank]
+        assert len(matching) >= 4
+        for m in matching:
             assert m.relative_error == pytest.approx(same[m.name].relative_error, rel=1e-5), m.name
-            compared += 1
-    assert compared >= 4 or method != "svd-llm"
     with torch.no_grad():
         assert torch.isfinite(model(token_batches[0]).logits).all()
