@@ -208,10 +208,6 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
     )
-    if config.execution_device is not None:
-        from .workflows import resolve_device
-
-        resolve_device(config.execution_device)  # fail now, not after loading the model
     if recipe:
         from .core.corpus import resolve_text_path
 

@@ -134,10 +134,6 @@ def validate_before_run(config: Any) -> None:
                 callback = SVDCompression(**args)  # construction validates every argument, cheaply
             except TypeError as exc:
                 raise InvalidInputError(f"SVDCompression: {exc}") from None
-            if callback.config.execution_device is not None:
-                from .workflows import resolve_device
-
-                resolve_device(callback.config.execution_device)
             callback.check_schedule_reached(max_steps=max_steps, max_epochs=max_epochs)
         elif name == "TrainableParameters":
             TrainableParameters(**args)

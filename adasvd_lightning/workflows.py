@@ -17,6 +17,7 @@ from .core.corpus import read_text, resolve_text_path, sample_calibration_window
 from .core.errors import InvalidInputError
 from .core.evaluation import evaluate_perplexity
 from .core.merging import merge_and_record
+from .core.offload import usable_device
 from .core.params import count_parameters
 from .core.pipeline import ProgressFn, compress_model
 from .core.report import CompressionReport
@@ -62,15 +63,7 @@ def resolve_model(value: str | Path | None, *, show_progress: bool = True) -> Pa
 def resolve_device(value: str | None) -> torch.device:
     if value in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise InvalidInputError(f"unknown device {value!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {value!r} requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InvalidInputError(f"device {value!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
+    return usable_device(value)
 
 
 def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:

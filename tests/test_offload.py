@@ -46,6 +46,13 @@ def test_execution_device_is_validated():
         CompressionConfig(execution_device="not-a-device")
     with pytest.raises(InvalidInputError, match="svd_driver"):
         CompressionConfig(svd_driver="fastest")
+    # A device this process cannot use is refused when the config (or the callback) is built.
+    with pytest.raises(InvalidInputError, match="execution_device: .*cuda:99"):
+        CompressionConfig(execution_device="cuda:99")
+    from adasvd_lightning.callbacks import SVDCompression
+
+    with pytest.raises(InvalidInputError, match="cuda:99"):
+        SVDCompression(method="svd", ratio=0.4, execution_device="cuda:99")
 
 
 def test_report_carries_phase_seconds(token_batches):

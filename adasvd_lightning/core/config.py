@@ -10,6 +10,7 @@ import torch
 from .errors import InvalidInputError
 from .linalg import SVD_DRIVERS
 from .methods import MethodSpec, get_method
+from .offload import usable_device
 from .surgery import TargetSelector
 
 __all__ = ["CompressionConfig", "PROPAGATIONS"]
@@ -84,9 +85,9 @@ class CompressionConfig:
             raise InvalidInputError(f"svd_driver must be one of {SVD_DRIVERS}, got {self.svd_driver!r}")
         if self.execution_device is not None:
             try:
-                torch.device(self.execution_device)
-            except (RuntimeError, TypeError) as exc:
-                raise InvalidInputError(f"execution_device {self.execution_device!r} is not a device: {exc}") from None
+                usable_device(self.execution_device)
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"execution_device: {exc}") from None
             self.execution_device = str(self.execution_device)
 
     @property

@@ -19,8 +19,29 @@ import torch
 from torch import nn
 
 from .calibration import BlockInput, run_block
+from .errors import InvalidInputError
 
-__all__ = ["BlockRunner"]
+__all__ = ["BlockRunner", "usable_device"]
+
+
+def usable_device(value: str | torch.device) -> torch.device:
+    """``torch.device(value)``, refusing a CUDA device this process cannot use — before any work starts.
+
+    The one check behind ``CompressionConfig.execution_device`` (so the callback, recipes and the CLI
+    all refuse ``cuda:99`` at construction, not after loading a model) and the CLI's ``--device``.
+    """
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"{value!r} is not a device: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"device {value!r} requested but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"device {value!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    return device
 
 
 def _move(obj: Any, device: torch.device) -> Any:
