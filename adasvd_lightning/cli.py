@@ -48,13 +48,16 @@ def _ratio(text: str) -> float:
 
 
 def _saving(text: str) -> float:
+    from .core.merging import check_min_flop_saving
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"minimum FLOP saving must be in [0, 1), got {text}")
-    return value
+    try:
+        return check_min_flop_saving(value)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:

@@ -42,7 +42,7 @@ from torch import nn
 from adasvd_lightning.core.config import CompressionConfig
 from adasvd_lightning.core.distributed import world
 from adasvd_lightning.core.errors import InvalidInputError
-from adasvd_lightning.core.merging import merge_and_record
+from adasvd_lightning.core.merging import check_min_flop_saving, merge_and_record
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
 from adasvd_lightning.core.serialization import apply_manifest, build_manifest
@@ -123,9 +123,7 @@ class SVDCompression(Callback):
         if restart not in ("factors", "dense"):
             raise InvalidInputError(f"restart must be 'factors' or 'dense', got {restart!r}")
         self.restart = restart
-        if merge_unprofitable is not None and not 0.0 <= merge_unprofitable < 1.0:
-            raise InvalidInputError(f"merge_unprofitable must be in [0, 1), got {merge_unprofitable}")
-        self.merge_unprofitable = merge_unprofitable
+        self.merge_unprofitable = None if merge_unprofitable is None else check_min_flop_saving(merge_unprofitable)
         self.show_progress = show_progress
         self._dense_modules: dict[str, nn.Module] = {}
         self.reports: list[CompressionReport] = []

@@ -73,6 +73,8 @@ def test_evaluate_on_user_text_file(tiny_reference, tmp_path):
          "cuda:99"),
         (["compress", "--model", "MODEL", "--ratio", "0.4", "--svd-driver", "lapack", "--out", "OUT"],
          "invalid choice"),
+        (["compress", "--model", "MODEL", "--ratio", "0.4", "--merge-unprofitable", "1.5", "--out", "OUT"],
+         "merge_unprofitable"),
         (["evaluate", "--model", "MODEL", "--data", "/no/such.txt"], "text file not found"),
         (["evaluate", "--model", "/nonexistent/model"], "model folder not found"),
     ],

@@ -180,8 +180,12 @@ def test_merge_unprofitable_size_rule_threshold_zero_and_no_warning_when_nothing
     merged = merge_unprofitable(model, min_flop_saving=0.0, min_weight_elements=1000, warn=False)
     assert [m.name for m in merged] == ["0"] and "elements" in merged[0].reason
     assert isinstance(model[1], LowRankLinear)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
         merge_unprofitable(model, min_flop_saving=1.0)
+    from adasvd_lightning.callbacks import SVDCompression
+
+    with pytest.raises(ValueError, match="merge_unprofitable"):  # the same check, at construction
+        SVDCompression(method="svd", ratio=0.4, merge_unprofitable=1.5)
     with pytest.raises(ValueError):
         merge_unprofitable(model, min_weight_elements=-1)
 

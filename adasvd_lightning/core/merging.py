@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
 from .lowrank import FactorizedLinear
 from .surgery import Conv1D, replace_module
 
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_MIN_FLOP_SAVING",
     "MergeWarning",
     "MergedModule",
+    "check_min_flop_saving",
     "flop_saving",
     "merge_to_linear",
     "merge_and_record",
@@ -69,6 +71,13 @@ class MergedModule:
 def uses_conv1d(model: nn.Module) -> bool:
     """Whether the model's dense linears are GPT-2 style `Conv1D`s (weights stored in × out)."""
     return Conv1D is not None and getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+
+
+def check_min_flop_saving(value: float) -> float:
+    """The merge threshold as a float in [0, 1): checked where users set it, before any work."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise InvalidInputError(f"minimum FLOP saving (merge_unprofitable) must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def flop_saving(module: FactorizedLinear) -> float:
@@ -127,8 +136,7 @@ def merge_unprofitable(
     Returns:
         The merged layers (empty when none), so callers can put them in a report.
     """
-    if not 0.0 <= min_flop_saving < 1.0:
-        raise ValueError(f"min_flop_saving must be in [0, 1), got {min_flop_saving}")
+    check_min_flop_saving(min_flop_saving)
     if min_weight_elements < 0:
         raise ValueError(f"min_weight_elements must be >= 0, got {min_weight_elements}")
     candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLinear)]
