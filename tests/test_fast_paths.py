@@ -298,3 +298,52 @@ def test_closed_form_update_never_forms_g():
     torch.testing.assert_close(up, explicit, rtol=1e-9, atol=1e-9)
     assert history[-1] == pytest.approx(objective(target, explicit, down), rel=1e-12)
     torch.testing.assert_close(target.g, w @ stats.h_oc)  # formed on demand, as before
+
+
+def _whitened_pair(kept=()):
+    """The same paired target in plain and in whitened coordinates (no damping: both exact)."""
+    plain, w, stats = _paired_target(kept=kept)
+    plain = RefinementTarget(w, GramStatistics(stats.h_cc, stats.h_oc, stats.h_oo), damping=0.0)
+    factor = torch.linalg.cholesky(stats.h_cc)
+    whitened = RefinementTarget(w, GramStatistics(stats.h_cc, stats.h_oc, stats.h_oo), damping=0.0,
+                                whitening_factor=factor)
+    return plain, whitened, w, stats, factor
+
+
+def test_adacomp_in_whitened_coordinates_matches_plain_iterates():
+    """Ṽ = V·L: the same objective values and product U·V as the plain alternation, with no n×n products."""
+    plain, whitened, _, _, factor = _whitened_pair()
+    g = torch.Generator().manual_seed(9)
+    up = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    down = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    ref_up, ref_down, ref_history = adacomp(plain, up, down, iterations=6, tolerance=0.0)
+    fast_up, fast_down, history = adacomp(whitened, up, down, iterations=6, tolerance=0.0,
+                                          whitened_down=down @ factor)
+    assert len(history) == len(ref_history) == 13
+    assert history == pytest.approx(ref_history, rel=1e-9)
+    assert history[-1] < 0.9 * history[0]  # the iteration did something
+    torch.testing.assert_close(fast_up @ fast_down, ref_up @ ref_down, rtol=1e-8, atol=1e-8)
+    # The returned V is in the model's coordinates: its objective is the reported one.
+    assert objective(plain, fast_up, fast_down) == pytest.approx(history[-1], rel=1e-9)
+
+
+def test_whitened_closed_form_update_forms_neither_g():
+    plain, whitened, w, stats, factor = _whitened_pair()
+    g = torch.Generator().manual_seed(10)
+    down = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    up0 = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    up, same_down, history = adacomp(whitened, up0, down, v_steps=False, whitened_down=down @ factor)
+    assert whitened._g is None and whitened._g_whitened is None
+    assert same_down is down or torch.equal(same_down, down)
+    explicit = torch.linalg.solve(down @ stats.h_cc @ down.T, (w @ stats.h_oc @ down.T).T).T
+    torch.testing.assert_close(up, explicit, rtol=1e-9, atol=1e-9)
+    assert history[-1] == pytest.approx(objective(plain, explicit, down), rel=1e-10)
+
+
+def test_whitening_factor_is_refused_where_it_does_not_apply():
+    _, w, stats = _paired_target(kept=())
+    factor = torch.linalg.cholesky(stats.h_cc)
+    with pytest.raises(ValueError, match="preserved columns"):
+        RefinementTarget(w, stats, kept=torch.tensor([3]), whitening_factor=factor)
+    with pytest.raises(ValueError, match="32×32"):
+        RefinementTarget(w, stats, whitening_factor=factor[:10, :10])

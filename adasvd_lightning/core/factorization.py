@@ -49,12 +49,14 @@ class LowRankFactors:
 
     ``up`` is m×r (applied second), ``down`` is r×n (applied first). ``singular_values`` are those of the
     whitened matrix W·S (all of them), so ``truncation_loss`` = √(Σ_{i>r} σᵢ²) is the predicted
-    ‖(W − W′)X‖_F when S Sᵀ = X Xᵀ.
+    ‖(W − W′)X‖_F when S Sᵀ = X Xᵀ. ``whitened_down`` = down·S, the factor before unwhitening, which
+    refinement in whitened coordinates starts from.
     """
 
     up: torch.Tensor
     down: torch.Tensor
     singular_values: torch.Tensor
+    whitened_down: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -94,5 +96,6 @@ def factorize(
     u, s, vh = thin_svd(a, rank, driver=driver)
     root = s[:rank].sqrt()
     up = u[:, :rank] * root
-    down = whitening.unwhiten(root[:, None] * vh[:rank])
-    return LowRankFactors(up=up, down=down, singular_values=s)
+    whitened_down = root[:, None] * vh[:rank]
+    down = whitening.unwhiten(whitened_down)
+    return LowRankFactors(up=up, down=down, singular_values=s, whitened_down=whitened_down)

@@ -39,7 +39,7 @@ from .refinement import GramStatistics, RefinementTarget, adacomp, balance_facto
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
-from .whitening import Whitening
+from .whitening import CholeskyWhitening, Whitening
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 
@@ -141,11 +141,14 @@ def _factorize_target(
     known_error: float | None = None  # relative output error, when the factorization already knows it
     if spec.refinement != "none" and input_stats is not None:
         with phase("refinement", absorb=True):
+            # An undamped Cholesky whitening is an exact factor of H_cc: refine in whitened coordinates.
+            exact = split is None and isinstance(whitening, CholeskyWhitening) and whitening.kind == "cholesky"
             target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping,
-                                      target_energy=target_energy)
+                                      target_energy=target_energy,
+                                      whitening_factor=whitening.factor if exact else None)
             up, down, history = adacomp(
                 target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
-                v_steps=spec.refinement == "adacomp",
+                v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if exact else None,
             )
             report.refinement_steps = len(history) - 1
             up, down = balance_factors(up, down)

@@ -19,6 +19,11 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
 
 * U-step (SVD-LLM's closed-form update): U = G Vᵀ (V H_rr Vᵀ)⁻¹.
 * V-step: V = (UᵀU)⁻¹ Uᵀ G H_rr⁻¹.
+* Whitened coordinates: with the exact Cholesky factor H_rr = L Lᵀ that truncation-aware whitening has
+  already computed, Ṽ = V L turns V H_rr Vᵀ into Ṽ Ṽᵀ and G H_rr⁻¹ into G̃ L⁻¹ with G̃ = G L⁻ᵀ:
+  f = tr(UᵀU ṼṼᵀ) − 2 tr(Uᵀ G̃ Ṽᵀ) + ‖Y‖², U-step G̃ Ṽᵀ (ṼṼᵀ)⁻¹, V-step Ṽ = (UᵀU)⁻¹ Uᵀ G̃. The same
+  iterates without any r·n² product per iteration (the n×n matrix is the identity there) and with one
+  triangular solve per matrix for G̃ instead of a Cholesky solve; V = Ṽ L⁻¹ once at the end.
 * adaComp (AdaSVD) alternates them. Each step minimises f exactly in its block, so f never increases;
   a step that would increase it through round-off or damping is rejected and the iteration stops.
   If X_c = X_o and the start is the whitened optimum, nothing can improve: the gain comes from the
@@ -63,7 +68,10 @@ class RefinementTarget:
     """W, its statistics and the preserved columns; precomputes G, H_rr and ‖Y‖².
 
     ``target_energy`` = ‖W X_o‖² per token when measured (see module docstring); otherwise computed
-    from ``stats.h_oo``.
+    from ``stats.h_oo``. ``whitening_factor`` is a lower-triangular L with L Lᵀ = H_cc *exactly* (the
+    undamped Cholesky factor of the whitening, nothing preserved): `adacomp` then iterates in whitened
+    coordinates (module docstring). A damped factor would change the objective, so it is not accepted
+    implicitly — the caller passes it only when the whitening's Cholesky needed no damping.
     """
 
     weight: torch.Tensor
@@ -71,6 +79,7 @@ class RefinementTarget:
     kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     damping: float = 1e-6
     target_energy: float | None = None
+    whitening_factor: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         w = self.weight.to(torch.float64)
@@ -99,6 +108,13 @@ class RefinementTarget:
         self.y_norm = float(y_norm)
         self._h_rr_chol: torch.Tensor | None = None
         self._g_solved: torch.Tensor | None = None
+        self._g_whitened: torch.Tensor | None = None
+        if self.whitening_factor is not None:
+            if kept.numel():
+                raise ValueError("whitened coordinates need the whole input: no preserved columns")
+            if tuple(self.whitening_factor.shape) != (n, n):
+                raise ValueError(f"whitening factor must be {n}×{n}, got {tuple(self.whitening_factor.shape)}")
+            self.whitening_factor = self.whitening_factor.to(torch.float64)
 
     @property
     def g(self) -> torch.Tensor:
@@ -141,6 +157,31 @@ class RefinementTarget:
             self._h_rr_chol = chol
         return self._h_rr_chol
 
+    @property
+    def g_whitened(self) -> torch.Tensor:
+        """G̃ = G L⁻ᵀ (m×n), the whitened V-step's right-hand side: one triangular solve (m·n²).
+
+        G itself is not kept: every later product uses G̃.
+        """
+        if self._g_whitened is None:
+            factor = self._whitening_factor()
+            g = self._g if self._g is not None else self._w @ self.stats.h_oc
+            self._g_whitened = torch.linalg.solve_triangular(factor.T, g, upper=True, left=False)
+        return self._g_whitened
+
+    def whiten(self, down: torch.Tensor) -> torch.Tensor:
+        """Ṽ = V L (r·n² flops)."""
+        return down @ self._whitening_factor()
+
+    def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
+        """V = Ṽ L⁻¹ by triangular solve."""
+        return torch.linalg.solve_triangular(self._whitening_factor(), whitened, upper=False, left=False)
+
+    def _whitening_factor(self) -> torch.Tensor:
+        if self.whitening_factor is None:
+            raise ValueError("this target has no whitening factor")
+        return self.whitening_factor
+
 
 @dataclass
 class _DownProducts:
@@ -148,15 +189,35 @@ class _DownProducts:
 
     For a fixed V, f(·, V) and the U-step need V·H_rr·Vᵀ (r×r) and G·Vᵀ (m×r); computing them once
     per V instead of once per use saves two r·n² and two m·n·r products per adaComp iteration.
+    In whitened coordinates (``whitened`` = Ṽ = V L) they are Ṽ·Ṽᵀ (r²·n) and G̃·Ṽᵀ = G·Vᵀ, and
+    ``down`` is only known where it was given (the start); it is recovered from Ṽ once at the end.
     """
 
-    down: torch.Tensor
+    down: torch.Tensor | None
     vhv: torch.Tensor  # V H_rr Vᵀ
     gv: torch.Tensor  # G Vᵀ
+    whitened: torch.Tensor | None = None
 
     @classmethod
     def of(cls, target: "RefinementTarget", down: torch.Tensor) -> "_DownProducts":
         return cls(down, (down @ target.h_rr) @ down.T, target.g_times(down.T))
+
+    @classmethod
+    def of_whitened(
+        cls, target: "RefinementTarget", whitened: torch.Tensor, down: torch.Tensor | None = None
+    ) -> "_DownProducts":
+        # G·Vᵀ without G̃ when V is known and G̃ is not formed yet (the closed-form update never forms it).
+        if down is not None and target._g_whitened is None:
+            gv = target.g_times(down.T)
+        else:
+            gv = target.g_whitened @ whitened.T
+        return cls(down, whitened @ whitened.T, gv, whitened)
+
+    def plain_down(self, target: "RefinementTarget") -> torch.Tensor:
+        """V in the model's coordinates (one triangular solve when only Ṽ is known)."""
+        if self.down is None:
+            self.down = target.unwhiten(self.whitened)
+        return self.down
 
     def objective(self, target: "RefinementTarget", up: torch.Tensor) -> float:
         """f(U, V) = tr((UᵀU)(V H Vᵀ)) − 2 tr(Uᵀ G Vᵀ) + ‖Y‖²."""
@@ -205,39 +266,52 @@ def adacomp(
     iterations: int = 10,
     tolerance: float = 1e-4,
     v_steps: bool = True,
+    whitened_down: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Alternate U- and V-steps (``v_steps=False``: a single U-step, SVD-LLM's closed-form update).
 
     Returns the refined factors and the objective after each accepted step (first entry: the start).
     Stops early when a full iteration improves f by less than ``tolerance`` (relative). The V-dependent
-    products are computed once per V and shared by the objective and the next U-step.
+    products are computed once per V and shared by the objective and the next U-step. A target with a
+    whitening factor is iterated in whitened coordinates; ``whitened_down`` (= ``down``·L, which the
+    whitened SVD produces anyway) saves the r·n² product that would compute it.
     """
     up, down = up.to(torch.float64), down.to(torch.float64)
-    products = _DownProducts.of(target, down)
+    whitened = target.whitening_factor is not None
+    if whitened:
+        start = whitened_down.to(torch.float64) if whitened_down is not None else target.whiten(down)
+        products = _DownProducts.of_whitened(target, start, down)
+    else:
+        products = _DownProducts.of(target, down)
     history = [products.objective(target, up)]
 
     def accept(value: float) -> bool:
         # Reject a step that does not help (round-off, damping) — f must never increase.
         return bool(torch.isfinite(torch.tensor(value))) and value <= history[-1]
 
+    def next_products(up: torch.Tensor) -> _DownProducts:
+        if whitened:  # Ṽ = (UᵀU)⁻¹ Uᵀ G̃
+            return _DownProducts.of_whitened(target, _solve_left(up.T @ up, up.T @ target.g_whitened))
+        return _DownProducts.of(target, v_step(target, up))
+
     for _ in range(max(1, iterations) if v_steps else 1):
-        start = history[-1]
+        start_value = history[-1]
         new_up = products.u_step()
         value = products.objective(target, new_up)
         if not accept(value):
-            return up, down, history
+            break
         up = new_up
         history.append(value)
         if v_steps:
-            new_products = _DownProducts.of(target, v_step(target, up))
+            new_products = next_products(up)
             value = new_products.objective(target, up)
             if not accept(value):
-                return up, down, history
-            products, down = new_products, new_products.down
+                break
+            products = new_products
             history.append(value)
-        if start - history[-1] <= tolerance * max(abs(start), 1e-30):
+        if start_value - history[-1] <= tolerance * max(abs(start_value), 1e-30):
             break
-    return up, down, history
+    return up, products.plain_down(target), history
 
 
 def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
