@@ -44,3 +44,13 @@ def write_section(name: str, body: str) -> None:
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def method_config(method: str, ratio: float, **config):
+    """`CompressionConfig` for a benchmark's method name: a preset, optionally with method options
+    joined by ``+`` as in the CLI's ``--method-option`` (``adasvd+refinement=optimal``)."""
+    from adasvd_lightning import CompressionConfig
+    from adasvd_lightning.cli import _parse_options
+
+    preset, *options = method.split("+")
+    return CompressionConfig(method=preset, ratio=ratio, method_options=_parse_options(options), **config)

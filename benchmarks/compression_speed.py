@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, run_json, write_section  # noqa: E402
+from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
 
 PRESETS = ("svd", "svd-llm", "adasvd", "duo-svd", "adasvd-duo")
 KL_PRESETS = ("duo-svd", "adasvd-duo")
@@ -129,7 +129,7 @@ def one(spec: dict) -> dict:
 
     import torch
 
-    from adasvd_lightning import CompressionConfig, compress_model
+    from adasvd_lightning import compress_model
     from adasvd_lightning.core.surgery import find_targets, linear_shape
 
     if spec["model"] == "reference":
@@ -161,7 +161,7 @@ def one(spec: dict) -> dict:
             model(**b) if isinstance(b, dict) else model(b)
         forward_s = time.perf_counter() - t0
 
-    config = CompressionConfig(method=spec["method"], ratio=spec["ratio"], **spec.get("config", {}))
+    config = method_config(spec["method"], spec["ratio"], **spec.get("config", {}))
     with warnings.catch_warnings(), _PeakSampler() as sampler:
         warnings.simplefilter("ignore")
         report = compress_model(model, config, batches)

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                      # all presets × 20/40/60/80 %, writes BENCHMARKS.md
     python benchmarks/quality.py --methods svd svd-llm --ratios 0.6
+    python benchmarks/quality.py --methods adasvd adasvd+refinement=optimal --ratios 0.4 --no-write
 
 Each (method, ratio) runs in its own process so its compression seconds and peak resident memory are
 its own. Perplexity follows the README protocol on the embedded test split (256-token windows).
@@ -19,14 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, run_json, write_section  # noqa: E402
+from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
 
 
 def one(method: str, ratio: float, samples: int, seq_len: int) -> dict:
-    """Compress the reference model with one preset and evaluate it (runs in a child process)."""
+    """Compress the reference model with one preset and evaluate it (runs in a child process).
+
+    ``method`` may carry method options after the preset, as in the CLI's ``--method-option``:
+    ``adasvd+refinement=optimal`` (several joined by ``+``).
+    """
     import torch
 
-    from adasvd_lightning import CompressionConfig, compress_model, evaluate_perplexity, load_compressed
+    from adasvd_lightning import compress_model, evaluate_perplexity, load_compressed
     from adasvd_lightning.core.corpus import embedded_corpus_path, read_text, tokenize_text
     from adasvd_lightning.display import quiet_libraries
     from adasvd_lightning.workflows import CalibrationSpec, calibration_batches, resolve_model
@@ -50,7 +55,7 @@ def one(method: str, ratio: float, samples: int, seq_len: int) -> dict:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = compress_model(model, CompressionConfig(method=method, ratio=ratio), batches)
+            report = compress_model(model, method_config(method, ratio), batches)
         row.update(
             seconds=time.perf_counter() - start,
             achieved_ratio=report.achieved_ratio,

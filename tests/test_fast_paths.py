@@ -9,7 +9,9 @@ from adasvd_lightning import CompressionConfig, CompressionWarning, compress_mod
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
-from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, adacomp, objective, u_step, v_step
+from adasvd_lightning.core.refinement import (
+    GramStatistics, RefinementTarget, adacomp, objective, optimal_factors, u_step, v_step,
+)
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
 
@@ -243,7 +245,7 @@ def test_measured_target_energy_replaces_h_oo():
         RefinementTarget(w, GramStatistics(stats.h_cc, stats.h_oc))
 
 
-@pytest.mark.parametrize("method", ["svd", "svd-llm-w", "svd-llm", "adasvd", "adasvd-duo"])
+@pytest.mark.parametrize("method", ["svd", "svd-llm-w", "svd-llm", "adasvd", "adasvd-duo", "adasvd+optimal"])
 def test_reported_error_equals_direct_measurement(method, token_batches):
     """The report's error (refinement objective, dropped singular values or Gram form) is the measured one.
 
@@ -268,6 +270,8 @@ def test_reported_error_equals_direct_measurement(method, token_batches):
     for h in handles:
         h.remove()
     config = {"method_options": _FEW_CANDIDATES} if method == "adasvd-duo" else {}
+    if method.endswith("+optimal"):
+        method, config = method.removesuffix("+optimal"), {"method_options": {"refinement": "optimal"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompressionWarning)
         report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), token_batches)
@@ -347,3 +351,43 @@ def test_whitening_factor_is_refused_where_it_does_not_apply():
         RefinementTarget(w, stats, kept=torch.tensor([3]), whitening_factor=factor)
     with pytest.raises(ValueError, match="32×32"):
         RefinementTarget(w, stats, whitening_factor=factor[:10, :10])
+
+
+def test_optimal_factors_are_the_limit_of_adacomp():
+    """One SVD of G·L⁻ᵀ reaches what the alternation approaches, and nothing beats it."""
+    plain, whitened, _, _, _ = _whitened_pair()
+    start = factorize(plain.weight, 8, compute_whitening(plain.stats.h_cc))
+    up, down, value = optimal_factors(whitened, 8)
+    assert value == pytest.approx(objective(plain, up, down), rel=1e-10)
+    _, _, few = adacomp(plain, start.up, start.down, iterations=2, tolerance=0.0)
+    _, _, many = adacomp(plain, start.up, start.down, iterations=300, tolerance=0.0)
+    assert value < few[-1] < few[0]  # the start is not optimal for paired statistics
+    assert value <= many[-1] * (1 + 1e-12)
+    assert many[-1] == pytest.approx(value, rel=1e-6)
+
+
+def test_optimal_factors_with_preserved_columns_use_the_damped_factor():
+    target, _, _ = _paired_target(kept=(3, 7))
+    up, down, value = optimal_factors(target, 6)
+    assert down.shape == (6, 30)
+    assert value == pytest.approx(objective(target, up, down), rel=1e-9)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(5):  # no alternation from a random start does better (up to the 1e-6 damping)
+        u = torch.randn(40, 6, generator=g, dtype=torch.float64)
+        d = torch.randn(6, 30, generator=g, dtype=torch.float64)
+        _, _, history = adacomp(target, u, d, iterations=50, tolerance=0.0)
+        assert value <= history[-1] * (1 + 1e-5)
+
+
+def test_optimal_factors_on_single_stream_statistics_are_the_whitened_svd():
+    """X_c = X_o: SVD-LLM's whitened truncation is already optimal, and the closed form says so."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(400, 24, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 24, dtype=torch.float64)
+    h = x.T @ x / 400
+    w = torch.randn(30, 24, generator=g, dtype=torch.float64)
+    whitening = compute_whitening(h)
+    target = RefinementTarget(w, GramStatistics.single_stream(h), whitening_factor=whitening.factor)
+    up, down, value = optimal_factors(target, 5)
+    ref = factorize(w, 5, whitening)
+    torch.testing.assert_close(up @ down, ref.dense(), rtol=1e-9, atol=1e-9)
+    assert value == pytest.approx(ref.truncation_loss**2, rel=1e-8)

@@ -11,7 +11,9 @@ pipeline, statistics, rank arithmetic and module surgery, so comparisons isolate
   ``sensitivity-ppl`` (ASVD-style).
 * form — ``low-rank`` or ``column-preserving`` (Duo-SVD, :mod:`.columns`).
 * refinement — ``none``, ``closed-form`` (SVD-LLM's U update), ``adacomp`` (AdaSVD's alternating U/Vᵀ
-  refinement), both against the dense model's outputs in exact Gram form (:mod:`.refinement`).
+  refinement), ``optimal`` (the limit of that alternation in closed form: the rank-r minimiser of the
+  output error against the dense model, one SVD of the whitened target G·L⁻ᵀ), all against the dense
+  model's outputs in exact Gram form (:mod:`.refinement`).
 
 Presets (see the README's method table for sources and knobs):
 
@@ -44,7 +46,7 @@ __all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "
 WHITENINGS = ("none", "activation-scale", "truncation-aware")
 ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "sensitivity-ppl")
 FORMS = ("low-rank", "column-preserving")
-REFINEMENTS = ("none", "closed-form", "adacomp")
+REFINEMENTS = ("none", "closed-form", "adacomp", "optimal")
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:

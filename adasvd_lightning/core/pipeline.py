@@ -35,7 +35,7 @@ from .offload import BlockRunner
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
-from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors
+from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors, optimal_factors
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
@@ -124,9 +124,14 @@ def _factorize_target(
             whitening = spec.make_whitening(input_stats, damping=config.damping)
             if whitenings is not None:
                 whitenings[key] = whitening
-    with phase("svd"):
-        factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype, driver=config.svd_driver)
-    up, down = factors.up, factors.down
+    # The optimal refinement replaces the whitened SVD's factors outright: no need to compute them.
+    skip_svd = spec.refinement == "optimal" and spec.form == "low-rank" and input_stats is not None
+    factors = None
+    if not skip_svd:
+        with phase("svd"):
+            factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype,
+                                driver=config.svd_driver)
+    up, down = (factors.up, factors.down) if factors is not None else (None, None)
     kept = torch.empty(0, dtype=torch.long)
     split = None
     if spec.form == "column-preserving" and input_stats is not None:
@@ -146,13 +151,20 @@ def _factorize_target(
             target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping,
                                       target_energy=target_energy,
                                       whitening_factor=whitening.factor if exact else None)
-            up, down, history = adacomp(
-                target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
-                v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if exact else None,
-            )
-            report.refinement_steps = len(history) - 1
-            up, down = balance_factors(up, down)
-            known_error = _relative(history[-1], target.target_energy)
+            if spec.refinement == "optimal":
+                up, down, value = optimal_factors(target, rank if up is None else up.shape[1],
+                                                  driver=config.svd_driver)
+                report.refinement_steps = 1
+            else:
+                up, down, history = adacomp(
+                    target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
+                    v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if exact else None,
+                )
+                report.refinement_steps = len(history) - 1
+                value = history[-1]
+                # Refitted factors lose the whitened SVD's √Σ split; the optimal ones have it already.
+                up, down = balance_factors(up, down)
+            known_error = _relative(value, target.target_energy)
     elif split is None and whitening.kind == "cholesky" and input_stats is not None:
         sigma2 = factors.singular_values.to(torch.float64).square()
         known_error = _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))

@@ -24,6 +24,10 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
   f = tr(UᵀU ṼṼᵀ) − 2 tr(Uᵀ G̃ Ṽᵀ) + ‖Y‖², U-step G̃ Ṽᵀ (ṼṼᵀ)⁻¹, V-step Ṽ = (UᵀU)⁻¹ Uᵀ G̃. The same
   iterates without any r·n² product per iteration (the n×n matrix is the identity there) and with one
   triangular solve per matrix for G̃ instead of a Cholesky solve; V = Ṽ L⁻¹ once at the end.
+* In those coordinates f = ‖U Ṽ − G̃‖² + ‖Y‖² − ‖G̃‖²: adaComp is alternating least squares for the
+  best rank-r approximation of G̃, whose global minimiser is its truncated SVD (Eckart–Young).
+  `optimal_factors` computes that limit directly — one decomposition, no iterations, and an objective
+  no alternation can beat: f* = ‖Y‖² − Σ_{i≤r} σᵢ(G̃)².
 * adaComp (AdaSVD) alternates them. Each step minimises f exactly in its block, so f never increases;
   a step that would increase it through round-off or damping is rejected and the iteration stops.
   If X_c = X_o and the start is the whitened optimum, nothing can improve: the gain comes from the
@@ -36,7 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["GramStatistics", "RefinementTarget", "objective", "u_step", "v_step", "adacomp", "balance_factors"]
+__all__ = [
+    "GramStatistics", "RefinementTarget", "objective", "u_step", "v_step", "adacomp", "optimal_factors",
+    "balance_factors",
+]
 
 
 @dataclass
@@ -158,29 +165,33 @@ class RefinementTarget:
         return self._h_rr_chol
 
     @property
+    def factor(self) -> torch.Tensor:
+        """L with L Lᵀ = H_rr: the given whitening factor (exact), else the damped `h_rr_chol`."""
+        return self.whitening_factor if self.whitening_factor is not None else self.h_rr_chol
+
+    @property
+    def exact_factor(self) -> bool:
+        """Whether L Lᵀ = H_rr without damping (then f can be evaluated in whitened coordinates)."""
+        return self.whitening_factor is not None
+
+    @property
     def g_whitened(self) -> torch.Tensor:
         """G̃ = G L⁻ᵀ (m×n), the whitened V-step's right-hand side: one triangular solve (m·n²).
 
-        G itself is not kept: every later product uses G̃.
+        G itself is not kept when nothing forced it earlier: every later product uses G̃.
         """
         if self._g_whitened is None:
-            factor = self._whitening_factor()
             g = self._g if self._g is not None else self._w @ self.stats.h_oc
-            self._g_whitened = torch.linalg.solve_triangular(factor.T, g, upper=True, left=False)
+            self._g_whitened = torch.linalg.solve_triangular(self.factor.T, g, upper=True, left=False)
         return self._g_whitened
 
     def whiten(self, down: torch.Tensor) -> torch.Tensor:
         """Ṽ = V L (r·n² flops)."""
-        return down @ self._whitening_factor()
+        return down @ self.factor
 
     def unwhiten(self, whitened: torch.Tensor) -> torch.Tensor:
         """V = Ṽ L⁻¹ by triangular solve."""
-        return torch.linalg.solve_triangular(self._whitening_factor(), whitened, upper=False, left=False)
-
-    def _whitening_factor(self) -> torch.Tensor:
-        if self.whitening_factor is None:
-            raise ValueError("this target has no whitening factor")
-        return self.whitening_factor
+        return torch.linalg.solve_triangular(self.factor, whitened, upper=False, left=False)
 
 
 @dataclass
@@ -277,7 +288,7 @@ def adacomp(
     whitened SVD produces anyway) saves the r·n² product that would compute it.
     """
     up, down = up.to(torch.float64), down.to(torch.float64)
-    whitened = target.whitening_factor is not None
+    whitened = target.exact_factor
     if whitened:
         start = whitened_down.to(torch.float64) if whitened_down is not None else target.whiten(down)
         products = _DownProducts.of_whitened(target, start, down)
@@ -312,6 +323,33 @@ def adacomp(
         if start_value - history[-1] <= tolerance * max(abs(start_value), 1e-30):
             break
     return up, products.plain_down(target), history
+
+
+def optimal_factors(
+    target: RefinementTarget, rank: int, *, driver: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The rank-``rank`` U·V minimising f = ‖U V X_rest − Y‖², in closed form (module docstring).
+
+    Truncated SVD of G̃ = G L⁻ᵀ, split √Σ on both sides: U = P√Σ, V = √Σ Qᵀ L⁻¹. This is the limit
+    adaComp's alternation approaches from its start, computed with one decomposition of an m×n matrix.
+    With the exact factor the objective is ‖Y‖² − Σ_{i≤r} σᵢ²; with the damped one (singular H_rr) the
+    minimiser is that of the damped objective, and f is evaluated in the model's coordinates.
+    Returns (U, V, f).
+    """
+    from .linalg import thin_svd
+
+    g = target.g_whitened
+    if not 1 <= rank <= min(g.shape):
+        raise ValueError(f"rank {rank} outside [1, {min(g.shape)}] for a {g.shape[0]}×{g.shape[1]} target")
+    u, s, vh = thin_svd(g, rank, driver=driver)
+    root = s[:rank].sqrt()
+    up, whitened = u[:, :rank] * root, root[:, None] * vh[:rank]
+    down = target.unwhiten(whitened)
+    if target.exact_factor:
+        value = target.y_norm - float(s[:rank].square().sum())
+    else:
+        value = objective(target, up, down)
+    return up, down, max(value, 0.0)
 
 
 def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
