@@ -95,6 +95,15 @@ def test_non_finite_gram_is_rejected():
         compute_whitening(h)
 
 
+def test_finiteness_check_in_row_blocks_sees_every_block():
+    from adasvd_lightning.core.whitening import _all_finite
+
+    h = torch.eye(7, dtype=torch.float64)
+    assert _all_finite(h, rows=3)
+    h[6, 2] = float("inf")  # in the last, partial block
+    assert not _all_finite(h, rows=3)
+
+
 def test_symmetrization_without_temporaries_matches_the_average():
     g = torch.Generator().manual_seed(4)
     a = torch.randn(37, 37, generator=g, dtype=torch.float64)
