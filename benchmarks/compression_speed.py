@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
 
-PRESETS = ("svd", "svd-llm", "adasvd", "duo-svd", "adasvd-duo")
+PRESETS = ("svd", "svd-llm", "adasvd", "adasvd+refinement=optimal", "duo-svd", "adasvd-duo")
 KL_PRESETS = ("duo-svd", "adasvd-duo")
 SYNTH_VOCAB = 4096
 BATCH = 8
