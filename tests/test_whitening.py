@@ -64,6 +64,15 @@ def test_fallback_on_singular_gram_dead_channels():
     assert torch.isfinite(f.up).all() and torch.isfinite(f.down).all()
     # Damping 1e-6 moves the optimum by a negligible amount: the measured loss still matches theory.
     measured = torch.linalg.norm((w - f.dense()) @ x)
+    # The damped factor is that of H + δ·I, and H itself (damped in place, then restored) is unchanged.
+    h_exact = h.double()
+    h_exact = 0.5 * (h_exact + h_exact.T)
+    symmetric = h_exact.clone()
+    again = compute_whitening(symmetric)
+    assert torch.equal(symmetric, h_exact)
+    shift = 1e-6 * float(h_exact.diagonal().mean())
+    expected = torch.linalg.cholesky(h_exact + shift * torch.eye(h.shape[0], dtype=torch.float64))
+    torch.testing.assert_close(again.factor, expected, rtol=0, atol=1e-12)
     assert measured <= 1.0001 * f.truncation_loss + 1e-9
     assert measured < torch.linalg.norm((w - factorize(w, 10).dense()) @ x)
 
