@@ -22,9 +22,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .core.config import CompressionConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -109,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
+    p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
+                   help="precision of the calibration Gram products: float64 (default) or float32 "
+                        "(faster; sums stay float64)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
@@ -190,8 +196,25 @@ def _recipe_calibration(settings: dict, args: argparse.Namespace) -> Callable[[A
     return draw
 
 
-def _cmd_compress(args: argparse.Namespace) -> None:
+def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionConfig:
+    """The `CompressionConfig` of ``adasvd compress``: flags win over the recipe's one-shot settings."""
     from .core.config import CompressionConfig
+
+    ratio = _pick(args.ratio, recipe, "ratio", None)
+    if ratio is None:
+        raise InvalidInputError("--ratio is required (or a recipe with an SVDCompression callback)")
+    options = {**recipe.get("method_options", {}), **_parse_options(args.method_option)}
+    return CompressionConfig(
+        method=_pick(args.method, recipe, "method", "svd-llm"), ratio=ratio,
+        include=_pick(args.include, recipe, "include", None), exclude=_pick(args.exclude, recipe, "exclude", []),
+        propagation=recipe.get("propagation", "compressed"), method_options=options,
+        execution_device=_pick(args.execution_device, recipe, "execution_device", None),
+        svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
+        statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float64"),
+    )
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
     from .display import compression_progress, console, report_table
     from .workflows import CalibrationSpec, compress_folder
 
@@ -200,17 +223,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         from .lightning_cli import one_shot_settings, parse_recipe
 
         recipe = one_shot_settings(parse_recipe(args.recipe))
-    ratio = _pick(args.ratio, recipe, "ratio", None)
-    if ratio is None:
-        raise InvalidInputError("--ratio is required (or a recipe with an SVDCompression callback)")
-    options = {**recipe.get("method_options", {}), **_parse_options(args.method_option)}
-    config = CompressionConfig(
-        method=_pick(args.method, recipe, "method", "svd-llm"), ratio=ratio,
-        include=_pick(args.include, recipe, "include", None), exclude=_pick(args.exclude, recipe, "exclude", []),
-        propagation=recipe.get("propagation", "compressed"), method_options=options,
-        execution_device=_pick(args.execution_device, recipe, "execution_device", None),
-        svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
-    )
+    config = compression_config(args, recipe)
     if recipe:
         from .core.corpus import resolve_text_path
 

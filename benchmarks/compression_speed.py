@@ -171,6 +171,7 @@ def one(spec: dict) -> dict:
     hidden = model.config.hidden_size
     return {
         **{k: spec[k] for k in ("model", "method", "ratio", "samples", "seq_len")},
+        "statistics_dtype": config.statistics_dtype,
         "hidden": hidden, "blocks": model.config.num_hidden_layers, "tokens": tokens,
         "seconds": report.seconds, "phases": getattr(report, "phase_seconds", {}),
         "forward_s": forward_s, "svd_lapack_s": decomposition["lapack"], "svd_gram_s": decomposition["gram"],
@@ -186,7 +187,8 @@ def one(spec: dict) -> dict:
 
 def _grid(args) -> list[dict]:
     runs: list[dict] = []
-    base = dict(model="synthetic", ratio=args.ratio, samples=args.samples, seq_len=args.seq_len)
+    options = {"config": {"statistics_dtype": args.statistics_dtype}}
+    base = dict(model="synthetic", ratio=args.ratio, samples=args.samples, seq_len=args.seq_len, **options)
 
     def add(**kw):
         spec = {**base, **kw}
@@ -208,7 +210,7 @@ def _grid(args) -> list[dict]:
     if args.reference:
         for method in args.presets:
             runs.append(dict(model="reference", method=method, ratio=args.ratio, samples=64, seq_len=256,
-                             sweep="reference"))
+                             sweep="reference", **options))
     return runs
 
 
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64",
+                        help="CompressionConfig.statistics_dtype of every run (precision of the Gram products)")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
 
 
-def one(method: str, ratio: float, samples: int, seq_len: int) -> dict:
+def one(method: str, ratio: float, samples: int, seq_len: int, statistics_dtype: str = "float64") -> dict:
     """Compress the reference model with one preset and evaluate it (runs in a child process).
 
     ``method`` may carry method options after the preset, as in the CLI's ``--method-option``:
@@ -44,7 +44,7 @@ def one(method: str, ratio: float, samples: int, seq_len: int) -> dict:
     tokenizer = load_tokenizer(path)
     model = load_compressed(path)
     test = tokenize_text(tokenizer, read_text(embedded_corpus_path("test")))
-    row: dict = {"method": method, "ratio": ratio}
+    row: dict = {"method": method, "ratio": ratio, "statistics_dtype": statistics_dtype}
     if method == "dense":
         row.update(seconds=0.0, achieved_ratio=0.0, budget_deviation=0.0)
     else:
@@ -55,7 +55,8 @@ def one(method: str, ratio: float, samples: int, seq_len: int) -> dict:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = compress_model(model, method_config(method, ratio), batches)
+            config = method_config(method, ratio, statistics_dtype=statistics_dtype)
+            report = compress_model(model, config, batches)
         row.update(
             seconds=time.perf_counter() - start,
             achieved_ratio=report.achieved_ratio,
@@ -77,14 +78,16 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64",
+                        help="CompressionConfig.statistics_dtype of every run (precision of the Gram products)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and benchmarks/results/ alone")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], float(args.one[1]), args.samples, args.seq_len)))
+        print(json.dumps(one(args.one[0], float(args.one[1]), args.samples, args.seq_len, args.statistics_dtype)))
         return
 
-    common = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    common = ["--samples", str(args.samples), "--seq-len", str(args.seq_len), "--statistics-dtype", args.statistics_dtype]
     script = str(Path(__file__).resolve())
     dense = run_json([script, "--one", "dense", "0", *common])
     rows = []

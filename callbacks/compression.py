@@ -78,6 +78,8 @@ class SVDCompression(Callback):
         execution_device: move one decoder block at a time to this device for compression while the
             model stays where it is (``CompressionConfig.execution_device``); default: in place.
         svd_driver: ``"auto"`` (default), ``"gram"`` or ``"svd"`` (``CompressionConfig.svd_driver``).
+        statistics_dtype: ``"float64"`` (default) or ``"float32"`` Gram products of the calibration
+            statistics (``CompressionConfig.statistics_dtype``; the sums stay float64).
         merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
             their multiply-adds back to dense (they would not run faster; e.g. 0.15). Default: keep all.
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
@@ -102,6 +104,7 @@ class SVDCompression(Callback):
         restart: str = "factors",
         execution_device: str | None = None,
         svd_driver: str = "auto",
+        statistics_dtype: str = "float64",
         merge_unprofitable: float | None = None,
         show_progress: bool = True,
     ) -> None:
@@ -110,6 +113,7 @@ class SVDCompression(Callback):
         self.config = CompressionConfig(
             method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
+            statistics_dtype=statistics_dtype,
         )
         if at not in POINTS:
             raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")

@@ -73,6 +73,8 @@ def test_evaluate_on_user_text_file(tiny_reference, tmp_path):
          "cuda:99"),
         (["compress", "--model", "MODEL", "--ratio", "0.4", "--svd-driver", "lapack", "--out", "OUT"],
          "invalid choice"),
+        (["compress", "--model", "MODEL", "--ratio", "0.4", "--statistics-dtype", "float16", "--out", "OUT"],
+         "invalid choice"),
         (["compress", "--model", "MODEL", "--ratio", "0.4", "--merge-unprofitable", "1.5", "--out", "OUT"],
          "merge_unprofitable"),
         (["evaluate", "--model", "MODEL", "--data", "/no/such.txt"], "text file not found"),
@@ -93,6 +95,14 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_reference, tmp_path
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,expected", [([], "float64"), (["--statistics-dtype", "float32"], "float32")])
+def test_statistics_dtype_flag_reaches_the_config(flags, expected):
+    from adasvd_lightning.cli import build_parser, compression_config
+
+    args = build_parser().parse_args(["compress", "--ratio", "0.4", *flags, "--out", "OUT"])
+    assert compression_config(args, {}).statistics_dtype == expected
 
 
 def test_composed_method_from_the_command_line(tiny_reference, tmp_path):

@@ -117,6 +117,14 @@ def test_config_validation(bad):
         CompressionConfig(**bad)
 
 
+def test_statistics_dtype_is_validated():
+    assert CompressionConfig().statistics_dtype == "float64"  # the accurate products by default
+    assert CompressionConfig(statistics_dtype="float32").torch_statistics_dtype == torch.float32
+    message = r"statistics_dtype must be one of \('float64', 'float32'\).*'float16'"
+    with pytest.raises(InvalidInputError, match=message):
+        CompressionConfig(statistics_dtype="float16")
+
+
 def test_unknown_method_suggests_close_name():
     with pytest.raises(InvalidInputError, match="did you mean 'svd-llm'"):
         CompressionConfig(method="svd_llm")

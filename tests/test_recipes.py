@@ -188,6 +188,7 @@ BAD_RECIPES = {
     "schedule-beyond-max-steps": (_callback(at="step", schedule=[[1, 0.2], [9, 0.4]]), "never reached"),
     "unknown-method": (_callback(method="svd-lm"), "unknown method"),
     "missing-execution-device": (_callback(execution_device="cuda:99"), "cuda:99"),
+    "statistics-dtype": (_callback(statistics_dtype="float16"), "statistics_dtype must be one of"),
     "missing-model": ({"model": {"model_path": "/no/such/model"}}, "folder not found"),
     "missing-data": ({"data": {"train_files": ["/no/such/text.txt"]}}, "text file not found"),
     "deepspeed-stage": ({"trainer": {"strategy": {
@@ -212,6 +213,19 @@ def test_bad_recipe_exits_2_with_one_line(case, tiny_reference, tmp_path, capsys
     assert len(lines) == 1 and message in lines[0], err
     assert lines[0].startswith("adasvd fit: error:") and "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
+def test_compress_recipe_and_flag_set_the_statistics_dtype(tmp_path):
+    """The recipe's callback argument reaches `adasvd compress --recipe`; the flag wins over it."""
+    from adasvd_lightning.cli import build_parser, compression_config
+    from adasvd_lightning.lightning_cli import one_shot_settings, parse_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_merge(BASE, _callback(statistics_dtype="float32"))).replace("MODEL", "reference"))
+    recipe = one_shot_settings(parse_recipe(path))
+    for flags, expected in [([], "float32"), (["--statistics-dtype", "float64"], "float64")]:
+        args = build_parser().parse_args(["compress", "--recipe", str(path), *flags, "--out", "OUT"])
+        assert compression_config(args, recipe).statistics_dtype == expected
 
 
 @pytest.mark.parametrize("text,message", [("model: [unclosed\n", "not valid YAML"), ("", "an empty file")])

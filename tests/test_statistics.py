@@ -110,3 +110,133 @@ def test_block_lower_gram_matches_full_product():
     x64 = x.double()
     torch.testing.assert_close(first, x64[:20].T @ x64[:20] / 20, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats.gram, x64.T @ x64 / 40, rtol=1e-12, atol=1e-12)
+
+
+# -- float32 products (CompressionConfig.statistics_dtype) ------------------------------------------------
+
+OUTLIERS = [3, 100, 250]  # channels 100× the rest, as in LLM activations
+
+
+def _activations(tokens: int, n: int, g: torch.Generator, decay: float = -3.0) -> torch.Tensor:
+    """float32 activations with a decaying spectrum (condition ~1e6 before outliers) and outlier channels."""
+    spectrum = torch.logspace(0, decay, n, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    x = (torch.randn(tokens, n, generator=g, dtype=torch.float64) * spectrum) @ q.T
+    x[:, OUTLIERS] *= 100
+    return x.float()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def _bulk(h: torch.Tensor) -> torch.Tensor:
+    """H without the outlier rows and columns: the entries an outlier-dominated norm would hide."""
+    keep = [i for i in range(h.shape[0]) if i not in OUTLIERS]
+    return h[keep][:, keep]
+
+
+def test_float32_products_match_float64_statistics():
+    """float32 chunk products agree with float64 to ~1e-7 (bf16 products would be ~1e-3) yet ran."""
+    g = torch.Generator().manual_seed(4)
+    n = 700  # above GRAM_BLOCK: the block lower triangle with float32 row-block scratches
+    batches = [_activations(512, n, g) for _ in range(3)]
+    s64, s32 = InputStatistics.empty(n), InputStatistics.empty(n, product_dtype=torch.float32)
+    for b in batches:
+        s64.add(b)
+        s32.add(b)
+    s64.finalize()
+    s32.finalize()
+    assert s32.gram_sum.dtype == s32.abs_sum.dtype == torch.float64
+    assert _relative(s32.gram, s64.gram) < 1e-5
+    assert _relative(_bulk(s32.gram), _bulk(s64.gram)) < 1e-5
+    assert _relative(s32.mean_abs, s64.mean_abs) < 1e-6
+    assert not torch.equal(s32.gram, s64.gram)  # the float32 path really ran
+    torch.testing.assert_close(s32.gram, s32.gram.T, rtol=0, atol=0)  # mirrored like the float64 path
+
+
+def test_float32_paired_statistics_match_float64():
+    g = torch.Generator().manual_seed(5)
+    n = 520
+    pairs = [(_activations(384, n, g), _activations(384, n, g)) for _ in range(2)]
+    s64, s32 = InputStatistics.empty(n), InputStatistics.empty(n, product_dtype=torch.float32)
+    for xo, xc in pairs:
+        s64.add_pair(xo, xc)
+        s32.add_pair(xo, xc)
+    g64, g32 = s64.grams(), s32.grams()
+    assert s32.cross_sum.dtype == torch.float64
+    for ours, reference in [(g32.h_cc, g64.h_cc), (g32.h_oc, g64.h_oc)]:
+        assert _relative(ours, reference) < 1e-5
+        assert _relative(_bulk(ours), _bulk(reference)) < 1e-5
+        assert not torch.equal(ours, reference)
+
+
+def test_float32_products_accumulate_in_float64_across_batches():
+    """One huge token, then 1000 small batches: a float32 running sum would drop every small one."""
+    s = InputStatistics.empty(1, product_dtype=torch.float32)
+    s.add(torch.tensor([[1e4]]))
+    for _ in range(1000):
+        s.add(torch.ones(1, 1))
+    assert s.gram_sum.item() == 1e8 + 1000  # float32: 1e8 + 1 rounds back to 1e8 (its spacing is 8)
+
+
+def test_float32_statistics_keep_the_whitened_truncation_error():
+    """‖(W − W′)X‖/‖WX‖ from float32-product statistics equals the float64 one (outlier-heavy X).
+
+    The whitened optimum is stationary in H, so H's round-off enters the error at second order: measured
+    ~1e-15 relative; bfloat16 products give 1.5e-6, so the bound below still catches a precision bug.
+    """
+    from adasvd_lightning.core.factorization import factorize
+    from adasvd_lightning.core.whitening import compute_whitening
+
+    g = torch.Generator().manual_seed(0)
+    n, m, rank = 300, 200, 60
+    batches = [_activations(1024, n, g) for _ in range(4)]
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.cat(batches).double()
+    errors = {}
+    for dtype in (torch.float64, torch.float32):
+        stats = InputStatistics.empty(n, product_dtype=dtype)
+        for b in batches:
+            stats.add(b)
+        factors = factorize(w, rank, compute_whitening(stats.gram))
+        errors[dtype] = float(torch.linalg.norm((w - factors.dense()) @ x.T) / torch.linalg.norm(w @ x.T))
+    assert 0.01 < errors[torch.float64] < 0.1  # a real truncation, not a trivial one
+    assert abs(errors[torch.float32] - errors[torch.float64]) / errors[torch.float64] < 1e-9
+
+
+def test_unsupported_product_dtype_is_refused():
+    with pytest.raises(ValueError, match="product_dtype"):
+        InputStatistics.empty(4, product_dtype=torch.bfloat16)
+
+
+# svd-llm-v2: a dense planning pass with statistics, then the compression pass; adasvd: paired statistics.
+@pytest.mark.parametrize("method,passes", [("svd-llm-v2", 2), ("adasvd", 1)])
+def test_statistics_dtype_reaches_every_statistics_pass(method, passes, token_batches, monkeypatch):
+    """Every InputStatistics a run creates uses the configured products; the result stays close."""
+    import warnings
+
+    from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
+
+    created: list[torch.dtype] = []
+    empty = InputStatistics.empty.__func__
+
+    def recording(cls, width, device="cpu", product_dtype=torch.float64):
+        created.append(product_dtype)
+        return empty(cls, width, device, product_dtype)
+
+    monkeypatch.setattr(InputStatistics, "empty", classmethod(recording))
+    logits, counts = {}, {}
+    for dtype in ("float64", "float32"):
+        created.clear()
+        model = tiny_model("llama")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompressionWarning)
+            compress_model(model, CompressionConfig(method=method, ratio=0.4, statistics_dtype=dtype), token_batches)
+        counts[dtype] = list(created)
+        with torch.no_grad():
+            logits[dtype] = torch.cat([model(batch).logits for batch in token_batches]).double()
+    assert len(counts["float32"]) == len(counts["float64"]) == passes * 2 * 4  # × 2 blocks × 4 distinct inputs
+    assert set(counts["float64"]) == {torch.float64} and set(counts["float32"]) == {torch.float32}
+    assert _relative(logits["float32"], logits["float64"]) < 1e-4
+    assert not torch.equal(logits["float32"], logits["float64"])

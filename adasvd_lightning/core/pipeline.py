@@ -217,7 +217,7 @@ def _compress_block(
                 original_hidden[b] = runner.run(block, inp, original_hidden[b])
         return original_hidden
     if inputs is not None and targets:
-        stats = BlockStatistics(targets)
+        stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
         # Dense outputs are only needed as the next block's "original" stream or inputs; otherwise
         # keeping them would hold a second copy of the calibration activations for nothing. The
         # dense stream advances in place, batch by batch: its block inputs are dead once that batch

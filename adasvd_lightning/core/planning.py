@@ -53,7 +53,8 @@ def _dense_block(ctx: PlanContext, index: int, targets: dict[str, nn.Module], hi
                  statistics: bool) -> tuple[list[torch.Tensor], BlockStatistics | None]:
     """Run block ``index`` (as it currently is) on ``hidden``: its outputs and, optionally, statistics."""
     block = ctx.blocks[index]
-    stats = BlockStatistics(targets) if statistics and targets else None
+    dtype = ctx.config.torch_statistics_dtype
+    stats = BlockStatistics(targets, product_dtype=dtype) if statistics and targets else None
     outputs = []
     with ctx.runner.resident(block), stats if stats is not None else nullcontext():
         for inp, h in zip(ctx.inputs, hidden):
