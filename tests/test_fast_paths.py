@@ -252,6 +252,26 @@ def test_reported_error_equals_direct_measurement(method, token_batches):
     In block 0 every stream sees the same inputs, so ‖(W′ − W)X‖/‖W X‖ can be computed directly from the
     dense model's captured activations and the stored compressed module.
     """
+    _check_reported_errors(method, token_batches)
+
+
+@pytest.mark.parametrize("method", ["svd-llm-w", "svd-llm", "adasvd", "adasvd+optimal"])
+def test_reported_error_with_singular_statistics_and_released_gram(method, monkeypatch):
+    """Fewer tokens than features: H is singular, whitening is damped (L Lᵀ = H + s·I), and H_cc is freed
+    after whitening wherever the factor stands in for it — the reported errors are still the measured ones."""
+    from adasvd_lightning.core.statistics import InputStatistics
+
+    released = []
+    release = InputStatistics.release_gram
+    monkeypatch.setattr(InputStatistics, "release_gram", lambda self: (released.append(1), release(self))[1])
+    few = [torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))]  # 80 tokens < 128
+    report = _check_reported_errors(method, few)
+    assert "damped-cholesky" in {m.whitening for m in report.modules}
+    # adaComp's V-steps need H with a damped factor, so it keeps those; everything else frees H per input.
+    assert len(released) >= (2 if method == "adasvd" else 6)
+
+
+def _check_reported_errors(method, token_batches):
     import copy
 
     from adasvd_lightning.core.surgery import find_targets, linear_weight
@@ -288,6 +308,7 @@ def test_reported_error_equals_direct_measurement(method, token_batches):
         assert by_name[name].relative_error == pytest.approx(expected, rel=1e-3), name
         checked += 1
     assert checked >= 5
+    return report
 
 
 def test_closed_form_update_never_forms_g():
@@ -391,3 +412,55 @@ def test_optimal_factors_on_single_stream_statistics_are_the_whitened_svd():
     ref = factorize(w, 5, whitening)
     torch.testing.assert_close(up @ down, ref.dense(), rtol=1e-9, atol=1e-9)
     assert value == pytest.approx(ref.truncation_loss**2, rel=1e-8)
+
+
+def _singular_pair():
+    """Paired statistics from fewer tokens than features (H_cc singular) and its damped whitening."""
+    g = torch.Generator().manual_seed(13)
+    xo = torch.randn(20, 32, generator=g, dtype=torch.float64)
+    xc = xo + 0.1 * torch.randn(20, 32, generator=g, dtype=torch.float64)
+    h_cc, h_oc = xc.T @ xc / 20, xo.T @ xc / 20
+    h_cc = 0.5 * (h_cc + h_cc.T)
+    w = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    energy = float((xo @ w.T).square().sum() / 20)
+    whitening = compute_whitening(h_cc)
+    assert whitening.kind == "damped-cholesky" and whitening.shift > 0
+    plain = RefinementTarget(w, GramStatistics(h_cc, h_oc), target_energy=energy)
+    factored = RefinementTarget(w, GramStatistics(None, h_oc), target_energy=energy,
+                                whitening_factor=whitening.factor, whitening_shift=whitening.shift)
+    return plain, factored, w, whitening
+
+
+def test_closed_form_update_with_a_damped_factor_needs_no_h():
+    """V H Vᵀ = Ṽ Ṽᵀ − s·V Vᵀ: the U-step and objective from the damped factor equal those from H."""
+    plain, factored, w, whitening = _singular_pair()
+    start = factorize(w, 6, whitening)
+    ref_up, _, ref_history = adacomp(plain, start.up, start.down, v_steps=False)
+    up, down, history = adacomp(factored, start.up, start.down, v_steps=False, whitened_down=start.whitened_down)
+    assert history == pytest.approx(ref_history, rel=1e-9)
+    torch.testing.assert_close(up, ref_up, rtol=1e-7, atol=1e-9)
+    assert objective(factored, up, down) == pytest.approx(objective(plain, up, down), rel=1e-9)
+
+
+def test_optimal_factors_with_a_damped_factor_report_the_true_objective():
+    plain, factored, _, _ = _singular_pair()
+    up, down, value = optimal_factors(factored, 6)
+    assert value == pytest.approx(objective(plain, up, down), rel=1e-9)
+    with pytest.raises(ValueError, match="H_cc"):
+        v_step(factored, up)  # V-steps in the model's coordinates would need the released H
+
+
+def test_released_gram_cannot_be_read():
+    from adasvd_lightning.core.statistics import InputStatistics
+
+    stats = InputStatistics.empty(8)
+    stats.add_pair(torch.randn(30, 8), torch.randn(30, 8))
+    with pytest.raises(RuntimeError, match="finalized"):
+        stats.release_gram()
+    stats.finalize()
+    cross = stats.grams().h_oc.clone()
+    stats.release_gram()
+    with pytest.raises(RuntimeError, match="released"):
+        stats.gram
+    grams = stats.grams()
+    assert grams.h_cc is None and torch.equal(grams.h_oc, cross)

@@ -29,7 +29,7 @@ from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_in
 from .columns import column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
-from .factorization import factorize, saves_parameters
+from .factorization import LowRankFactors, factorize, saves_parameters
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .offload import BlockRunner
 from .params import count_parameters
@@ -68,6 +68,36 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
     return _relative(num, den)
 
 
+def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhitening, weight: torch.Tensor) -> float:
+    """‖(W′ − W)X‖/‖W X‖ from the whitened SVD: with L Lᵀ = H + s·I, ‖E X‖² = ‖E L‖² − s‖E‖², where
+    ‖(W′ − W)L‖² is the sum of the dropped σᵢ² of W·L and ‖W L‖² that of all of them (s = 0: exact
+    Cholesky). m·n·r flops for ‖E‖² instead of the m·n² of the Gram form, and no H needed."""
+    sigma2 = factors.singular_values.to(torch.float64).square()
+    dropped, energy = float(sigma2[factors.rank:].sum()), float(sigma2.sum())
+    if whitening.shift:
+        w = weight.to(torch.float64)
+        error = factors.up.to(torch.float64) @ factors.down.to(torch.float64) - w
+        dropped -= whitening.shift * float(error.square().sum())
+        energy -= whitening.shift * float(w.square().sum())
+    return _relative(dropped, energy)
+
+
+def _factor_replaces_gram(spec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
+    """Whether nothing after the whitening reads H_cc, so it can be freed.
+
+    The Cholesky factor (L Lᵀ = H + shift·I) gives the report's error and every refinement product,
+    except V-steps with a damped factor, preserved columns (their own Gram blocks), bf16/fp16 factors
+    (whose error is measured with H) and single-stream refinement (where H is also H_oc).
+    """
+    if stats is None or not isinstance(whitening, CholeskyWhitening) or spec.form != "low-rank":
+        return False
+    if weight.dtype not in (torch.float32, torch.float64):
+        return False
+    if spec.refinement == "none":
+        return True
+    return stats.cross_sum is not None and (spec.refinement != "adacomp" or whitening.shift == 0.0)
+
+
 def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
@@ -85,18 +115,21 @@ def _factorize_target(
     input_stats: InputStatistics | None,
     whitenings: dict[int, Whitening] | None = None,
     target_energy: float | None = None,
+    last_use: bool = False,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
     ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
     so they share one Cholesky factorization instead of computing the identical factor three times.
     ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`).
+    ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
+    Cholesky factor can stand in for it (`_factor_replaces_gram`).
 
     The report's relative output error is read off numbers the factorization already has whenever
     they are exact for the stored module (float32/float64 factors): the final refinement objective
-    f = ‖W′X_c − W X_o‖², or — single stream, exact Cholesky whitening, nothing else — the dropped
-    singular values of W·L (their squares sum to ‖(W − W′)X‖², all of them to ‖W X‖²). Otherwise it is
-    computed from the Gram matrices (m·n² flops per matrix).
+    f = ‖W′X_c − W X_o‖², or — Cholesky whitening without refinement or preserved columns — the dropped
+    singular values of W·L (`_whitened_truncation_error`). Otherwise it is computed from the Gram
+    matrices (m·n² flops per matrix).
     """
     spec, config = ctx.spec, ctx.config
     out_features, in_features = linear_shape(module)
@@ -124,6 +157,8 @@ def _factorize_target(
             whitening = spec.make_whitening(input_stats, damping=config.damping)
             if whitenings is not None:
                 whitenings[key] = whitening
+    if last_use and _factor_replaces_gram(spec, whitening, input_stats, weight):
+        input_stats.release_gram()
     # The optimal refinement replaces the whitened SVD's factors outright: no need to compute them.
     skip_svd = spec.refinement == "optimal" and spec.form == "low-rank" and input_stats is not None
     factors = None
@@ -146,11 +181,12 @@ def _factorize_target(
     known_error: float | None = None  # relative output error, when the factorization already knows it
     if spec.refinement != "none" and input_stats is not None:
         with phase("refinement", absorb=True):
-            # An undamped Cholesky whitening is an exact factor of H_cc: refine in whitened coordinates.
-            exact = split is None and isinstance(whitening, CholeskyWhitening) and whitening.kind == "cholesky"
+            # A Cholesky whitening factors H_cc (+ its damping shift): refine in whitened coordinates.
+            factored = split is None and isinstance(whitening, CholeskyWhitening)
             target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping,
                                       target_energy=target_energy,
-                                      whitening_factor=whitening.factor if exact else None)
+                                      whitening_factor=whitening.factor if factored else None,
+                                      whitening_shift=whitening.shift if factored else 0.0)
             if spec.refinement == "optimal":
                 up, down, value = optimal_factors(target, rank if up is None else up.shape[1],
                                                   driver=config.svd_driver)
@@ -158,16 +194,15 @@ def _factorize_target(
             else:
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
-                    v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if exact else None,
+                    v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
                 )
                 report.refinement_steps = len(history) - 1
                 value = history[-1]
                 # Refitted factors lose the whitened SVD's √Σ split; the optimal ones have it already.
                 up, down = balance_factors(up, down)
             known_error = _relative(value, target.target_energy)
-    elif split is None and whitening.kind == "cholesky" and input_stats is not None:
-        sigma2 = factors.singular_values.to(torch.float64).square()
-        known_error = _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
+    elif split is None and isinstance(whitening, CholeskyWhitening) and input_stats is not None:
+        known_error = _whitened_truncation_error(factors, whitening, w64)
 
     with phase("surgery"):
         b = bias.detach() if bias is not None else None
@@ -252,8 +287,10 @@ def _compress_block(
         if rank_id == owner:
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
-            module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy)
-            if stats is not None and last_use.get(stats.leader(name)) == i:
+            last = stats is not None and last_use.get(stats.leader(name)) == i
+            module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
+                                                   last_use=last)
+            if last:
                 whitenings.pop(id(input_stats), None)
                 stats.release(name)
             input_stats = None

@@ -51,9 +51,10 @@ class GramStatistics:
     """Gram matrices of one linear input (float64, already divided by the token count).
 
     ``h_oo`` is optional: it only serves ‖W X_o‖², which the pipeline takes from the dense outputs.
+    ``h_cc`` may be None once the whitening's Cholesky factor stands in for it (see `RefinementTarget`).
     """
 
-    h_cc: torch.Tensor
+    h_cc: torch.Tensor | None
     h_oc: torch.Tensor
     h_oo: torch.Tensor | None = None
 
@@ -77,8 +78,9 @@ class RefinementTarget:
     ``target_energy`` = ‖W X_o‖² per token when measured (see module docstring); otherwise computed
     from ``stats.h_oo``. ``whitening_factor`` is a lower-triangular L with L Lᵀ = H_cc *exactly* (the
     undamped Cholesky factor of the whitening, nothing preserved): `adacomp` then iterates in whitened
-    coordinates (module docstring). A damped factor would change the objective, so it is not accepted
-    implicitly — the caller passes it only when the whitening's Cholesky needed no damping.
+    coordinates (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
+    and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), V-steps then use the plain
+    coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None).
     """
 
     weight: torch.Tensor
@@ -87,6 +89,7 @@ class RefinementTarget:
     damping: float = 1e-6
     target_energy: float | None = None
     whitening_factor: torch.Tensor | None = None
+    whitening_shift: float = 0.0
 
     def __post_init__(self) -> None:
         w = self.weight.to(torch.float64)
@@ -100,6 +103,8 @@ class RefinementTarget:
         self.w_keep = w[:, kept]
         self._w = w
         self._g: torch.Tensor | None = None
+        if s.h_cc is None and (kept.numel() or self.whitening_factor is None):
+            raise ValueError("without H_cc a refinement target needs the whitening factor and no preserved columns")
         if kept.numel():
             self.h_rr = s.h_cc[rest][:, rest]
             w_hoc_kept = w @ s.h_oc[:, kept]
@@ -155,6 +160,8 @@ class RefinementTarget:
         Computed on first use: the closed-form refinement (U-steps only) never needs this n³ factor.
         """
         if self._h_rr_chol is None:
+            if self.h_rr is None:
+                raise ValueError("V-steps in the model's coordinates need H_cc, which was released")
             scale = float(self.h_rr.diagonal().mean().clamp_min(1e-30))
             eye = torch.eye(self.h_rr.shape[0], dtype=torch.float64, device=self.h_rr.device)
             for factor in (self.damping, 1e-4, 1e-2):
@@ -171,8 +178,8 @@ class RefinementTarget:
 
     @property
     def exact_factor(self) -> bool:
-        """Whether L Lᵀ = H_rr without damping (then f can be evaluated in whitened coordinates)."""
-        return self.whitening_factor is not None
+        """Whether L Lᵀ = H_rr without damping (then V-steps can run in whitened coordinates)."""
+        return self.whitening_factor is not None and self.whitening_shift == 0.0
 
     @property
     def g_whitened(self) -> torch.Tensor:
@@ -222,7 +229,12 @@ class _DownProducts:
             gv = target.g_times(down.T)
         else:
             gv = target.g_whitened @ whitened.T
-        return cls(down, whitened @ whitened.T, gv, whitened)
+        vhv = whitened @ whitened.T
+        if target.whitening_shift:  # L Lᵀ = H + shift·I
+            if down is None:
+                raise ValueError("a damped factor needs V itself for V H Vᵀ")
+            vhv = vhv - target.whitening_shift * (down @ down.T)
+        return cls(down, vhv, gv, whitened)
 
     def plain_down(self, target: "RefinementTarget") -> torch.Tensor:
         """V in the model's coordinates (one triangular solve when only Ṽ is known)."""
@@ -244,6 +256,8 @@ def objective(target: RefinementTarget, up: torch.Tensor, down: torch.Tensor) ->
     Evaluated in factored form, tr((UᵀU)(V H Vᵀ)) − 2 tr(Uᵀ G Vᵀ) + ‖Y‖²: r·n² + m·n·r flops instead of
     forming the m×n product and multiplying it by H (m·n² + m·n·r) — the dense form costs m/r times more.
     """
+    if target.h_rr is None:  # H released: the whitening factor stands in for it
+        return _DownProducts.of_whitened(target, target.whiten(down), down).objective(target, up)
     return _DownProducts.of(target, down).objective(target, up)
 
 
@@ -288,7 +302,8 @@ def adacomp(
     whitened SVD produces anyway) saves the r·n² product that would compute it.
     """
     up, down = up.to(torch.float64), down.to(torch.float64)
-    whitened = target.exact_factor
+    # V-steps in whitened coordinates need L Lᵀ = H exactly; a single U-step works with a damped L too.
+    whitened = target.whitening_factor is not None and (target.exact_factor or not v_steps)
     if whitened:
         start = whitened_down.to(torch.float64) if whitened_down is not None else target.whiten(down)
         products = _DownProducts.of_whitened(target, start, down)
@@ -332,8 +347,9 @@ def optimal_factors(
 
     Truncated SVD of G̃ = G L⁻ᵀ, split √Σ on both sides: U = P√Σ, V = √Σ Qᵀ L⁻¹. This is the limit
     adaComp's alternation approaches from its start, computed with one decomposition of an m×n matrix.
-    With the exact factor the objective is ‖Y‖² − Σ_{i≤r} σᵢ²; with the damped one (singular H_rr) the
-    minimiser is that of the damped objective, and f is evaluated in the model's coordinates.
+    With the exact factor the objective is ‖Y‖² − Σ_{i≤r} σᵢ²; with a damped one (singular H_rr,
+    L Lᵀ = H_rr + s·I) the minimiser is that of the damped objective f + s‖U V‖², and f = ‖Y‖² −
+    Σ_{i≤r} σᵢ² − s‖U V‖² (or, for the damped `h_rr_chol`, evaluated in the model's coordinates).
     Returns (U, V, f).
     """
     from .linalg import thin_svd
@@ -345,8 +361,10 @@ def optimal_factors(
     root = s[:rank].sqrt()
     up, whitened = u[:, :rank] * root, root[:, None] * vh[:rank]
     down = target.unwhiten(whitened)
-    if target.exact_factor:
+    if target.whitening_factor is not None:
         value = target.y_norm - float(s[:rank].square().sum())
+        if target.whitening_shift:
+            value -= target.whitening_shift * float(((up.T @ up) * (down @ down.T)).sum())
     else:
         value = objective(target, up, down)
     return up, down, max(value, 0.0)

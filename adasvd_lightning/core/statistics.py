@@ -119,7 +119,7 @@ class InputStatistics:
     relates them to the dense model's inputs x_o.
     """
 
-    gram_sum: torch.Tensor  # n×n float64, Σ x xᵀ
+    gram_sum: torch.Tensor | None  # n×n float64, Σ x xᵀ (None after `release_gram`)
     abs_sum: torch.Tensor  # n float64, Σ |x| (ASVD's activation scale)
     tokens: int = 0
     cross_sum: torch.Tensor | None = None
@@ -186,19 +186,41 @@ class InputStatistics:
             accumulate_cross(self.cross_sum, xo.detach().to(dtype), xc)
 
     def grams(self):
-        """`GramStatistics` (means) for refinement; single-stream statistics give H_cc = H_oc (= H_oo)."""
+        """`GramStatistics` (means) for refinement; single-stream statistics give H_cc = H_oc (= H_oo).
+
+        After `release_gram`, paired statistics give ``h_cc=None`` (the whitening factor stands in).
+        """
         from .refinement import GramStatistics
 
+        if self.gram_sum is None and self.cross_sum is not None:
+            return GramStatistics(h_cc=None, h_oc=self._cross_mean())
         h = self.gram
         if self.cross_sum is None:
             return GramStatistics.single_stream(h)
-        return GramStatistics(h_cc=h, h_oc=self.cross_sum if self.normalized else self.cross_sum / self.tokens)
+        return GramStatistics(h_cc=h, h_oc=self._cross_mean())
+
+    def _cross_mean(self) -> torch.Tensor:
+        return self.cross_sum if self.normalized else self.cross_sum / self.tokens
+
+    def release_gram(self) -> None:
+        """Free H (n×n float64) once its Cholesky factor has replaced it for every later use.
+
+        The factor is as large as H, so keeping both doubles the largest live matrices at the run's
+        memory peak (the widest input's whitening, e.g. down_proj: 970 MB each at width 11008). Cross
+        statistics and activation scales stay; reading `gram` afterwards is an error.
+        """
+        if not self.normalized:
+            raise RuntimeError("statistics must be finalized (all batches in, all-reduced) before H is released")
+        self.gram_sum = None
+        self.lower_only = False
 
     @property
     def gram(self) -> torch.Tensor:
         """Mean Gram matrix H/N (same eigenvectors as Σ x xᵀ, numbers of order one)."""
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
+        if self.gram_sum is None:
+            raise RuntimeError("H was released after whitening (release_gram); nothing may read it later")
         self._mirror()
         return self.gram_sum if self.normalized else self.gram_sum / self.tokens
 

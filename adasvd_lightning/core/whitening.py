@@ -72,11 +72,16 @@ class DiagonalWhitening(Whitening):
 
 @dataclass
 class CholeskyWhitening(Whitening):
-    """S = L, the lower Cholesky factor of H (+ damping·mean(diag H)·I when ``damping`` > 0)."""
+    """S = L, the lower Cholesky factor of H (+ damping·mean(diag H)·I when ``damping`` > 0).
+
+    ``shift`` is that absolute diagonal shift (L Lᵀ = H + shift·I), so exact quantities in H can still
+    be had from L: V H Vᵀ = (V L)(V L)ᵀ − shift·V Vᵀ.
+    """
 
     factor: torch.Tensor
     damping: float = 0.0
     kind: str = "cholesky"
+    shift: float = 0.0
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
         return w @ self.factor.to(w.dtype)
@@ -183,7 +188,7 @@ def compute_whitening(
     if damping > 0 and scale > 0:
         factor, info = _shifted_cholesky(h, damping * scale)
         if int(info) == 0:
-            return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky")
+            return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky", shift=damping * scale)
 
     eigenvalues, eigenvectors = torch.linalg.eigh(h)
     top = float(eigenvalues.max().clamp_min(0.0))
