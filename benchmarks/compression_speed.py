@@ -51,12 +51,45 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _allocated() -> int | None:
+    """Bytes glibc's malloc has handed out and not taken back (heap + mmapped chunks), or None.
+
+    RSS also counts freed memory the allocator keeps for reuse, which makes a peak-RSS difference vary
+    by ±70 MB between runs of the same row; the allocated bytes are the live data itself.
+    """
+    info = _mallinfo2()
+    return None if info is None else int(info.uordblks + info.hblkhd)
+
+
+def _mallinfo2():
+    import ctypes
+
+    global _MALLINFO2
+    if _MALLINFO2 is None:
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                "keepcost")]
+        try:
+            function = ctypes.CDLL("libc.so.6").mallinfo2
+            function.restype = MallInfo2
+            _MALLINFO2 = function
+        except (OSError, AttributeError):  # not glibc ≥ 2.33
+            _MALLINFO2 = False
+    return _MALLINFO2() if _MALLINFO2 else None
+
+
+_MALLINFO2 = None
+
+
 class _PeakSampler:
-    """Samples this process's resident set size in a thread (the allocator releases the GIL in torch ops)."""
+    """Samples this process's resident set size — and, with glibc, its allocated bytes — in a thread
+    (the allocator releases the GIL in torch ops)."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.start = self.peak = _rss()
+        self.alloc_start = self.alloc_peak = _allocated()
         self.peak_phase = "-"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -66,6 +99,9 @@ class _PeakSampler:
 
         while not self._stop.is_set():
             rss = _rss()
+            allocated = _allocated()
+            if allocated is not None and allocated > self.alloc_peak:
+                self.alloc_peak = allocated
             if rss > self.peak:
                 self.peak = rss
                 timer = profiling.active_timer()  # which pipeline phase was running at the peak
@@ -181,6 +217,8 @@ def one(spec: dict) -> dict:
         "rss_start_mb": sampler.start / 2**20, "rss_peak_mb": sampler.peak / 2**20,
         "extra_mb": (sampler.peak - sampler.start) / 2**20, "maxrss_mb": maxrss / 2**20,
         "peak_phase": sampler.peak_phase,
+        "allocated_extra_mb": (sampler.alloc_peak - sampler.alloc_start) / 2**20
+        if sampler.alloc_start is not None else None,
         "achieved_ratio": report.achieved_ratio,
     }
 
@@ -292,7 +330,8 @@ def main() -> None:
         rows.append(row)
         print(f"{sweep:>9} {row['model']:>9} h{row['hidden']}×{row['blocks']} {row['method']:>10} "
               f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
-              f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')}  [{_phase_cell(row)}]", flush=True)
+              f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')} "
+              f"(allocated {row.get('allocated_extra_mb') or 0:.0f} MB)  [{_phase_cell(row)}]", flush=True)
     wall = time.perf_counter() - started
 
     if args.quick:
