@@ -31,6 +31,7 @@ from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
 from .factorization import LowRankFactors, factorize, saves_parameters
 from .lowrank import ColumnPreservingLinear, LowRankLinear
+from .methods import MethodSpec
 from .offload import BlockRunner
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
@@ -82,7 +83,9 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
     return _relative(dropped, energy)
 
 
-def _factor_replaces_gram(spec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
+def _factor_replaces_gram(
+    spec: MethodSpec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor
+) -> bool:
     """Whether nothing after the whitening reads H_cc, so it can be freed.
 
     The Cholesky factor (L Lᵀ = H + shift·I) gives the report's error and every refinement product,
