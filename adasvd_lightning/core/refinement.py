@@ -40,6 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .factorization import factorize
+from .whitening import shifted_cholesky
+
 __all__ = [
     "GramStatistics", "RefinementTarget", "objective", "u_step", "v_step", "adacomp", "optimal_factors",
     "balance_factors",
@@ -163,9 +166,8 @@ class RefinementTarget:
             if self.h_rr is None:
                 raise ValueError("V-steps in the model's coordinates need H_cc, which was released")
             scale = float(self.h_rr.diagonal().mean().clamp_min(1e-30))
-            eye = torch.eye(self.h_rr.shape[0], dtype=torch.float64, device=self.h_rr.device)
-            for factor in (self.damping, 1e-4, 1e-2):
-                chol, info = torch.linalg.cholesky_ex(self.h_rr + factor * scale * eye)
+            for factor in (self.damping, 1e-4, 1e-2):  # H_rr is restored after each attempt
+                chol, info = shifted_cholesky(self.h_rr, factor * scale)
                 if int(info) == 0:
                     break
             self._h_rr_chol = chol
@@ -352,15 +354,12 @@ def optimal_factors(
     Σ_{i≤r} σᵢ² − s‖U V‖² (or, for the damped `h_rr_chol`, evaluated in the model's coordinates).
     Returns (U, V, f).
     """
-    from .linalg import thin_svd
-
-    g = target.g_whitened
-    if not 1 <= rank <= min(g.shape):
-        raise ValueError(f"rank {rank} outside [1, {min(g.shape)}] for a {g.shape[0]}×{g.shape[1]} target")
-    u, s, vh = thin_svd(g, rank, driver=driver)
-    root = s[:rank].sqrt()
-    up, whitened = u[:, :rank] * root, root[:, None] * vh[:rank]
-    down = target.unwhiten(whitened)
+    m, n = target.weight.shape[0], target.rest.numel()
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank {rank} outside [1, {min(m, n)}] for a {m}×{n} target")
+    whitened = factorize(target.g_whitened, rank, driver=driver)  # G̃ ≈ P√Σ · √Σ Qᵀ
+    up, down = whitened.up, target.unwhiten(whitened.down)
+    s = whitened.singular_values
     if target.whitening_factor is not None:
         value = target.y_norm - float(s[:rank].square().sum())
         if target.whitening_shift:

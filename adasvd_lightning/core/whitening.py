@@ -28,6 +28,7 @@ __all__ = [
     "CholeskyWhitening",
     "EigenWhitening",
     "compute_whitening",
+    "shifted_cholesky",
 ]
 
 
@@ -134,18 +135,19 @@ def _symmetric(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 def _all_finite(t: torch.Tensor, rows: int = 1024) -> bool:
     """``torch.isfinite(t).all()`` in row blocks: on a whole float64 n×n matrix, isfinite makes
-    float64 temporaries of its size (measured: 318 MB transient at n = 5504, more than the Cholesky
+    float64 temporaries of its size (318 MB at n = 5504, `benchmarks/whitening_memory.py`: more than the Cholesky
     factor itself) at the very moment a compression run peaks in memory."""
     return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
-def _shifted_cholesky(h: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shifted_cholesky(h: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``cholesky_ex(H + shift·I)`` without an n×n copy of H.
 
     The shift goes onto h's own diagonal and the saved diagonal (n numbers) is copied back afterwards,
-    bit for bit, also if the factorization raises. A copy of H plus the failed first factor plus the
-    new one were three n×n float64 matrices at the memory peak of a run whose widest input has fewer
-    calibration tokens than features (H singular: 693 MB at n = 5504, now 231 MB).
+    bit for bit, also if the factorization raises. Shared by the whitening's damped retry and the
+    V-step's damped factor: ``H + s·I`` as an expression costs two n×n temporaries (I and the sum), and
+    in whitening a copy of H plus the failed first factor plus the new one were three n×n float64
+    matrices at a run's memory peak (`benchmarks/whitening_memory.py`).
     """
     diagonal = h.diagonal()
     saved = diagonal.clone()
@@ -186,7 +188,7 @@ def compute_whitening(
     del factor  # garbage: free it before a retry allocates the next n×n factor
     scale = float(h.diagonal().mean().clamp_min(0.0))
     if damping > 0 and scale > 0:
-        factor, info = _shifted_cholesky(h, damping * scale)
+        factor, info = shifted_cholesky(h, damping * scale)
         if int(info) == 0:
             return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky", shift=damping * scale)
 
