@@ -135,8 +135,8 @@ def _symmetric(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 def _all_finite(t: torch.Tensor, rows: int = 1024) -> bool:
     """``torch.isfinite(t).all()`` in row blocks: on a whole float64 n×n matrix, isfinite makes
-    float64 temporaries of its size (318 MB at n = 5504, `benchmarks/whitening_memory.py`: more than the Cholesky
-    factor itself) at the very moment a compression run peaks in memory."""
+    float64 temporaries of its size (318 MB at n = 5504, more than the Cholesky factor itself;
+    `benchmarks/whitening_memory.py`) at the very moment a compression run peaks in memory."""
     return all(bool(torch.isfinite(t[i : i + rows]).all()) for i in range(0, t.shape[0], rows))
 
 
