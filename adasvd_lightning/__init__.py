@@ -19,6 +19,11 @@ from .core.pipeline import CompressionWarning, compress_model
 from .core.report import CompressionReport, ModuleReport
 from .core.serialization import load_compressed, load_tokenizer, save_compressed
 from .core.whitening import compute_whitening
+from .core import hf_format as _hf_format
+
+# Compressed folders open with transformers' AutoModelForCausalLM / pipeline once this package is
+# imported (see core/hf_format.py); the registration itself is cheap.
+_hf_format.register()
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,12 @@
 """Save and load compressed models as Hugging Face-style folders.
 
 A compressed folder is a normal model folder (``config.json``, ``*.safetensors``, tokenizer files)
-whose config carries an ``adasvd`` entry: a manifest of every factorized module (rank and shape). The
-loader builds the architecture from the config, swaps in empty `LowRankLinear` modules where the
-manifest says, and loads the weights — so the same call opens dense folders (no manifest) too.
+whose config carries a manifest of every factorized module (rank and shape) as its
+``quantization_config`` and the model type ``adasvd_lightning``, so that tools without this package
+refuse it instead of loading random weights (`hf_format` explains the format). Compressed folders load
+through transformers' ``from_pretrained`` on the meta device; dense folders (no manifest) and folders
+with the older top-level ``adasvd`` manifest load by building the architecture and swapping in empty
+`LowRankLinear` modules where the manifest says.
 
 Writes are atomic: everything is written to a hidden temporary folder beside the destination and
 renamed into place only when complete, so an interrupted save never leaves a half-written model.
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf_format
 from .errors import InvalidInputError
 from .lowrank import FactorizedLinear, module_from_entry
 from .surgery import replace_module
@@ -111,16 +115,10 @@ def save_compressed(
         raise InvalidInputError("save_compressed needs a Hugging Face PreTrainedModel")
     manifest = build_manifest(model, **(metadata or {}))
     path = Path(path)
-    previous = getattr(model.config, MANIFEST_KEY, None)
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        setattr(model.config, MANIFEST_KEY, manifest)
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if previous is None:
-                delattr(model.config, MANIFEST_KEY)
-            else:
-                setattr(model.config, MANIFEST_KEY, previous)
+        model.save_pretrained(tmp, safe_serialization=True)
+        # The manifest goes into config.json in the form transformers' Auto classes open (hf_format).
+        hf_format.rewrite_config_file(tmp / "config.json", manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return path.expanduser().resolve()
@@ -187,8 +185,10 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     """
     path = Path(path).expanduser()
     config = check_model_folder(path)
-    manifest = getattr(config, MANIFEST_KEY, None)
     files = _weight_files(path)
+    if config.model_type == hf_format.MODEL_TYPE:
+        return hf_format.load_folder(path, device=device, dtype=dtype)  # meta device: no dense weights
+    manifest = hf_format.manifest_of(config)  # the legacy location (top-level "adasvd") or None
     state = _load_state_dict(files)
     model = build_empty_model(config)
     if manifest:
