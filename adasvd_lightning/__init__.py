@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .core.config import CompressionConfig
 from .core.corpus import embedded_corpus_path, sample_calibration_windows, tokenize_text
+from .core.dense import densify, export_dense
 from .core.errors import AdaSVDError, InvalidInputError
 from .core.evaluation import PerplexityResult, evaluate_perplexity
 from .core.factorization import factorize, rank_for_ratio
@@ -41,8 +42,10 @@ __all__ = [
     "compress_model",
     "compute_whitening",
     "count_parameters",
+    "densify",
     "embedded_corpus_path",
     "evaluate_perplexity",
+    "export_dense",
     "factorize",
     "get_method",
     "load_compressed",

@@ -7,7 +7,8 @@ Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
-  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder
+  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder;
+              a compressed model folder → its dense equivalent (--model DIR --dense)
   reference   build (once) and print the path of the embedded reference model
 
 Bad input (missing path, ratio outside (0, 1), unknown method or recipe key, a folder that is not a
@@ -137,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="DeepSpeed ZeRO checkpoint of a compressed run → model folder")
-    p.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory written by Lightning")
+    p = sub.add_parser("export", help="ZeRO checkpoint → model folder, or compressed folder → dense folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="ZeRO checkpoint directory written by Lightning")
+    source.add_argument("--model", help="compressed model folder (with --dense: write its dense equivalent)")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
@@ -300,10 +303,18 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .display import console
-    from .training.export import export_zero_checkpoint
 
-    path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
-                                  dense=args.dense, overwrite=args.overwrite)
+    if args.model is not None:
+        from .core.dense import export_dense
+
+        if not args.dense:
+            raise InvalidInputError("--model is already a model folder; pass --dense to write its dense equivalent")
+        path = export_dense(args.model, args.out, overwrite=args.overwrite)
+    else:
+        from .training.export import export_zero_checkpoint
+
+        path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+                                      dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
     _emit(args, {"out": str(path), "dense": args.dense})

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InvalidInputError
-from ..core.lowrank import FactorizedLinear
+from ..core.dense import densify
+from ..core.hf_format import manifest_of
 from ..core.serialization import (
-    MANIFEST_KEY,
     build_empty_model,
     apply_manifest,
     check_model_folder,
@@ -24,7 +24,6 @@ from ..core.serialization import (
     load_weights,
     save_compressed,
 )
-from ..core.surgery import Conv1D, replace_module
 
 __all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
 
@@ -78,15 +77,18 @@ def export_zero_checkpoint(
     state, callback_state = read_zero_checkpoint(checkpoint_dir)
     # The structure: from SVDCompression's state, else from a compressed base folder's config (a run
     # that fine-tuned an already compressed model).
-    manifest = callback_state.get("manifest") or getattr(config, MANIFEST_KEY, None)
+    manifest = callback_state.get("manifest") or manifest_of(config)
     if config is None:
         stored = callback_state.get("model_config")
         if not stored:
             raise InvalidInputError("the checkpoint stores no model config; pass --base-model with the original folder")
-        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        stored = dict(stored)
-        config = AutoConfig.for_model(stored.pop("model_type"), **stored)
+        # from_dict, not AutoConfig.for_model: a compressed model's stored config (model type
+        # adasvd_lightning) is read as its base architecture's config by the registered class.
+        if stored.get("model_type") not in CONFIG_MAPPING:
+            raise InvalidInputError(f"the checkpoint's model type {stored.get('model_type')!r} is unknown to transformers")
+        config = CONFIG_MAPPING[stored["model_type"]].from_dict(dict(stored))
     prefix = f"{model_attr}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
@@ -96,31 +98,9 @@ def export_zero_checkpoint(
         apply_manifest(model, manifest)
     load_weights(model, weights, source=f"checkpoint {checkpoint_dir}")
     if dense:
-        _densify(model)
+        densify(model)
     model.eval()
     tokenizer_source = base_model if base_model is not None else recorded_model_path(checkpoint_dir)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
     return save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite,
                            metadata={"exported_from": str(Path(checkpoint_dir).expanduser().resolve())})
-
-
-@torch.no_grad()
-def _densify(model: torch.nn.Module) -> None:
-    """Multiply factorized modules back into dense `nn.Linear`s (or GPT-2 `Conv1D`s)."""
-    config_model_type = getattr(getattr(model, "config", None), "model_type", "")
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, FactorizedLinear):
-            continue
-        weight = module.dense_weight()
-        bias = module.bias
-        if config_model_type == "gpt2" and Conv1D is not None:
-            dense = Conv1D(module.out_features, module.in_features)
-            dense.weight.copy_(weight.T)
-            dense.bias.copy_(bias if bias is not None else torch.zeros(module.out_features))
-        else:
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=bias is not None,
-                                    dtype=weight.dtype)
-            dense.weight.copy_(weight)
-            if bias is not None:
-                dense.bias.copy_(bias)
-        replace_module(model, name, dense)

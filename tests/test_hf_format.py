@@ -1,0 +1,157 @@
+"""Compressed folders in the Hugging Face ecosystem: correct with the package, loud without it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adasvd_lightning import (
+    CompressionConfig,
+    compress_model,
+    densify,
+    export_dense,
+    load_compressed,
+    save_compressed,
+)
+from adasvd_lightning.cli import main
+from adasvd_lightning.core.lowrank import ColumnPreservingLinear, FactorizedLinear, LowRankLinear
+from conftest import tiny_model
+
+CASES = [("llama", "svd-llm"), ("qwen2", "svd-llm"), ("gpt2", "svd-llm"), ("llama", "duo-svd")]
+
+
+def compressed_folder(family, method, token_batches, path):
+    model = tiny_model(family)
+    compress_model(model, CompressionConfig(method=method, ratio=0.4), token_batches)
+    return model, save_compressed(model, path, metadata={"method": method})
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def factorized(model):
+    return {n: (type(m), m.rank) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+@pytest.mark.parametrize("family,method", CASES)
+def test_from_pretrained_is_bit_identical_to_load_compressed(family, method, token_batches, tmp_path):
+    model, folder = compressed_folder(family, method, token_batches, tmp_path / "c")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    reference = load_compressed(folder)
+    assert factorized(loaded) == factorized(model) == factorized(reference)
+    kinds = {kind for kind, _ in factorized(loaded).values()}
+    assert (ColumnPreservingLinear in kinds) == (method == "duo-svd") and LowRankLinear in kinds
+    assert isinstance(loaded, type(model))  # a subclass of the base architecture's class
+    for batch in token_batches:
+        assert torch.equal(logits(loaded, batch), logits(reference, batch))
+        assert torch.equal(logits(loaded, batch), logits(model, batch))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_save_pretrained_round_trip(family, token_batches, tmp_path):
+    model, folder = compressed_folder(family, "svd-llm", token_batches, tmp_path / "c")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded.save_pretrained(tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["model_type"] == "adasvd_lightning"
+    assert config["quantization_config"]["base_model_type"] == family
+    assert config["quantization_config"]["method"] == "svd-llm"  # provenance survives
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert factorized(again) == factorized(model)
+    assert torch.equal(logits(again, token_batches[0]), logits(model, token_batches[0]))
+    assert torch.equal(logits(load_compressed(tmp_path / "again"), token_batches[0]), logits(model, token_batches[0]))
+
+
+def test_save_pretrained_writes_the_live_structure(token_batches, tmp_path):
+    """A loaded model compressed further is saved with its new ranks, not the manifest it was loaded with."""
+    model, folder = compressed_folder("llama", "svd-llm", token_batches, tmp_path / "c")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    densify(loaded.model.layers[0].mlp)  # one block dense again
+    loaded.save_pretrained(tmp_path / "again")
+    modules = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == len(factorized(model)) - 3 and not any(n.startswith("model.layers.0.mlp") for n in modules)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(logits(again, token_batches[0]), logits(loaded, token_batches[0]))
+
+
+def test_pipeline_generates_like_the_compressed_model(token_batches, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    vocab = {f"w{i}": i for i in range(128)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", eos_token="w1")
+    model = tiny_model("llama")
+    compress_model(model, CompressionConfig(method="svd-llm", ratio=0.4), token_batches)
+    folder = save_compressed(model, tmp_path / "c", tokenizer=tokenizer)
+
+    generate = pipeline("text-generation", model=str(folder))
+    assert factorized(generate.model) == factorized(model)
+    prompt = "w5 w9 w17 w33"
+    out = generate(prompt, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert out.split() == tokenizer.convert_ids_to_tokens(expected.tolist())
+
+
+@pytest.mark.parametrize("call", [
+    "AutoModelForCausalLM.from_pretrained(folder)",
+    "pipeline('text-generation', model=folder)",
+    "AutoConfig.from_pretrained(folder)",
+])
+def test_without_the_package_loading_fails_and_names_it(call, token_batches, tmp_path):
+    _, folder = compressed_folder("llama", "svd-llm", token_batches, tmp_path / "c")
+    script = (
+        "import sys\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM, pipeline\n"
+        f"folder = {str(folder)!r}\n"
+        f"model = {call}\n"
+        "assert 'adasvd_lightning' not in sys.modules\n"
+        "print('LOADED')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "LOADED" not in result.stdout
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert "model type `adasvd_lightning`" in result.stderr, result.stderr[-2000:]
+    assert "adasvd_lightning" in last or "adasvd_lightning" in result.stderr.split("Traceback")[-1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_dense_is_a_plain_folder_with_the_same_function(family, token_batches, tmp_path):
+    model, folder = compressed_folder(family, "svd-llm", token_batches, tmp_path / "c")
+    out = export_dense(folder, tmp_path / "dense")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and "quantization_config" not in config
+    assert config["architectures"] == [type(model).__name__]
+    dense = AutoModelForCausalLM.from_pretrained(out)
+    assert type(dense) is type(model) and not factorized(dense)  # the stock transformers class
+    assert dense.num_parameters() == tiny_model(family).num_parameters()
+    torch.testing.assert_close(logits(dense, token_batches[0]), logits(model, token_batches[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_export_dense_folder(token_batches, tmp_path, capsys):
+    _, folder = compressed_folder("qwen2", "duo-svd", token_batches, tmp_path / "c")
+    assert main(["export", "--model", str(folder), "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "--dense" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert main(["export", "--model", str(folder), "--dense", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert not factorized(dense) and type(dense).__name__ == "Qwen2ForCausalLM"
+    assert main(["export", "--model", str(folder), "--dense", "--out", str(tmp_path / "d"), "--quiet"]) == 2
+
+
+def test_legacy_manifest_location_still_loads(token_batches, tmp_path):
+    """Folders written before the transformers integration (manifest as a top-level "adasvd" key)."""
+    model, folder = compressed_folder("llama", "svd-llm", token_batches, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    config["model_type"] = quant.pop("base_model_type")
+    quant.pop("quant_method")
+    config["adasvd"] = quant
+    (folder / "config.json").write_text(json.dumps(config))
+    assert torch.equal(logits(load_compressed(folder), token_batches[0]), logits(model, token_batches[0]))
