@@ -25,7 +25,9 @@ CASES = [("llama", "svd-llm"), ("qwen2", "svd-llm"), ("gpt2", "svd-llm"), ("llam
 
 def compressed_folder(family, method, token_batches, path):
     model = tiny_model(family)
-    compress_model(model, CompressionConfig(method=method, ratio=0.4), token_batches)
+    # Uniform ranks keep the column-preserving case fast; the layers it writes are the same kind.
+    options = {"allocation": "uniform"} if method == "duo-svd" else {}
+    compress_model(model, CompressionConfig(method=method, ratio=0.4, method_options=options), token_batches)
     return model, save_compressed(model, path, metadata={"method": method})
 
 
@@ -50,6 +52,15 @@ def test_from_pretrained_is_bit_identical_to_load_compressed(family, method, tok
     for batch in token_batches:
         assert torch.equal(logits(loaded, batch), logits(reference, batch))
         assert torch.equal(logits(loaded, batch), logits(model, batch))
+    # Factorized weights are plain float parameters: casting and training are allowed.
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(loaded)  # the HF Trainer's check: passes
+    # Dense export of every layer kind (GPT-2's Conv1D, column-preserving) keeps the function.
+    densify(loaded)
+    assert not factorized(loaded)
+    torch.testing.assert_close(logits(loaded, token_batches[0]), logits(model, token_batches[0]), rtol=1e-4, atol=1e-5)
+    assert loaded.half().float().dtype == torch.float32
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -144,7 +155,7 @@ def test_export_dense_is_a_plain_folder_with_the_same_function(family, token_bat
 
 
 def test_cli_export_dense_folder(token_batches, tmp_path, capsys):
-    _, folder = compressed_folder("qwen2", "duo-svd", token_batches, tmp_path / "c")
+    _, folder = compressed_folder("qwen2", "svd-llm", token_batches, tmp_path / "c")
     assert main(["export", "--model", str(folder), "--out", str(tmp_path / "d"), "--quiet"]) == 2
     assert "--dense" in capsys.readouterr().err and not (tmp_path / "d").exists()
     assert main(["export", "--model", str(folder), "--dense", "--out", str(tmp_path / "d"), "--quiet"]) == 0
@@ -163,3 +174,15 @@ def test_legacy_manifest_location_still_loads(token_batches, tmp_path):
     config["adasvd"] = quant
     (folder / "config.json").write_text(json.dumps(config))
     assert torch.equal(logits(load_compressed(folder), token_batches[0]), logits(model, token_batches[0]))
+
+
+def test_a_compressed_config_without_its_base_architecture_is_one_clear_error(token_batches, tmp_path):
+    from adasvd_lightning.core.errors import InvalidInputError
+    from adasvd_lightning.core.serialization import check_model_folder
+
+    _, folder = compressed_folder("llama", "svd-llm", token_batches, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]["base_model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match="base_model_type"):
+        check_model_folder(folder)

@@ -89,8 +89,9 @@ def _base_config_class(config_dict: dict):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    quant = config_dict.get("quantization_config") or {}
-    base_type = quant.get("base_model_type") if isinstance(quant, dict) else None
+    quant = config_dict.get("quantization_config")
+    quant = quant if isinstance(quant, dict) else {}
+    base_type = quant.get("base_model_type")
     if quant.get("quant_method") != QUANT_METHOD or not base_type:
         raise InvalidInputError(
             f"config of model type {MODEL_TYPE!r} needs quantization_config with quant_method "

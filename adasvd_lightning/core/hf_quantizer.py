@@ -59,6 +59,13 @@ class AdaSVDHfQuantizer(HfQuantizer):
         apply_manifest(model, self.quantization_config.manifest())
         return model
 
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # transformers marks the model quantized, which forbids `.half()` / `.float()` and fine-tuning
+        # without adapters. Factorized weights are ordinary float parameters, so lift that; the
+        # quantizer stays attached so that `save_pretrained` writes the manifest.
+        model.is_quantized = False
+        return model
+
     def get_state_dict_and_metadata(self, model):
         """Refresh the manifest from the live modules, so ``save_pretrained`` after re-compression is right."""
         from .serialization import build_manifest
