@@ -237,6 +237,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
             merge_min_saving=_pick(args.merge_unprofitable, recipe, "merge_unprofitable", None),
+            seq_len=_pick(args.seq_len, recipe, "seq_len", 256) if recipe else None,
         )
     if not args.quiet:
         console.print(report_table(report))
