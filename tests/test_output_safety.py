@@ -184,3 +184,26 @@ def test_sigkill_during_compress_overwrite_keeps_the_previous_output(tiny_refere
     assert json.loads((out / "config.json").read_text())["adasvd"]["ratio"] == 0.6
     with torch.no_grad():
         assert torch.isfinite(load_compressed(out)(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode != 0,
+                    reason="needs unprivileged user+mount namespaces")
+def test_disk_full_during_the_write_is_one_error_and_leaves_nothing(tmp_path):
+    """A 64 KB tmpfs: the write itself runs out of space (the up-front estimate was beaten)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    code = ("import sys; from pathlib import Path\n"
+            "from adasvd_lightning.core.errors import InvalidInputError\n"
+            "from adasvd_lightning.core.output import atomic_directory\n"
+            "try:\n"
+            "    with atomic_directory(sys.argv[1]) as tmp:\n"
+            "        (tmp / 'weights.bin').write_bytes(bytes(1 << 20))\n"
+            "except InvalidInputError as exc:\n"
+            "    print(exc); print(sorted(p.name for p in Path(sys.argv[1]).parent.iterdir()))\n"
+            "    raise SystemExit(2)\n")
+    result = subprocess.run(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$1" && shift && '
+                             'exec "$@"', "sh", str(where), sys.executable, "-c", code,
+                             str(where / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    message, left = result.stdout.strip().splitlines()
+    assert "disk full while writing" in message and left == "[]"

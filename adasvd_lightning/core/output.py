@@ -288,6 +288,11 @@ def atomic_directory(destination: str | os.PathLike, *, overwrite: bool = False,
         _write_marker(tmp, complete=True)
         _apply_umask(tmp)
         _commit(tmp, dest, overwrite=overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the space estimate was beaten (another writer)
+            raise InvalidInputError(f"disk full while writing {dest}; nothing was changed there") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
