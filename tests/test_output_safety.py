@@ -207,3 +207,15 @@ def test_disk_full_during_the_write_is_one_error_and_leaves_nothing(tmp_path):
     assert result.returncode == 2, result.stderr
     message, left = result.stdout.strip().splitlines()
     assert "disk full while writing" in message and left == "[]"
+
+
+def test_an_output_that_appears_during_the_run_is_left_alone(tmp_path):
+    from adasvd_lightning.core.output import atomic_directory
+
+    with pytest.raises(InvalidInputError, match="appeared while this run was writing"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "weights.bin").write_bytes(b"new")
+            (tmp_path / "out").mkdir()  # another process (or the user) got there first
+            (tmp_path / "out" / "theirs.txt").write_text("theirs")
+    assert _snapshot(tmp_path / "out") == {"theirs.txt": b"theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

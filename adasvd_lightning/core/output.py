@@ -300,13 +300,24 @@ def atomic_directory(destination: str | os.PathLike, *, overwrite: bool = False,
         _unlock(fd)
 
 
+def _appeared(dest: Path) -> InvalidInputError:
+    return InvalidInputError(f"output folder {dest} appeared while this run was writing it; left as it is")
+
+
 def _commit(tmp: Path, dest: Path, *, overwrite: bool) -> None:
     """Put the finished ``tmp`` at ``dest``: a single rename, or a swap with the previous output."""
     if not dest.exists():
-        if not _renameat2(tmp, dest, _RENAME_NOREPLACE):
-            os.rename(tmp, dest)  # fallback: fails on a non-empty folder that appeared meanwhile
+        try:
+            if not _renameat2(tmp, dest, _RENAME_NOREPLACE):
+                os.rename(tmp, dest)  # fallback: fails on a non-empty folder that appeared meanwhile
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise _appeared(dest) from None
         return
-    problem = _not_ours(dest) if overwrite else "it already exists"
+    if not overwrite:
+        raise _appeared(dest)
+    problem = _not_ours(dest)
     if problem:  # checked again: the folder may have changed during the run
         raise InvalidInputError(f"refusing to replace {dest}: {problem}")
     if _renameat2(tmp, dest, _RENAME_EXCHANGE):
