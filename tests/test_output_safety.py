@@ -140,11 +140,11 @@ def test_outputs_follow_the_umask(tmp_path):
 
 # --- a real `adasvd compress --overwrite` killed at several points ----------------------------------
 
-def _kill_when(proc: subprocess.Popen, parent: Path, ready, timeout: float = 240.0) -> bool:
-    """SIGKILL ``proc`` as soon as ``ready(temporary folder)`` holds; False if it finished first."""
+def _kill_when(proc: subprocess.Popen, parent: Path, ready, earlier: set, timeout: float = 240.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready(its temporary folder)`` holds; False if it finished first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        temps = [p for p in parent.iterdir() if ".adasvd-tmp-" in p.name]
+        temps = [p for p in parent.iterdir() if ".adasvd-tmp-" in p.name and p not in earlier]
         if temps and ready(temps[0]):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -167,8 +167,9 @@ def test_sigkill_during_compress_overwrite_keeps_the_previous_output(tiny_refere
     }
     intact = 0
     for ready in points.values():
+        earlier = set(tmp_path.iterdir())  # leftovers of the previous kill are not this run's
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        killed = _kill_when(proc, tmp_path, ready)
+        killed = _kill_when(proc, tmp_path, ready, earlier)
         if _snapshot(out) == previous:  # untouched, byte for byte
             intact += killed
         else:  # only possible when the kill came after the swap: then it is the complete new output
