@@ -177,7 +177,6 @@ NAME = "model.layers.0.self_attn.q_proj"
     ({"in_features": 128}, "says 64×128"),
     ({"out_features": True}, "out_features must be a positive integer"),
     ({"rank": None}, "rank must be a positive integer"),  # missing key
-    ({"kind": None}, "unknown module kind None"),
     ({"bias": "no"}, "bias must be true or false"),
 ])
 def test_manifest_that_disagrees_with_the_weights_is_refused(edit, message, compressed_folder, tmp_path):
