@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -179,14 +180,41 @@ def _parse_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--method-option expects KEY=VALUE, got {item!r}")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:  # also YAML tags such as !!python/object, which safe_load refuses
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise InvalidInputError(f"--method-option {key.strip()}: cannot read {value!r} ({problem})") from None
         options[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return options
 
 
+def strict_json(payload: dict) -> str:
+    """``payload`` as strict JSON: a NaN or infinite number (a diverged perplexity, say) becomes null
+    and its path is listed under ``"nonfinite"``, since bare ``NaN`` / ``Infinity`` are not JSON."""
+    flagged: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, (str, int, type(None))) and hasattr(value, "__float__"):
+            value = float(value)  # numpy / torch scalars, plain floats
+            if not math.isfinite(value):
+                flagged.append(path)
+                return None
+        return value
+
+    data = clean(payload, "")
+    if flagged:
+        data["nonfinite"] = flagged
+    return json.dumps(data, allow_nan=False)
+
+
 def _emit(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
 
 
 def _pick(flag: Any, section: dict, key: str, default: Any) -> Any:
@@ -254,6 +282,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
             merge_min_saving=_pick(args.merge_unprofitable, recipe, "merge_unprofitable", None),
+            seq_len=_pick(args.seq_len, recipe, "seq_len", 256) if recipe else None,
         )
     if not args.quiet:
         console.print(report_table(report))
@@ -376,7 +405,7 @@ def _print_summary(command: str, cli, *, json_out: bool, quiet: bool) -> None:
             console.print(f"checkpoint: {summary['checkpoint']}")
     if json_out:
         payload = {**summary, "reports": [r.to_dict() for r in summary["reports"]]}
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
 
 
 class _Interrupted:
