@@ -470,8 +470,10 @@ def _main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: _COMMANDS[args.command](args)
     from .display import quiet_libraries
+    from .threads import configure_threads
 
     quiet_libraries()
+    configure_threads()  # before torch is imported: sized to the CPUs this process may use
     try:
         run()
     except InvalidInputError as exc:

@@ -46,6 +46,21 @@ _IGNORED_WARNINGS = (
 )
 
 
+class _ExpectedCpuFallback(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either.
+
+    accelerate imports DeepSpeed on every ``save_pretrained``, and DeepSpeed then warns that it found
+    no accelerator. On a machine without one that is expected; where torch does see a GPU the
+    warning means something and stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Setting accelerator to CPU" not in record.getMessage():
+            return True
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_available())
+
+
 def quiet_libraries() -> None:
     """Silence the progress bars, tips and info chatter of transformers, datasets and Lightning.
 
@@ -63,6 +78,9 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|datasets|lightning|torch)\.")
+    deepspeed = logging.getLogger("DeepSpeed")  # DeepSpeed resets its level on import, not its filters
+    if not any(isinstance(f, _ExpectedCpuFallback) for f in deepspeed.filters):
+        deepspeed.addFilter(_ExpectedCpuFallback())
     for name in _LIGHTNING_LOGGERS:
         if logging.getLogger(name).level == logging.NOTSET:  # a level the user chose stays
             logging.getLogger(name).setLevel(logging.WARNING)
