@@ -173,6 +173,7 @@ NAME = "model.layers.0.self_attn.q_proj"
     ({"rank": "8"}, "rank must be a positive integer"),
     ({"rank": 10**12}, "does not fit a 64×64 layer"),
     ({"rank": 4.5}, "rank must be a positive integer"),
+    ({"rank": 7}, r"q_proj.down has shape \(\d+, 64\), the architecture expects \(7, 64\)"),
     ({"in_features": 128}, "says 64×128"),
     ({"out_features": True}, "out_features must be a positive integer"),
     ({"rank": None}, "rank must be a positive integer"),  # missing key
