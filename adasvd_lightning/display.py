@@ -61,6 +61,14 @@ class _ExpectedCpuFallback(logging.Filter):
         return bool(torch is not None and torch.cuda.is_available())
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """This package's own warnings (budget, merges, stale temporaries) as ``adasvd: warning: …`` — they
+    speak to the user, and the source line Python would print (often contextlib's) means nothing."""
+    if category.__module__.startswith("adasvd_lightning"):
+        return f"adasvd: warning: {message}\n"
+    return _one_line_warning.default(message, category, filename, lineno, line)  # type: ignore[attr-defined]
+
+
 def quiet_libraries() -> None:
     """Silence the progress bars, tips and info chatter of transformers, datasets and Lightning.
 
@@ -78,6 +86,9 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|datasets|lightning|torch)\.")
+    if warnings.formatwarning is not _one_line_warning:
+        _one_line_warning.default = warnings.formatwarning  # type: ignore[attr-defined]
+        warnings.formatwarning = _one_line_warning
     deepspeed = logging.getLogger("DeepSpeed")  # DeepSpeed resets its level on import, not its filters
     if not any(isinstance(f, _ExpectedCpuFallback) for f in deepspeed.filters):
         deepspeed.addFilter(_ExpectedCpuFallback())
