@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.corpus import read_text, resolve_text_path, tokenize_text
 
-__all__ = ["TokenBlocks", "TextBlocksDataModule"]
+__all__ = ["TokenBlocks", "TextBlocksDataModule", "ResumableShuffleLoader"]
 
 
 class TokenBlocks(Dataset):
@@ -29,10 +31,53 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.blocks[index]}
 
 
+class ResumableShuffleLoader(DataLoader):
+    """A shuffling `DataLoader` whose batch order survives a checkpoint taken mid-epoch.
+
+    Same order as ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(seed),
+    drop_last=True)`` — each epoch's permutation comes from one generator that carries on across
+    epochs. Lightning saves `state_dict` in its checkpoints (the loader implements its ``_Stateful``
+    protocol): the generator state at the start of the current epoch and the step count then. On
+    resume the epoch's permutation is drawn again from that state and the batches already trained on
+    (steps since the epoch began, read from ``steps()`` = the trainer's ``global_step``) are skipped,
+    so a resumed run sees exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, seed: int, steps: Callable[[], int]) -> None:
+        super().__init__(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                         generator=torch.Generator().manual_seed(seed))
+        self._steps = steps
+        self._epoch_start: tuple[torch.Tensor, int] | None = None
+        self._resume_from: tuple[torch.Tensor, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._resume_from is not None:
+            (state, start_step), self._resume_from = self._resume_from, None
+            self.generator.set_state(state)
+        else:
+            state, start_step = self.generator.get_state(), self._steps()
+        self._epoch_start = (state, start_step)
+        iterator = super().__iter__()
+        for _ in range(self._steps() - start_step):  # batches the checkpointed run already trained on
+            next(iterator)
+        return iterator
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._epoch_start is None:
+            return {}
+        state, start_step = self._epoch_start
+        return {"generator_state": state.clone(), "epoch_start_step": start_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_from = (state_dict["generator_state"], int(state_dict["epoch_start_step"]))
+
+
 class TextBlocksDataModule(L.LightningDataModule):
     """Train/validation blocks from local text files (default: the embedded WikiText-2 splits).
 
-    The training stream is shuffled with a seeded generator, so runs are reproducible.
+    The training stream is shuffled with a seeded generator, so runs are reproducible, and resumable
+    mid-epoch from a checkpoint (`ResumableShuffleLoader`).
     """
 
     def __init__(
@@ -66,8 +111,8 @@ class TextBlocksDataModule(L.LightningDataModule):
             self.val_set = val
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=True)
+        return ResumableShuffleLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
+                                      steps=lambda: self.trainer.global_step if self.trainer is not None else 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

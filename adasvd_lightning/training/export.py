@@ -4,7 +4,8 @@ A ZeRO checkpoint is a directory of per-rank shards. The compressed structure tr
 `SVDCompression` callback's state holds the manifest); the architecture and tokenizer come from the
 base model folder the run started from. The result opens with `load_compressed`, or — with
 ``dense=True`` — is a plain Hugging Face folder whose factorized matrices were multiplied back, for
-tools that do not know low-rank modules.
+tools that do not know low-rank modules. No file of the checkpoint is unpickled with
+``weights_only=False`` (see `.zero_checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from ..core.errors import InvalidInputError
 from ..core.lowrank import FactorizedLinear
+from ..core.output import atomic_directory, check_destination, check_free_space
 from ..core.serialization import (
     MANIFEST_KEY,
     build_empty_model,
@@ -22,9 +24,10 @@ from ..core.serialization import (
     check_model_folder,
     load_tokenizer,
     load_weights,
-    save_compressed,
+    write_compressed,
 )
 from ..core.surgery import Conv1D, replace_module
+from .zero_checkpoint import consolidate_fp32, read_client_state
 
 __all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
 
@@ -32,13 +35,8 @@ __all__ = ["read_zero_checkpoint", "export_zero_checkpoint"]
 def read_zero_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(consolidated fp32 state dict, the `SVDCompression` state or {}) of a Lightning ZeRO checkpoint."""
     checkpoint_dir = Path(checkpoint_dir).expanduser()
-    shards = sorted((checkpoint_dir / "checkpoint").glob("*model_states.pt"))
-    if not (checkpoint_dir / "latest").is_file() or not shards:
-        raise InvalidInputError(f"{checkpoint_dir} is not a DeepSpeed checkpoint directory (no 'latest' / shards)")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    client = torch.load(shards[0], map_location="cpu", weights_only=True)
+    client = read_client_state(checkpoint_dir)
+    state = consolidate_fp32(checkpoint_dir)
     for value in (client.get("callbacks") or {}).values():
         if isinstance(value, dict) and value.get("manifest"):
             return state, value
@@ -47,10 +45,7 @@ def read_zero_checkpoint(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Te
 
 def recorded_model_path(checkpoint_dir: str | Path) -> Path | None:
     """The model folder a recipe run started from (``model_path`` in the module's hyperparameters)."""
-    shards = sorted((Path(checkpoint_dir).expanduser() / "checkpoint").glob("*model_states.pt"))
-    if not shards:
-        return None
-    client = torch.load(shards[0], map_location="cpu", weights_only=True)
+    client = read_client_state(Path(checkpoint_dir).expanduser())
     value = (client.get("hyper_parameters") or {}).get("model_path")
     path = Path(str(value)) if value else None
     return path if path is not None and (path / "config.json").is_file() else None
@@ -71,9 +66,8 @@ def export_zero_checkpoint(
     ``base_model`` (a model folder, which also supplies the tokenizer). Without ``base_model`` the
     tokenizer comes from the folder a recipe run recorded as ``model_path``, when it still exists.
     """
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
+    inputs = [checkpoint_dir] + ([base_model] if base_model is not None else [])
+    check_destination(out, overwrite=overwrite, inputs=inputs)
     config = check_model_folder(base_model) if base_model is not None else None
     state, callback_state = read_zero_checkpoint(checkpoint_dir)
     # The structure: from SVDCompression's state, else from a compressed base folder's config (a run
@@ -100,8 +94,12 @@ def export_zero_checkpoint(
     model.eval()
     tokenizer_source = base_model if base_model is not None else recorded_model_path(checkpoint_dir)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
-    return save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite,
-                           metadata={"exported_from": str(Path(checkpoint_dir).expanduser().resolve())})
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
+        state_bytes = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+        check_free_space(tmp, sum(state_bytes.values()) + (1 << 20))
+        write_compressed(model, tmp, tokenizer=tokenizer,
+                         metadata={"exported_from": str(Path(checkpoint_dir).expanduser().resolve())})
+    return Path(out).expanduser().resolve()
 
 
 @torch.no_grad()
