@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .core.config import CompressionConfig
-from .core.corpus import read_text, resolve_text_path, sample_calibration_windows, tokenize_text
+from .core.corpus import added_bos_token_id, read_text, resolve_text_path, sample_calibration_windows, tokenize_text
 from .core.errors import InvalidInputError
 from .core.evaluation import evaluate_perplexity
 from .core.merging import merge_and_record
@@ -93,7 +93,8 @@ def estimate_output_bytes(model: torch.nn.Module, config: CompressionConfig, fol
 
 def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:
     token_ids = tokenize_text(tokenizer, read_text(spec.path))
-    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed)
+    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed,
+                                         bos_token_id=added_bos_token_id(tokenizer))
     return list(windows.split(spec.batch_size))
 
 
@@ -166,5 +167,6 @@ def evaluate_folder(
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     token_ids = tokenize_text(tokenizer, read_text(data_path))
-    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                                 bos_token_id=added_bos_token_id(tokenizer))
     return {**result.to_dict(), "parameters": count_parameters(net), "model": str(path), "data": str(data_path)}
