@@ -10,9 +10,11 @@ When:
     (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio
     (``restart="factors"``, default) or compresses the dense weights (as they were at the first stage)
     again (``restart="dense"``, which discards what the factors learned between stages). After a
-    stage the optimizers and LR schedulers are rebuilt on the new parameters: optimizer state (e.g.
-    Adam moments) starts fresh, and step-interval schedulers are fast-forwarded to the current step
-    (exact for ``LambdaLR``-style schedules that depend only on the step).
+    stage your optimizer and LR scheduler objects stay; only their parameters change: each new factor
+    joins the param group of the weight it replaces (same LR, same weight decay), the removed weights'
+    optimizer state is dropped and the factors start with fresh state (e.g. Adam moments), while every
+    untouched parameter keeps its state. So any scheduler — `ReduceLROnPlateau`, `SequentialLR`,
+    `OneCycleLR`, transformers' warm-up schedules — continues exactly as without compression.
   * ``at="fit_end"`` — once training ends (compress-after-training).
 
 Resume: the factorized structure (manifest: rank and shape of every factorized module) and the list of
@@ -30,18 +32,20 @@ import copy
 import dataclasses
 import itertools
 import json
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from adasvd_lightning.core.config import CompressionConfig
 from adasvd_lightning.core.distributed import world
 from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.optimizers import swap_parameters
 from adasvd_lightning.core.merging import check_min_flop_saving, merge_and_record
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
@@ -219,7 +223,7 @@ class SVDCompression(Callback):
         if stage == "fit":
             self._check_points_fit(trainer)
         if self.at == "setup" and not self.reports:
-            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = self.target_module(pl_module)
@@ -238,7 +242,7 @@ class SVDCompression(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at == "fit_end" and not self.reports:
-            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
 
     # -- stages --------------------------------------------------------------------------------------
     def _check_points_fit(self, trainer: L.Trainer) -> None:
@@ -264,15 +268,16 @@ class SVDCompression(Callback):
     def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule, point: int) -> None:
         for stage_point, ratio in self.stages:
             if stage_point == point and point not in self.completed:
-                self._run_stage(trainer, pl_module, point, ratio, rebuild_optimizers=True)
+                self._run_stage(trainer, pl_module, point, ratio, during_training=True)
 
-    def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, rebuild_optimizers: bool) -> None:
+    def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, during_training: bool) -> None:
         model = self.target_module(pl_module)
         config = dataclasses.replace(self.config, ratio=ratio)
+        before = dict(model.named_parameters())
         self._prepare_restart(model, config)
         batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
         # A live bar only before training starts (Lightning's bar owns the terminal during training).
-        live = self.show_progress and trainer.is_global_zero and not rebuild_optimizers
+        live = self.show_progress and trainer.is_global_zero and not during_training
         with compression_progress(live) as progress:
             report = compress_model(model, config, batches, progress=progress)
         if self.merge_unprofitable is not None:
@@ -280,8 +285,8 @@ class SVDCompression(Callback):
         self.reports.append(report)
         self.completed.append(point)
         self._manifest = build_manifest(model)
-        if rebuild_optimizers:
-            self._rebuild_optimizers(trainer)
+        if during_training:
+            self._swap_into_optimizers(trainer, before, dict(model.named_parameters()))
         if self.show_progress:  # Lightning's own INFO channel: shown by default, rank 0 only
             rank_zero_info(
                 f"adasvd: compressed {len(report.modules)} matrices with {config.method} at {self.at} {point}: "
@@ -312,19 +317,18 @@ class SVDCompression(Callback):
             replace_module(model, name, copy.deepcopy(module).to(device))
 
     @staticmethod
-    def _rebuild_optimizers(trainer: L.Trainer) -> None:
-        """New optimizers/schedulers over the new parameters; schedulers fast-forwarded to now."""
-        trainer.strategy.setup_optimizers(trainer)
-        for config in trainer.lr_scheduler_configs:
-            done = trainer.global_step if config.interval == "step" else trainer.current_epoch
-            scheduler = config.scheduler
-            if done > 0 and hasattr(scheduler, "last_epoch"):
-                scheduler.last_epoch = done - 1
-                with warnings.catch_warnings():
-                    # A fast-forward, not a training step: PyTorch's "step() before optimizer.step()"
-                    # warning does not apply (no schedule value is skipped).
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                    scheduler.step()
+    def _swap_into_optimizers(trainer: L.Trainer, before: dict, after: dict) -> None:
+        """Keep the user's optimizers and schedulers; move the new parameters into their param groups.
+
+        See `core.optimizers.swap_parameters` for the group and state rules. Under DDP the wrapper's
+        gradient buckets were built over the old parameters, so it is rebuilt on the new ones (its
+        constructor also broadcasts rank 0's parameters, which the compression already made equal).
+        """
+        swap_parameters(trainer.optimizers, before, after)
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _chain_checkpoint_restore(self, pl_module: L.LightningModule) -> None:
