@@ -3,8 +3,7 @@
 When:
   * ``at="setup"`` (default) — before training. ``setup`` runs after the data module is set up (so the
     train dataloader can supply calibration batches) but before the strategy wraps the model and before
-    optimizers exist, so DDP/DeepSpeed and the optimizer see the final, factorized parameters. This is
-    the only point supported under multi-process strategies for now.
+    optimizers exist, so DDP/DeepSpeed and the optimizer see the final, factorized parameters.
   * ``at="step"`` / ``at="epoch"`` with ``schedule=[(point, ratio), ...]`` — after global step N, or at the
     end of epoch N (0-based ``current_epoch``). Several pairs make a progressive schedule
     (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio
@@ -15,6 +14,9 @@ When:
     optimizer state is dropped and the factors start with fresh state (e.g. Adam moments), while every
     untouched parameter keeps its state. So any scheduler — `ReduceLROnPlateau`, `SequentialLR`,
     `OneCycleLR`, transformers' warm-up schedules — continues exactly as without compression.
+    Under DDP every rank calibrates on its shard of the calibration data, the statistics are summed
+    across ranks, each matrix is decomposed once and broadcast (identical weights everywhere), and the
+    DDP wrapper is rebuilt on the new parameters. DeepSpeed and FSDP refuse these points for now.
   * ``at="fit_end"`` — once training ends (compress-after-training).
 
 Resume: the factorized structure (manifest: rank and shape of every factorized module) and the list of
@@ -37,7 +39,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -57,6 +59,11 @@ __all__ = ["SVDCompression", "POINTS"]
 
 
 POINTS = ("setup", "step", "epoch", "fit_end")
+
+
+def _is_ddp(strategy: Strategy) -> bool:
+    """Plain DDP (DeepSpeed's strategy subclasses Lightning's DDP one but owns its own engine)."""
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
 
 
 class SVDCompression(Callback):
@@ -248,10 +255,10 @@ class SVDCompression(Callback):
     def _check_points_fit(self, trainer: L.Trainer) -> None:
         if self.at not in ("step", "epoch"):
             return
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not _is_ddp(trainer.strategy):
             raise InvalidInputError(
-                f"at={self.at!r} changes the model during training, which multi-process strategies do not "
-                "support yet; use at='setup' with DDP/DeepSpeed"
+                f"at={self.at!r} changes the model during training, which {type(trainer.strategy).__name__} "
+                "does not support yet (DDP does); use at='setup' with DeepSpeed/FSDP"
             )
         self.check_schedule_reached(max_steps=trainer.max_steps, max_epochs=trainer.max_epochs)
 
@@ -326,7 +333,7 @@ class SVDCompression(Callback):
         """
         swap_parameters(trainer.optimizers, before, after)
         strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        if _is_ddp(strategy) and isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
 

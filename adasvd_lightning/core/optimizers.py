@@ -64,27 +64,35 @@ def swap_parameters(
     by_module: dict[str, list[nn.Parameter]] = {}
     for name, p in removed.items():
         by_module.setdefault(_module_of(name), []).append(p)
-    # Plan every placement first, so an error leaves the optimizers untouched.
-    placements: list[tuple[nn.Parameter, dict]] = []
+    # Plan every placement first, so an error leaves the optimizers untouched. A new parameter takes
+    # the place of the one it replaces in its group's list, so the group's order stays the model's
+    # order: an optimizer built afresh on the compressed model (a resumed run) lists the parameters
+    # the same way, and its saved state loads position by position.
+    anchored: dict[int, list[nn.Parameter]] = {}
     for name, p in added.items():
         replaced = removed.get(name)
         candidates = ([replaced] if replaced is not None else []) + by_module.get(_module_of(name), [])
-        target = next((home[id(c)] for c in candidates if id(c) in home), None)
-        if target is not None:
-            placements.append((p, target[1]))
+        anchor = next((c for c in candidates if id(c) in home), None)
+        if anchor is not None:
+            anchored.setdefault(id(anchor), []).append(p)
         elif candidates:  # it replaces a parameter outside the optimizer: it stays out (and frozen if that was)
             p.requires_grad_(any(c.requires_grad for c in candidates))
             result.frozen += 1
         else:
             raise ValueError(f"new parameter {name!r} replaces no parameter of the model; cannot place it in a param group")
-    for p, group in placements:
-        group["params"].append(p)
-        result.added += 1
-    for p in removed.values():
-        if id(p) not in home:
-            continue
-        optimizer, group = home[id(p)]
-        group["params"] = [q for q in group["params"] if q is not p]
-        optimizer.state.pop(p, None)
-        result.removed += 1
+    gone = {id(p) for p in removed.values()}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if not any(id(q) in gone for q in group["params"]):
+                continue
+            params = []
+            for q in group["params"]:
+                if id(q) not in gone:
+                    params.append(q)
+                    continue
+                params.extend(anchored.get(id(q), []))
+                optimizer.state.pop(q, None)
+                result.removed += 1
+            group["params"] = params
+    result.added = sum(len(v) for v in anchored.values())
     return result
