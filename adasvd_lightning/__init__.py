@@ -12,7 +12,7 @@ from .core.errors import AdaSVDError, InvalidInputError
 from .core.evaluation import PerplexityResult, evaluate_perplexity
 from .core.factorization import factorize, rank_for_ratio
 from .core.lowrank import LowRankLinear
-from .core.merging import MergeWarning, merge_unprofitable
+from .core.merging import MergeWarning, densify, merge_unprofitable
 from .core.methods import PRESETS, get_method
 from .core.params import count_parameters
 from .core.pipeline import CompressionWarning, compress_model
@@ -36,6 +36,7 @@ __all__ = [
     "compress_model",
     "compute_whitening",
     "count_parameters",
+    "densify",
     "embedded_corpus_path",
     "evaluate_perplexity",
     "factorize",

@@ -23,11 +23,7 @@ from .core.pipeline import ProgressFn, compress_model
 from .core.report import CompressionReport
 from .core.serialization import check_model_folder, load_compressed, load_tokenizer, save_compressed
 
-__all__ = ["REFERENCE", "CalibrationSpec", "resolve_model", "resolve_device", "calibration_batches", "compress_folder", "evaluate_folder"]
-
-#: Model argument naming the embedded reference model.
-REFERENCE = "reference"
-
+__all__ = ["CalibrationSpec", "ModelSource", "model_folder", "resolve_device", "calibration_batches", "compress_folder", "evaluate_folder"]
 
 @dataclass
 class CalibrationSpec:
@@ -49,13 +45,14 @@ class CalibrationSpec:
         self.path = resolve_text_path(self.text, "train")
 
 
-def resolve_model(value: str | Path | None, *, show_progress: bool = True) -> Path:
-    """A model folder path; ``None``/``"reference"`` means the embedded reference model (trained once)."""
-    if value is None or str(value) == REFERENCE:
-        from .training.reference import reference_model_path
+#: A model folder, or a function returning one, called only after the cheap checks (the CLI passes
+#: one that resolves ``reference`` through `training.reference`, which may train the model first).
+ModelSource = str | Path | Callable[[], Path]
 
-        return reference_model_path(show_progress=show_progress)
-    path = Path(value).expanduser()
+
+def model_folder(value: ModelSource) -> Path:
+    """A checked model folder; this layer never resolves ``reference`` itself (that is the Lightning layer)."""
+    path = Path(value() if callable(value) else value).expanduser()
     check_model_folder(path)
     return path
 
@@ -73,7 +70,7 @@ def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:
 
 
 def compress_folder(
-    model: str | Path | None,
+    model: ModelSource,
     config: CompressionConfig,
     calibration: CalibrationSpec | Callable[[Path], list],
     out: str | Path,
@@ -93,7 +90,7 @@ def compress_folder(
     if out.exists() and not overwrite:
         raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
     torch_device = resolve_device(device)
-    path = resolve_model(model, show_progress=progress is not None)
+    path = model_folder(model)
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     if isinstance(calibration, CalibrationSpec):
@@ -114,21 +111,20 @@ def compress_folder(
 
 
 def evaluate_folder(
-    model: str | Path | None,
+    model: ModelSource,
     data: str | None = None,
     *,
     seq_len: int = 256,
     batch_size: int = 8,
     max_windows: int | None = None,
     device: str | None = None,
-    show_progress: bool = False,
 ) -> dict:
     """Perplexity of a model folder on a text file (embedded test split by default) + parameter count."""
     if seq_len < 2:
         raise InvalidInputError(f"--seq-len must be >= 2, got {seq_len}")
     data_path = resolve_text_path(data, "test")
     torch_device = resolve_device(device)
-    path = resolve_model(model, show_progress=show_progress)
+    path = model_folder(model)
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     token_ids = tokenize_text(tokenizer, read_text(data_path))

@@ -66,3 +66,30 @@ def test_progressive_schedule_under_ddp_matches_one_process_and_resumes(tmp_path
         assert resumed["reports"] == []  # no stage ran again
         assert sum(resumed["losses"]) / 2 < mean[0] - 0.3
     assert all(torch.equal(load("resume-rank0")["state"][k], load("resume-rank1")["state"][k]) for k in r0["state"])
+
+    # The DDP checkpoint exports to a model folder holding exactly the trained weights.
+    from adasvd_lightning import load_compressed
+    from test_cli import run
+
+    result = run("export", "--checkpoint", str(tmp_path / "after-stages.ckpt"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    exported = load_compressed(tmp_path / "out").state_dict()
+    assert exported.keys() == r0["state"].keys()
+    assert all(torch.equal(exported[k], r0["state"][k]) for k in exported)
+
+
+def test_mid_training_points_under_deepspeed_are_refused_before_training():
+    import lightning as L
+    import pytest
+
+    from adasvd_lightning.callbacks import SVDCompression
+    from adasvd_lightning.core.errors import InvalidInputError
+    from adasvd_lightning.training.module import CausalLMModule
+    from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy
+    from conftest import tiny_model
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=2), max_steps=4,
+                        logger=False, enable_checkpointing=False)
+    callback = SVDCompression(at="step", schedule=[(2, 0.4)], show_progress=False)
+    with pytest.raises(InvalidInputError, match="CPUDeepSpeedStrategy does not support yet"):
+        callback.setup(trainer, CausalLMModule(tiny_model("llama")), "fit")

@@ -10,6 +10,8 @@ import torch
 from .errors import InvalidInputError
 
 __all__ = [
+    "TokenBlocks",
+    "block_loader",
     "EMBEDDED_SPLITS",
     "embedded_corpus_path",
     "resolve_text_path",
@@ -79,3 +81,30 @@ def sample_calibration_windows(token_ids: torch.Tensor, samples: int, seq_len: i
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, token_ids.numel() - seq_len, (samples,), generator=generator)
     return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """A token stream packed into non-overlapping blocks of ``seq_len`` (the remainder is dropped)."""
+
+    def __init__(self, token_ids: torch.Tensor, seq_len: int) -> None:
+        if token_ids.numel() < seq_len:
+            raise InvalidInputError(f"{token_ids.numel()} tokens are fewer than one block of {seq_len}")
+        n = token_ids.numel() // seq_len
+        self.blocks = token_ids[: n * seq_len].view(n, seq_len)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index]}
+
+
+def block_loader(tokenizer, path: str | Path, *, seq_len: int, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled (seeded) training blocks of one whole text file, as the reference build trains on.
+
+    A plain loader, not a data module: the reference build and the benchmarks that reproduce its
+    setting need exactly this stream; user-facing training data is `CausalLMDataModule`.
+    """
+    blocks = TokenBlocks(tokenize_text(tokenizer, read_text(path)), seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import gathered_parameters
 from .errors import InvalidInputError
 from .lowrank import FactorizedLinear, module_from_entry
 from .surgery import replace_module
@@ -106,11 +107,21 @@ def save_compressed(
     metadata: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save a (compressed or dense) Hugging Face model atomically, with its manifest in the config."""
+    """Save a (compressed or dense) Hugging Face model atomically, with its manifest in the config.
+
+    Under a process group global rank 0 writes and the other ranks return the same path. Under
+    DeepSpeed ZeRO-3 the partitioned parameters are gathered first, so call it on every rank there.
+    """
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise InvalidInputError("save_compressed needs a Hugging Face PreTrainedModel")
+    with gathered_parameters(model) as writes:
+        if not writes:
+            return Path(path).expanduser().resolve()
+        return _save_whole(model, Path(path), tokenizer=tokenizer, metadata=metadata, overwrite=overwrite)
+
+
+def _save_whole(model: nn.Module, path: Path, *, tokenizer: Any, metadata: dict | None, overwrite: bool) -> Path:
     manifest = build_manifest(model, **(metadata or {}))
-    path = Path(path)
     previous = getattr(model.config, MANIFEST_KEY, None)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         setattr(model.config, MANIFEST_KEY, manifest)
