@@ -7,8 +7,8 @@ of every factorized module) in its state, and these helpers put it back before t
 * `restore_structure` — call it from ``on_load_checkpoint`` (the library's `CausalLMModule` does), so
   ``MyModule.load_from_checkpoint(...)`` works without any callback;
 * the callback itself runs it before the module's hook in ``fit``/``validate``/``test(ckpt_path=...)``;
-* `read_checkpoint` opens a checkpoint file or a DeepSpeed checkpoint folder's client state with
-  ``weights_only=True`` (and memory-mapped, so peeking at a large file costs little).
+* `read_checkpoint` opens a checkpoint file (``weights_only=True``, memory-mapped, so peeking at a large
+  file costs little) or a DeepSpeed checkpoint folder's client state (`zero_checkpoint.read_client_state`).
 """
 
 from __future__ import annotations
@@ -70,11 +70,14 @@ def read_checkpoint(path: str | Path) -> dict:
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        shards = sorted((path / "checkpoint").glob("*model_states.pt"))
-        if not shards:
-            raise InvalidInputError(f"{path} is neither a checkpoint file nor a DeepSpeed checkpoint directory")
-        path = shards[0]
-    elif not path.is_file():
+        from .zero_checkpoint import read_client_state
+
+        try:
+            return read_client_state(path)
+        except InvalidInputError as error:
+            raise InvalidInputError(f"{path} is neither a Lightning .ckpt file nor a DeepSpeed checkpoint directory "
+                                    f"({error})") from None
+    if not path.is_file():
         raise InvalidInputError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -1,12 +1,13 @@
 """Export a Lightning checkpoint of a compressed run to a model folder.
 
-Two checkpoint kinds are read, both without unpickling (``weights_only=True``): an ordinary ``.ckpt``
-file (single process or DDP: one file holding the full state dict) and a DeepSpeed ZeRO checkpoint
-directory (per-rank shards, consolidated with DeepSpeed's own tool). The compressed structure travels
-in the checkpoint (the `SVDCompression` callback's state holds the manifest and the model config); the
-tokenizer comes from a base model folder, or the folder a recipe run recorded. The result opens with
-`load_compressed`, or — with ``dense=True`` — is a plain Hugging Face folder whose factorized matrices
-were multiplied back (`core.merging.densify`), for tools that do not know low-rank modules.
+Two checkpoint kinds are read, neither unpickled with ``weights_only=False``: an ordinary ``.ckpt``
+file (single process or DDP: one file holding the full state dict, read by `checkpoints.read_checkpoint`)
+and a DeepSpeed ZeRO checkpoint directory (per-rank shards, consolidated by `.zero_checkpoint`). The
+compressed structure travels in the checkpoint (the `SVDCompression` callback's state holds the
+manifest and the model config); the tokenizer comes from a base model folder, or the folder a recipe
+run recorded. The result opens with `load_compressed`, or — with ``dense=True`` — is a plain Hugging
+Face folder whose factorized matrices were multiplied back (`core.merging.densify`), for tools that do
+not know low-rank modules.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..core.errors import InvalidInputError
 from ..core.merging import densify
+from ..core.output import atomic_directory, check_destination, check_free_space
 from ..core.serialization import (
     MANIFEST_KEY,
     apply_manifest,
@@ -24,9 +26,10 @@ from ..core.serialization import (
     check_model_folder,
     load_tokenizer,
     load_weights,
-    save_compressed,
+    write_compressed,
 )
 from .checkpoints import compression_state, read_checkpoint
+from .zero_checkpoint import consolidate_fp32
 
 __all__ = ["read_training_checkpoint", "export_checkpoint"]
 
@@ -42,14 +45,10 @@ def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         if not isinstance(checkpoint.get("state_dict"), dict):
             raise InvalidInputError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
         return checkpoint["state_dict"], checkpoint
-    shards = sorted((path / "checkpoint").glob("*model_states.pt"))
-    if not (path / "latest").is_file() or not shards:
-        raise InvalidInputError(
-            f"{path} is neither a Lightning .ckpt file nor a DeepSpeed checkpoint directory (no 'latest' / shards)"
-        )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(path)), read_checkpoint(path)
+    if not path.is_dir():
+        raise InvalidInputError(f"checkpoint {path} does not exist")
+    client = read_checkpoint(path)  # checks it is a DeepSpeed directory before the costly merge
+    return consolidate_fp32(path), client
 
 
 def recorded_model_path(client: dict) -> Path | None:
@@ -76,9 +75,8 @@ def export_checkpoint(
     ``model_attr`` (the LightningModule attribute holding the model) defaults to the one the callback
     recorded, else ``"model"``.
     """
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise InvalidInputError(f"output folder {out} already exists (use --overwrite to replace it)")
+    inputs = [checkpoint] + ([base_model] if base_model is not None else [])
+    check_destination(out, overwrite=overwrite, inputs=inputs)
     config = check_model_folder(base_model) if base_model is not None else None
     state, client = read_training_checkpoint(checkpoint)
     callback_state = compression_state(client) or {}
@@ -107,5 +105,9 @@ def export_checkpoint(
     model.eval()
     tokenizer_source = base_model if base_model is not None else recorded_model_path(client)
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source is not None else None
-    return save_compressed(model, out, tokenizer=tokenizer, overwrite=overwrite,
-                           metadata={"exported_from": str(Path(checkpoint).expanduser().resolve())})
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
+        state_bytes = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+        check_free_space(tmp, sum(state_bytes.values()) + (1 << 20))
+        write_compressed(model, tmp, tokenizer=tokenizer,
+                         metadata={"exported_from": str(Path(checkpoint).expanduser().resolve())})
+    return Path(out).expanduser().resolve()

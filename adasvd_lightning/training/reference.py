@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 
+from ..cache import cache_root
 from ..core.corpus import block_loader, embedded_corpus_path, read_text
 from ..core.errors import InvalidInputError
 from ..core.serialization import atomic_directory, check_model_folder
@@ -73,10 +74,6 @@ TINY_REFERENCE = ReferenceSpec(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
     seq_len=64, batch_size=8, max_steps=20, learning_rate=3e-3,
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ADASVD_CACHE", Path.home() / ".cache" / "adasvd-lightning")).expanduser()
 
 
 def train_tokenizer(text: str, vocab_size: int):
