@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
+    p.add_argument("--decomposition-threads", type=_positive_int, default=None,
+                   help="CPU threads of each eigh/SVD/Cholesky (default 1: more threads are slower on "
+                        "shared cores; raise it on a dedicated node with large hidden sizes)")
     p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
                    help="precision of the calibration Gram products: float64 (default) or float32 "
                         "(faster; sums stay float64)")
@@ -258,6 +261,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float64"),
+        decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
     )
 
 

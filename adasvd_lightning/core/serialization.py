@@ -226,12 +226,23 @@ def inspect_weights(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]
 
 
 def _load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of the files, each in its own process memory (nothing stays mapped to the files).
+
+    Private copies because `load_compressed` makes these tensors the model's parameters: a tensor
+    still backed by a mapping of the user's file would crash the process (SIGBUS) if that file were
+    truncated or rewritten in place while the model is alive.
+    """
+    from safetensors.torch import load_file, safe_open
 
     inspect_weights(files)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file), backend="pread"))  # safetensors >= 0.8: read(), no mapping
+        except TypeError:  # older safetensors: copy each tensor out of its memory-mapped view
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).clone()
     return state
 
 
@@ -263,15 +274,22 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
         apply_manifest(model, manifest)
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model.to(dtype=saved_dtype)
-    load_weights(model, state, source=str(path))
+    # The loaded tensors become the parameters (assign): copying them into the empty model would hold
+    # the weights twice at the end of loading — 2× the model at the process's memory peak.
+    load_weights(model, state, source=str(path), assign=True)
+    del state
     model.to(device=device, dtype=dtype or saved_dtype)
     model.eval()
     return model
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:
     """Load ``state`` into ``model`` exactly: the shapes the architecture expects, finite values, no
-    unexpected keys, none missing but tied aliases."""
+    unexpected keys, none missing but tied aliases.
+
+    ``assign``: the state's tensors become the model's parameters and buffers instead of being copied
+    into them (no second copy of the weights; the caller must not reuse ``state``'s tensors).
+    """
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
@@ -281,7 +299,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
             )
         if not _finite(tensor):
             raise InvalidInputError(f"{source}: weight {key} holds NaN or infinite values")
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=assign)
     if result.unexpected_keys:
         raise InvalidInputError(f"{source}: weights do not match the architecture, unexpected {result.unexpected_keys[:5]}")
     model.tie_weights()
