@@ -7,9 +7,14 @@ Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
-  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder;
-              a compressed model folder → its dense equivalent (--model DIR --dense)
+  export      Lightning checkpoint (.ckpt or ZeRO folder) of a compressed run → compressed (or dense) model folder
+              or a compressed model folder → its dense equivalent (--model DIR --dense)
   reference   build (once) and print the path of the embedded reference model
+
+Start-up stays light: this module and everything ``adasvd --help`` or an argument error touches import
+only the standard library (and rich for output); torch, transformers, Lightning and DeepSpeed are
+imported by the subcommand that needs them, after its arguments parsed. Ctrl-C anywhere — start-up,
+the reference build, compression, a Lightning run — ends with ``adasvd: interrupted`` and exit code 130.
 
 Bad input (missing path, ratio outside (0, 1), unknown method or recipe key, a folder that is not a
 causal LM, an existing output folder) exits with code 2 and one line on stderr, before any work is done.
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="adasvd", description="SVD low-rank compression of causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    def common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+        if device:
+            p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
         p.add_argument("--quiet", action="store_true", help="no progress display or tables")
 
@@ -113,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
+    p.add_argument("--decomposition-threads", type=_positive_int, default=None,
+                   help="CPU threads of each eigh/SVD/Cholesky (default 1: more threads are slower on "
+                        "shared cores; raise it on a dedicated node with large hidden sizes)")
     p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
                    help="precision of the calibration Gram products: float64 (default) or float32 "
                         "(faster; sums stay float64)")
@@ -124,35 +135,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="reference", help="model folder, or 'reference' (default)")
     p.add_argument("--data", default=None, help="text file (default: embedded test split)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="window length (default 256)")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="windows per forward pass (default 8; lower it if memory runs short)")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate only the first N windows")
     common(p)
 
     p = sub.add_parser("quickstart", help="reference model → svd, svd-llm, adasvd-duo at 40%% and 60%% → perplexity")
-    p.add_argument("--ratios", type=_ratio, nargs="+", default=[0.4, 0.6])
-    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"])
-    p.add_argument("--samples", type=_positive_int, default=64)
-    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--ratios", type=_ratio, nargs="+", default=[0.4, 0.6], metavar="RATIO",
+                   help="fractions of each target matrix's parameters removed (default: 0.4 0.6)")
+    p.add_argument("--methods", nargs="+", default=["svd", "svd-llm", "adasvd-duo"], metavar="METHOD",
+                   help="presets to compare (default: svd svd-llm adasvd-duo; all: svd, asvd, svd-llm, "
+                        "svd-llm-w, svd-llm-v2, adasvd, duo-svd, adasvd-duo)")
+    p.add_argument("--samples", type=_positive_int, default=64,
+                   help="calibration windows drawn from the embedded training split (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256,
+                   help="tokens per calibration window (default 256)")
     p.add_argument("--model", default="reference", help="model folder (default: the embedded reference model)")
     p.add_argument("--max-windows", type=_positive_int, default=None,
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="ZeRO checkpoint → model folder, or compressed folder → dense folder")
+    p = sub.add_parser("export", help="checkpoint of a compressed run → model folder, or compressed folder → dense")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="ZeRO checkpoint directory written by Lightning")
+    source.add_argument("--checkpoint",
+                        help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
     source.add_argument("--model", help="compressed model folder (with --dense: write its dense equivalent)")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
-    p.add_argument("--model-attr", default="model", help="LightningModule attribute holding the model")
+    p.add_argument("--model-attr", default=None,
+                   help="LightningModule attribute holding the model (default: the one SVDCompression recorded, else 'model')")
     p.add_argument("--dense", action="store_true", help="multiply the factors back into dense matrices")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
 
-    p = sub.add_parser("reference", help="build (once) and print the embedded reference model's folder")
-    common(p)
+    p = sub.add_parser("reference", help="build (once) and print the embedded reference model's folder",
+                       description="Train the embedded reference model if it is not cached yet (≈ 2400 steps, "
+                                   "resumable: an interrupted build continues from its last checkpoint), then "
+                                   "print its folder. It is always trained on the CPU, so its weights are the "
+                                   "same on every machine; hence no --device.")
+    common(p, device=False)
     return parser
 
 
@@ -165,14 +188,41 @@ def _parse_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--method-option expects KEY=VALUE, got {item!r}")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:  # also YAML tags such as !!python/object, which safe_load refuses
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise InvalidInputError(f"--method-option {key.strip()}: cannot read {value!r} ({problem})") from None
         options[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return options
 
 
+def strict_json(payload: dict) -> str:
+    """``payload`` as strict JSON: a NaN or infinite number (a diverged perplexity, say) becomes null
+    and its path is listed under ``"nonfinite"``, since bare ``NaN`` / ``Infinity`` are not JSON."""
+    flagged: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, (str, int, type(None))) and hasattr(value, "__float__"):
+            value = float(value)  # numpy / torch scalars, plain floats
+            if not math.isfinite(value):
+                flagged.append(path)
+                return None
+        return value
+
+    data = clean(payload, "")
+    if flagged:
+        data["nonfinite"] = flagged
+    return json.dumps(data, allow_nan=False)
+
+
 def _emit(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
 
 
 def _pick(flag: Any, section: dict, key: str, default: Any) -> Any:
@@ -214,7 +264,19 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float64"),
+        decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
     )
+
+
+def _lazy_model(value: str | None, quiet: bool) -> Callable[[], Any]:
+    """The model folder, resolved when the workflow asks (after its cheap checks): ``reference`` may train."""
+
+    def resolve():
+        from .training.reference import resolve_model
+
+        return resolve_model(value, show_progress=not quiet)
+
+    return resolve
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -235,11 +297,12 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     else:
         calibration = CalibrationSpec(args.calibration, samples=args.samples or 64, seq_len=args.seq_len or 256,
                                       seed=args.seed if args.seed is not None else 0)
-    model = _pick(args.model, recipe, "model", "reference")
+    model = _lazy_model(_pick(args.model, recipe, "model", "reference"), args.quiet)
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
             merge_min_saving=_pick(args.merge_unprofitable, recipe, "merge_unprofitable", None),
+            seq_len=_pick(args.seq_len, recipe, "seq_len", 256) if recipe else None,
         )
     if not args.quiet:
         console.print(report_table(report))
@@ -252,8 +315,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .workflows import evaluate_folder
 
     result = evaluate_folder(
-        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-        max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
+        _lazy_model(args.model, args.quiet), args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_windows=args.max_windows, device=args.device,
     )
     if not args.quiet:
         console.print(
@@ -272,7 +335,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     from .core.config import CompressionConfig
     from .core.methods import get_method
     from .display import console
-    from .workflows import CalibrationSpec, compress_folder, evaluate_folder, resolve_model
+    from .training.reference import resolve_model
+    from .workflows import CalibrationSpec, compress_folder, evaluate_folder
 
     for method in args.methods:
         get_method(method)
@@ -311,17 +375,17 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise InvalidInputError("--model is already a model folder; pass --dense to write its dense equivalent")
         path = export_dense(args.model, args.out, overwrite=args.overwrite)
     else:
-        from .training.export import export_zero_checkpoint
+        from .training.export import export_checkpoint
 
-        path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
-                                      dense=args.dense, overwrite=args.overwrite)
+        path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+                                 dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
     _emit(args, {"out": str(path), "dense": args.dense})
 
 
 def _cmd_reference(args: argparse.Namespace) -> None:
-    from .workflows import resolve_model
+    from .training.reference import resolve_model
 
     path = resolve_model("reference", show_progress=not args.quiet)
     if not args.json:
@@ -340,8 +404,10 @@ _COMMANDS = {
 
 def _run_lightning(argv: list[str]) -> None:
     """``adasvd fit|validate|test …``: a LightningCLI run, then a summary (tables, ``--json``)."""
+    from .display import quiet_libraries
     from .lightning_cli import run_cli
 
+    quiet_libraries()  # again: importing Lightning has just reset its loggers to INFO
     json_out, quiet = "--json" in argv, "--quiet" in argv
     args = [a for a in argv if a not in ("--json", "--quiet")]
     if quiet and args[0] in ("validate", "test"):
@@ -368,31 +434,83 @@ def _print_summary(command: str, cli, *, json_out: bool, quiet: bool) -> None:
             console.print(f"checkpoint: {summary['checkpoint']}")
     if json_out:
         payload = {**summary, "reports": [r.to_dict() for r in summary["reports"]]}
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
+
+
+class _Interrupted:
+    """Remembers a Ctrl-C even where a library turns it into something else.
+
+    Lightning catches `KeyboardInterrupt` inside ``trainer.fit`` and exits with status 1; transformers
+    re-raises it from a lazy import as `ModuleNotFoundError`. The handler marks the interrupt before
+    raising, so `main` can still report it as one.
+    """
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("adasvd: interrupted", file=sys.stderr, flush=True)
+    _forget_unhandled_interrupt()
+    return 130
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Keep exit status 130 when the Ctrl-C landed inside C++ code that runs Python (pybind11 during
+    ``import torch``): CPython then flags the interrupt as unhandled, although it was handled here, and
+    ends the process by SIGINT instead of with our status. Running any code through the same C entry
+    point clears that flag."""
+    try:
+        import ctypes
+
+        ctypes.pythonapi.PyRun_SimpleString(b"pass")
+    except Exception:  # not CPython: nothing to clear
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from .display import quiet_libraries
+    """The ``adasvd`` entry point: exit status 0, 2 (bad input), 130 (interrupted)."""
+    _Interrupted.seen = False
+    try:
+        previous = signal.signal(signal.SIGINT, _Interrupted.handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous = None
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BaseException as exc:
+        # Libraries turn a Ctrl-C into other exits: Lightning into exit(1), transformers' lazy
+        # imports into ModuleNotFoundError. The handler saw it either way.
+        if isinstance(exc, KeyboardInterrupt) or _Interrupted.seen:
+            return _interrupted()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in ("fit", "validate", "test"):
         command, run = argv[0], lambda: _run_lightning(argv)
     else:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: _COMMANDS[args.command](args)
+    from .display import quiet_libraries
+    from .threads import configure_threads
+
     quiet_libraries()
+    configure_threads()  # before torch is imported: sized to the CPUs this process may use
     try:
         run()
     except InvalidInputError as exc:
         print(f"adasvd {command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("adasvd: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        if not isinstance(exc, MisconfigurationException):
+        lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+        if lightning is None or not isinstance(exc, lightning.MisconfigurationException):
             raise
         # Lightning rejects the trainer arguments (e.g. an accelerator this machine does not have).
         print(f"adasvd {command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -1,7 +1,8 @@
-"""Terminal display: rich progress and summary tables, plain lines when not on a terminal.
+"""Terminal display: summary tables, compression progress, and keeping library chatter off the screen.
 
 Kept out of the core (which reports progress through plain callbacks) so the algorithms never depend on
-how, or whether, anything is drawn.
+how, or whether, anything is drawn. Imports only rich's console and table at module level: the CLI
+needs `console` before it knows whether torch will be loaded at all.
 """
 
 from __future__ import annotations
@@ -9,51 +10,93 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .core.pipeline import ProgressEvent
-from .core.report import CompressionReport
+from .cache import datasets_cache_dir
+from .progress import progress_display
+from .terminal import console
+
+if TYPE_CHECKING:
+    from .core.pipeline import ProgressEvent
+    from .core.report import CompressionReport
 
 __all__ = ["console", "quiet_libraries", "compression_progress", "report_table", "format_params"]
 
-console = Console(stderr=True)
 logger = logging.getLogger("adasvd_lightning")
+
+# Loggers that carry Lightning's start-up chatter ("GPU available: …", "TPU available: …", "💡 Tip: …").
+# Lightning resets only its two package loggers to INFO when imported, so levels set here on the
+# emitting children hold whether Lightning is imported before or after `quiet_libraries`.
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "lightning.pytorch.accelerators.cuda", "pytorch_lightning.utilities.rank_zero")
+
+# Warnings that say nothing actionable to a user of the `adasvd` command.
+_IGNORED_WARNINGS = (
+    r".*LeafSpec.*",
+    r".*does not have many workers.*",
+    r".*tensorboardX.*",  # Lightning's default-logger notice; our Trainers pass their own logger
+    r".*`isinstance\(treespec, LeafSpec\)`.*",
+)
+
+
+class _ExpectedCpuFallback(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either.
+
+    accelerate imports DeepSpeed on every ``save_pretrained``, and DeepSpeed then warns that it found
+    no accelerator. On a machine without one that is expected; where torch does see a GPU the
+    warning means something and stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Setting accelerator to CPU" not in record.getMessage():
+            return True
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_available())
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """This package's own warnings (budget, merges, stale temporaries) as ``adasvd: warning: …`` — they
+    speak to the user, and the source line Python would print (often contextlib's) means nothing."""
+    if category.__module__.startswith("adasvd_lightning"):
+        return f"adasvd: warning: {message}\n"
+    return _one_line_warning.default(message, category, filename, lineno, line)  # type: ignore[attr-defined]
 
 
 def quiet_libraries() -> None:
-    """Silence the progress bars and info chatter of transformers / datasets / Lightning."""
-    import warnings
+    """Silence the progress bars, tips and info chatter of transformers, datasets and Lightning.
 
+    Works through environment variables and logger levels the libraries read when (or after) they are
+    imported, so it imports none of them: ``adasvd --help`` must not pay for torch. A user's own
+    setting of any of these variables wins.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except Exception:  # pragma: no cover
-        pass
-    try:  # Lightning sets its loggers to INFO when imported: import first, then lower them.
-        import lightning.pytorch  # noqa: F401
-    except Exception:  # pragma: no cover
-        pass
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning",
-                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # `Map:`, `Generating split` bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_CACHE", str(datasets_cache_dir()))
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|datasets|lightning|torch)\.")
+    if warnings.formatwarning is not _one_line_warning:
+        _one_line_warning.default = warnings.formatwarning  # type: ignore[attr-defined]
+        warnings.formatwarning = _one_line_warning
+    deepspeed = logging.getLogger("DeepSpeed")  # DeepSpeed resets its level on import, not its filters
+    if not any(isinstance(f, _ExpectedCpuFallback) for f in deepspeed.filters):
+        deepspeed.addFilter(_ExpectedCpuFallback())
+    for name in _LIGHTNING_LOGGERS:
+        if logging.getLogger(name).level == logging.NOTSET:  # a level the user chose stays
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if "lightning" in sys.modules:  # imported already: it has set its package loggers to INFO
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def format_params(n: int) -> str:
@@ -65,27 +108,14 @@ def format_params(n: int) -> str:
 
 @contextmanager
 def compression_progress(enabled: bool = True) -> Iterator:
-    """A progress callback for `compress_model`: a transient rich bar on a terminal, log lines otherwise."""
-    if not enabled:
-        yield None
-        return
-    if not console.is_terminal:
-
-        def log_event(event: ProgressEvent) -> None:
-            print(f"[adasvd] {event.stage} {event.completed}/{event.total} {event.detail}", file=sys.stderr)
-
-        yield log_event
-        return
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    ) as progress:
-        tasks: dict[str, int] = {}
+    """A progress callback for `compress_model`: a transient rich bar on a terminal, plain lines otherwise."""
+    with progress_display(enabled, transient=True) as display:
+        if display is None:
+            yield None
+            return
 
         def on_event(event: ProgressEvent) -> None:
-            if event.stage not in tasks:
-                tasks[event.stage] = progress.add_task(f"{event.stage}", total=event.total)
-            progress.update(tasks[event.stage], completed=event.completed, description=f"{event.stage} {event.detail}")
+            display.update(event.stage, event.completed, event.total, event.detail)
 
         yield on_event
 

@@ -45,7 +45,7 @@ LOADERS = {
         "s.apply_manifest(model, hf_format.manifest_of(config))\n"
         "state = s._load_state_dict(s._weight_files(Path(folder)))\n"
         "model.to(next(iter(state.values())).dtype)\n"
-        "s.load_weights(model, state, source=folder)\n"
+        "s.load_weights(model, state, source=folder, assign=True)\n"
     ),
 }
 

@@ -186,3 +186,25 @@ def test_a_compressed_config_without_its_base_architecture_is_one_clear_error(to
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidInputError, match="base_model_type"):
         check_model_folder(folder)
+
+
+def test_importing_the_package_is_light_and_enough(token_batches, tmp_path):
+    """`import adasvd_lightning` loads neither torch nor transformers, yet transformers imported after it
+    opens compressed folders (the registration runs when transformers' AutoConfig module loads)."""
+    model, folder = compressed_folder("gpt2", "svd-llm", token_batches, tmp_path / "c")
+    torch.save(token_batches[0], tmp_path / "ids.pt")
+    torch.save(logits(model, token_batches[0]), tmp_path / "expected.pt")
+    script = (
+        "import sys\n"
+        "import adasvd_lightning\n"
+        "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT')\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r})\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r}, weights_only=True)\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    print('IDENTICAL' if torch.equal(model(ids).logits, expected) else 'DIFFERENT')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["LIGHT", "IDENTICAL"], result.stdout + result.stderr[-2000:]

@@ -64,9 +64,9 @@ def test_existing_output_is_not_overwritten_without_permission(tmp_path):
     with pytest.raises(InvalidInputError, match="already exists"):
         save_compressed(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    save_compressed(model, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "config.json").is_file()
+    with pytest.raises(InvalidInputError, match="not written by adasvd"):  # a folder of the user's
+        save_compressed(model, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):
@@ -112,3 +112,25 @@ def test_weights_that_do_not_match_the_manifest_are_rejected(tmp_path, token_bat
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidInputError, match="unexpected"):
         load_compressed(out)
+
+
+def test_loading_holds_the_weights_once_and_not_mapped_to_the_file(tmp_path, token_batches, monkeypatch):
+    """The tensors read from the file become the parameters (no second copy at the end of loading),
+    and they are private memory: rewriting the file in place leaves the loaded model intact."""
+    import adasvd_lightning.core.serialization as serialization
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        expected = model(token_batches[0]).logits
+    out = save_compressed(model, tmp_path / "dense")
+    read = {}
+    original = serialization._load_state_dict
+    monkeypatch.setattr(serialization, "_load_state_dict", lambda files: read.update(original(files)) or read)
+    loaded = load_compressed(out)
+    params = dict(loaded.named_parameters())
+    assert read and all(params[k].data_ptr() == t.data_ptr() for k, t in read.items() if k in params)
+    weights = out / "model.safetensors"
+    with open(weights, "r+b") as f:  # in place: a mapped tensor would now read zeros (or fault)
+        f.write(b"\0" * weights.stat().st_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_batches[0]).logits, expected)

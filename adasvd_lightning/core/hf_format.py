@@ -24,15 +24,20 @@ empty factorized modules on the meta device before transformers streams the safe
 dense weight of a factorized layer is ever allocated, no code lives in the folder, nothing is
 patched.
 
-Registration is cheap at ``import adasvd_lightning`` (only the config mapping); the quantizer, which
-needs transformers' model machinery (seconds to import), registers the first time a compressed
-config is read — always before transformers looks for the quantizer.
+``import adasvd_lightning`` does not import transformers (seconds, and ``adasvd --help`` must stay
+instant), so the config mapping is registered when transformers' ``configuration_auto`` module is
+imported — by a one-shot post-import hook, or at once when transformers is already loaded. The
+quantizer, which needs transformers' model machinery, registers the first time a compressed config is
+read — always before transformers looks for the quantizer.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,8 @@ __all__ = [
     "MODEL_TYPE",
     "QUANT_METHOD",
     "register",
+    "register_when_transformers_loads",
+    "base_model_type",
     "is_compressed_config",
     "manifest_of",
     "compressed_config_dict",
@@ -63,6 +70,47 @@ def register() -> None:
 
     if MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(MODEL_TYPE, _dispatcher_class())
+
+
+_AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
+
+
+def register_when_transformers_loads() -> None:
+    """`register` now if transformers' AutoConfig module is loaded, else right after it is imported."""
+    if _AUTO_CONFIG_MODULE in sys.modules:
+        register()
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds transformers' ``configuration_auto`` with the other finders and registers after it runs.
+
+    One-shot: it removes itself from ``sys.meta_path`` on first use. Nothing of transformers is
+    changed; the module executes exactly as it would, then `register` calls ``AutoConfig.register``.
+    """
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _AUTO_CONFIG_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.inner.exec_module(module)
+        register()
 
 
 @functools.cache
@@ -151,20 +199,43 @@ def load_folder(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     transformers builds the architecture on the meta device, the quantizer swaps in the factorized
     modules, and the safetensors are read straight into them: peak memory is about the folder's size,
     never the dense model's. Unlike a plain ``from_pretrained``, a weight file that does not match the
-    manifest (a key missing, unexpected or of the wrong shape) is an error, not a report.
+    manifest (a key missing, unexpected or of the wrong shape) or holds NaN/Inf is an error, not a
+    report. transformers leaves the tensors mapped to the files; each is copied into process memory
+    here (one at a time, so the peak stays about one folder), because a parameter still backed by the
+    user's file would crash the process (SIGBUS) if that file were truncated or rewritten in place.
     """
+    import torch
     from transformers import AutoModelForCausalLM
+
+    from .serialization import _finite
 
     register()
     model, info = AutoModelForCausalLM.from_pretrained(
         Path(path), dtype=dtype or "auto", output_loading_info=True, trust_remote_code=False
     )
-    problems = {kind: sorted(map(str, info.get(kind) or ()))[:5]
-                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    for key, saved, expected in sorted(info.get("mismatched_keys") or ()):
+        raise InvalidInputError(
+            f"{path}: weight {key} has shape {tuple(saved)}, the architecture expects {tuple(expected)}"
+        )
+    problems = {kind.replace("_keys", ""): sorted(info.get(kind) or ())[:5] for kind in ("missing_keys", "unexpected_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
         raise InvalidInputError(f"{path}: weights do not match the manifest: {problems}")
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not _finite(tensor):
+                raise InvalidInputError(f"{path}: weight {name} holds NaN or infinite values")
+            tensor.data = tensor.data.clone()
     return model.to(device=device).eval()
+
+
+def base_model_type(config: Any) -> str | None:
+    """The architecture's model type: ``llama`` for a compressed Llama, whose own type is ours."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != MODEL_TYPE:
+        return model_type
+    base = next((c for c in type(config).__mro__ if getattr(c, "model_type", MODEL_TYPE) != MODEL_TYPE), None)
+    return base.model_type if base is not None else None
 
 
 def is_compressed_config(config: Any) -> bool:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .hf_format import base_model_type
 from .lowrank import FactorizedLinear
 from .surgery import Conv1D, replace_module
 
@@ -36,6 +37,7 @@ __all__ = [
     "MergeWarning",
     "MergedModule",
     "check_min_flop_saving",
+    "densify",
     "flop_saving",
     "merge_to_linear",
     "merge_and_record",
@@ -70,7 +72,8 @@ class MergedModule:
 
 def uses_conv1d(model: nn.Module) -> bool:
     """Whether the model's dense linears are GPT-2 style `Conv1D`s (weights stored in × out)."""
-    return Conv1D is not None and getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    # base_model_type: a compressed GPT-2 loaded from a folder has the model type adasvd_lightning.
+    return Conv1D is not None and base_model_type(getattr(model, "config", None)) == "gpt2"
 
 
 def check_min_flop_saving(value: float) -> float:
@@ -112,6 +115,19 @@ def merge_to_linear(module: FactorizedLinear, *, conv1d: bool = False) -> nn.Mod
     if linear.bias is not None:
         linear.bias.requires_grad_(module.bias.requires_grad)
     return linear
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Multiply every factorized layer back into a dense one, in place; returns ``model``.
+
+    For tools that do not know low-rank modules (a plain Hugging Face folder, another training stack).
+    The model keeps its function (each layer applies the same matrix, rounded once to its dtype) but
+    regains the dense parameter count. GPT-2 models get `Conv1D`s back (see `merge_to_linear`).
+    """
+    conv1d = uses_conv1d(model)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]:
+        replace_module(model, name, merge_to_linear(module, conv1d=conv1d))
+    return model
 
 
 def merge_unprofitable(

@@ -30,6 +30,7 @@ from .columns import column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
 from .factorization import LowRankFactors, factorize, saves_parameters
+from .linalg import decomposition_threads
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
@@ -342,6 +343,8 @@ def compress_model(
         timer = PhaseTimer().__enter__()
     before = dict(timer.seconds)
     runner = BlockRunner.for_device(config.execution_device)
+    threads = decomposition_threads(config.decomposition_threads)
+    threads.__enter__()
     try:
         inputs: list[BlockInput] | None = None
         if calibration:
@@ -378,6 +381,7 @@ def compress_model(
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))
     finally:
+        threads.__exit__(None, None, None)
         model.train(was_training)
         if own_timer:
             timer.__exit__(None, None, None)
