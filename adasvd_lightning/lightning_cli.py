@@ -266,6 +266,11 @@ def friendly_parse_error(message: str, parser: Any = None) -> str:
         if inner and len(rest) > 1:
             return _type_message(f"{owner}.{inner.group(1)}", rest[1])
         return f"{owner}: {first}"
+    unrecognized = re.search(r"[Uu]nrecognized arguments: --([\w.-]+)", text)
+    if unrecognized:  # a mistyped dotted flag: `--trainer.max_stepz 5`
+        key = unrecognized.group(1)
+        hint = _did_you_mean(key, _parser_keys(parser))
+        return f"unknown option --{key}" + (hint.replace("(did you mean '", "(did you mean '--") if hint else "")
     for pattern in (r"Group '(\w+)' does not accept option '([\w.]+)'",
                     r"Subcommand '\w+' does not accept option '()([\w.]+)'",
                     r"Option '()([\w.]+)' is not accepted"):

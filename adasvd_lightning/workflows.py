@@ -22,6 +22,7 @@ from .core.params import count_parameters
 from .core.pipeline import ProgressFn, compress_model
 from .core.report import CompressionReport
 from .core.serialization import check_model_folder, load_compressed, load_tokenizer, save_compressed
+from .progress import progress_display
 
 __all__ = ["REFERENCE", "CalibrationSpec", "resolve_model", "resolve_device", "calibration_batches", "compress_folder", "evaluate_folder"]
 
@@ -123,7 +124,10 @@ def evaluate_folder(
     device: str | None = None,
     show_progress: bool = False,
 ) -> dict:
-    """Perplexity of a model folder on a text file (embedded test split by default) + parameter count."""
+    """Perplexity of a model folder on a text file (embedded test split by default) + parameter count.
+
+    ``show_progress``: windows done / total (and the reference build, if it has to run first).
+    """
     if seq_len < 2:
         raise InvalidInputError(f"--seq-len must be >= 2, got {seq_len}")
     data_path = resolve_text_path(data, "test")
@@ -132,5 +136,9 @@ def evaluate_folder(
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     token_ids = tokenize_text(tokenizer, read_text(data_path))
-    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    with progress_display(show_progress, transient=True) as display:
+        progress = None if display is None else (
+            lambda done, total: display.update("evaluate", done, total, unit="windows"))
+        result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                                     progress=progress)
     return {**result.to_dict(), "parameters": count_parameters(net), "model": str(path), "data": str(data_path)}

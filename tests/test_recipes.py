@@ -256,3 +256,11 @@ def test_bad_recipe_through_the_installed_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["adasvd fit: error: unknown key 'trainer.max_step' "
                                                   "(did you mean 'trainer.max_steps'?)"]
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--trainer.max_stepz", "--trainer.max_steps"),
+                                              ("--modle.model_path", "--model.model_path")])
+def test_mistyped_dotted_flag_gets_a_suggestion(flag, suggestion, capsys):
+    code, _, err = run_main(capsys, "fit", "--config", str(RECIPES / "quickstart.yaml"), flag, "5")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"adasvd fit: error: unknown option {flag} (did you mean '{suggestion}'?)"]

@@ -31,6 +31,7 @@ from ..cache import cache_root
 from ..core.corpus import embedded_corpus_path, read_text
 from ..core.errors import InvalidInputError
 from ..core.serialization import atomic_directory
+from ..display import quiet_lightning
 from ..progress import ProgressDisplay, progress_display
 from .data import TextBlocksDataModule
 from .module import CausalLMModule
@@ -184,21 +185,21 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
         module = CausalLMModule(model, learning_rate=spec.learning_rate, warmup_steps=max(1, spec.max_steps // 20))
         checkpoint = ModelCheckpoint(dirpath=partial, filename=_CHECKPOINT_NAME, every_n_train_steps=every,
                                      save_top_k=1, enable_version_counter=False)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=spec.max_steps,
-            deterministic=True,
-            logger=False,
-            default_root_dir=partial,
-            callbacks=[checkpoint, _BuildProgress(display)],
-            enable_progress_bar=False,  # `_BuildProgress` draws (Lightning's bar shows "Epoch 6/-2" here)
-            enable_model_summary=False,
-            gradient_clip_val=1.0,
-            limit_val_batches=0,
-        )
-        with warnings.catch_warnings():
+        with quiet_lightning(), warnings.catch_warnings():  # from construction: it logs the devices found
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+            trainer = L.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=spec.max_steps,
+                deterministic=True,
+                logger=False,
+                default_root_dir=partial,
+                callbacks=[checkpoint, _BuildProgress(display)],
+                enable_progress_bar=False,  # `_BuildProgress` draws (Lightning's bar shows "Epoch 6/-2" here)
+                enable_model_summary=False,
+                gradient_clip_val=1.0,
+                limit_val_batches=0,
+            )
             trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
     model.eval()
     with atomic_directory(out_dir) as tmp:
