@@ -45,7 +45,7 @@ _CHECKPOINT_NAME = "build"
 
 @dataclass(frozen=True)
 class ReferenceSpec:
-    """Architecture and training schedule of the reference model (~0.9 M block parameters, ~8 min on 2 cores).
+    """Architecture and training schedule of the reference model (~0.8 M block parameters, ~6 min on 2 cores).
 
     Narrow and trained for many steps on purpose: a wider model trained for the same few minutes keeps
     most of what it learned in a handful of singular directions, so even plain SVD barely hurts it and
@@ -174,7 +174,7 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
     with progress_display(show_progress) as display:
         resume = _resume_checkpoint(partial, display)
         if display is not None and resume is None:
-            usual = " (≈ 6–8 min on an idle 2-core machine)" if spec == ReferenceSpec() else ""
+            usual = " (≈ 6 min on 2 free CPU cores, longer on a busy machine)" if spec == ReferenceSpec() else ""
             display.note(f"training the reference model once: {spec.max_steps} steps{usual}, then cached in "
                          f"{out_dir}. Interrupting is safe: it checkpoints every {every} steps and the next run "
                          "resumes.")
