@@ -7,7 +7,7 @@ Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
-  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder
+  export      Lightning checkpoint (.ckpt or ZeRO folder) of a compressed run → compressed (or dense) model folder
   reference   build (once) and print the path of the embedded reference model
 
 Start-up stays light: this module and everything ``adasvd --help`` or an argument error touches import
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -150,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="DeepSpeed ZeRO checkpoint of a compressed run → model folder")
-    p.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory written by Lightning")
+    p = sub.add_parser("export", help="Lightning checkpoint of a compressed run → model folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
-    p.add_argument("--model-attr", default="model", help="LightningModule attribute holding the model")
+    p.add_argument("--model-attr", default=None,
+                   help="LightningModule attribute holding the model (default: the one SVDCompression recorded, else 'model')")
     p.add_argument("--dense", action="store_true", help="multiply the factors back into dense matrices")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -179,14 +182,41 @@ def _parse_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--method-option expects KEY=VALUE, got {item!r}")
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:  # also YAML tags such as !!python/object, which safe_load refuses
+            problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+            raise InvalidInputError(f"--method-option {key.strip()}: cannot read {value!r} ({problem})") from None
         options[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
     return options
 
 
+def strict_json(payload: dict) -> str:
+    """``payload`` as strict JSON: a NaN or infinite number (a diverged perplexity, say) becomes null
+    and its path is listed under ``"nonfinite"``, since bare ``NaN`` / ``Infinity`` are not JSON."""
+    flagged: list[str] = []
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if not isinstance(value, (str, int, type(None))) and hasattr(value, "__float__"):
+            value = float(value)  # numpy / torch scalars, plain floats
+            if not math.isfinite(value):
+                flagged.append(path)
+                return None
+        return value
+
+    data = clean(payload, "")
+    if flagged:
+        data["nonfinite"] = flagged
+    return json.dumps(data, allow_nan=False)
+
+
 def _emit(args: argparse.Namespace, payload: dict) -> None:
     if args.json:
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
 
 
 def _pick(flag: Any, section: dict, key: str, default: Any) -> Any:
@@ -231,6 +261,17 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
     )
 
 
+def _lazy_model(value: str | None, quiet: bool) -> Callable[[], Any]:
+    """The model folder, resolved when the workflow asks (after its cheap checks): ``reference`` may train."""
+
+    def resolve():
+        from .training.reference import resolve_model
+
+        return resolve_model(value, show_progress=not quiet)
+
+    return resolve
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .display import compression_progress, console, report_table
     from .workflows import CalibrationSpec, compress_folder
@@ -249,11 +290,12 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     else:
         calibration = CalibrationSpec(args.calibration, samples=args.samples or 64, seq_len=args.seq_len or 256,
                                       seed=args.seed if args.seed is not None else 0)
-    model = _pick(args.model, recipe, "model", "reference")
+    model = _lazy_model(_pick(args.model, recipe, "model", "reference"), args.quiet)
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
             merge_min_saving=_pick(args.merge_unprofitable, recipe, "merge_unprofitable", None),
+            seq_len=_pick(args.seq_len, recipe, "seq_len", 256) if recipe else None,
         )
     if not args.quiet:
         console.print(report_table(report))
@@ -266,7 +308,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .workflows import evaluate_folder
 
     result = evaluate_folder(
-        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        _lazy_model(args.model, args.quiet), args.data, seq_len=args.seq_len, batch_size=args.batch_size,
         max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
     )
     if not args.quiet:
@@ -286,7 +328,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     from .core.config import CompressionConfig
     from .core.methods import get_method
     from .display import compression_progress, console
-    from .workflows import CalibrationSpec, compress_folder, evaluate_folder, resolve_model
+    from .training.reference import resolve_model
+    from .workflows import CalibrationSpec, compress_folder, evaluate_folder
 
     for method in args.methods:
         get_method(method)
@@ -328,9 +371,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .display import console
-    from .training.export import export_zero_checkpoint
+    from .training.export import export_checkpoint
 
-    path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+    path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
                                   dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
@@ -338,7 +381,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_reference(args: argparse.Namespace) -> None:
-    from .workflows import resolve_model
+    from .training.reference import resolve_model
 
     path = resolve_model("reference", show_progress=not args.quiet)
     if not args.json:
@@ -387,7 +430,7 @@ def _print_summary(command: str, cli, *, json_out: bool, quiet: bool) -> None:
             console.print(f"checkpoint: {summary['checkpoint']}")
     if json_out:
         payload = {**summary, "reports": [r.to_dict() for r in summary["reports"]]}
-        print(json.dumps(payload, default=float))
+        print(strict_json(payload))
 
 
 class _Interrupted:

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.table import Table
 
 from .cache import datasets_cache_dir
 from .progress import progress_display
+from .terminal import console
 
 if TYPE_CHECKING:
     from .core.pipeline import ProgressEvent
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["console", "quiet_libraries", "quiet_lightning", "compression_progress", "report_table", "format_params"]
 
-console = Console(stderr=True)
 logger = logging.getLogger("adasvd_lightning")
 
 # Loggers that carry Lightning's start-up chatter ("GPU available: …", "TPU available: …", "💡 Tip: …").
@@ -61,6 +60,14 @@ class _ExpectedCpuFallback(logging.Filter):
         return bool(torch is not None and torch.cuda.is_available())
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """This package's own warnings (budget, merges, stale temporaries) as ``adasvd: warning: …`` — they
+    speak to the user, and the source line Python would print (often contextlib's) means nothing."""
+    if category.__module__.startswith("adasvd_lightning"):
+        return f"adasvd: warning: {message}\n"
+    return _one_line_warning.default(message, category, filename, lineno, line)  # type: ignore[attr-defined]
+
+
 def quiet_libraries() -> None:
     """Silence the progress bars, tips and info chatter of transformers, datasets and Lightning.
 
@@ -78,6 +85,9 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|datasets|lightning|torch)\.")
+    if warnings.formatwarning is not _one_line_warning:
+        _one_line_warning.default = warnings.formatwarning  # type: ignore[attr-defined]
+        warnings.formatwarning = _one_line_warning
     deepspeed = logging.getLogger("DeepSpeed")  # DeepSpeed resets its level on import, not its filters
     if not any(isinstance(f, _ExpectedCpuFallback) for f in deepspeed.filters):
         deepspeed.addFilter(_ExpectedCpuFallback())

@@ -137,7 +137,7 @@ def progress_display(enabled: bool = True, *, transient: bool = False) -> Iterat
     if _active:
         yield _active[-1]
         return
-    from .display import console
+    from .terminal import console
 
     if not console.is_terminal:
         with _opened(ProgressDisplay()) as display:

@@ -57,9 +57,9 @@ def test_existing_output_is_not_overwritten_without_permission(tmp_path):
     with pytest.raises(InvalidInputError, match="already exists"):
         save_compressed(model, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
-    save_compressed(model, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert (tmp_path / "out" / "config.json").is_file()
+    with pytest.raises(InvalidInputError, match="not written by adasvd"):  # a folder of the user's
+        save_compressed(model, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path):

@@ -6,18 +6,25 @@ budget (1 − c)·Σ m·n as closely as integer ranks allow — never above it. 
 independently can undershoot a small model's budget by a percent or more; the leftover is handed out
 one rank at a time to the matrices whose flooring lost the most.
 
-A matrix whose rank would not save parameters (r·(m+n) ≥ m·n) is kept dense and costs m·n.
+A matrix whose rank would not save parameters (r·(m+n) ≥ m·n) is kept dense and costs m·n. A budget
+below rank 1 everywhere (a ratio such as 0.999) cannot be met: the ranks stop at 1 and a
+`BudgetWarning` says what ratio that reaches.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .factorization import saves_parameters
 
-__all__ = ["MatrixShape", "rank_cost", "ranks_for_budget", "budget_for_ratio", "total_cost"]
+__all__ = ["BudgetWarning", "MatrixShape", "rank_cost", "ranks_for_budget", "budget_for_ratio", "total_cost"]
+
+
+class BudgetWarning(UserWarning):
+    """The requested compression ratio cannot be reached with integer ranks ≥ 1."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,14 @@ def ranks_for_budget(
             s for s in shapes
             if (ranks[s.name] is None and s.max_useful_rank >= 1) or (ranks[s.name] or 0) > 1
         ]
-        if not candidates:
-            break  # every matrix at rank 1: the budget is infeasible; return the smallest model
+        if not candidates:  # every matrix at rank 1: the budget is infeasible; return the smallest model
+            dense = sum(s.dense_params for s in shapes)
+            warnings.warn(
+                f"the compression ratio cannot be met: rank 1 in every target matrix already keeps {cost:,} of "
+                f"their {dense:,} parameters (budget {budget:,}), so the ratio reached is "
+                f"{1 - cost / dense:.2%}", BudgetWarning, stacklevel=2,
+            )
+            break
         s = max(candidates, key=lambda s: (ranks[s.name] is None, _rank_of(s, ranks) - desired[s.name]))
         ranks[s.name] = s.max_useful_rank if ranks[s.name] is None else ranks[s.name] - 1
         cost = total_cost(shapes, ranks)

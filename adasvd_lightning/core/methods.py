@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +92,19 @@ class MethodSpec:
         _choice("refinement", self.refinement, REFINEMENTS)
         if not 0.0 < self.asvd_alpha <= 2.0:
             raise InvalidInputError(f"asvd_alpha must be in (0, 2], got {self.asvd_alpha}")
-        if self.adacomp_iterations < 1 or self.adacomp_tolerance < 0:
-            raise InvalidInputError("adacomp_iterations must be >= 1 and adacomp_tolerance >= 0")
+        if self.adacomp_iterations < 1 or not 0 <= self.adacomp_tolerance < math.inf:
+            raise InvalidInputError(
+                f"adacomp_iterations must be >= 1 and adacomp_tolerance a finite number >= 0, got "
+                f"{self.adacomp_iterations}, {self.adacomp_tolerance}"
+            )
         if not 0.0 <= self.adacr_min_retention <= 1.0:
             raise InvalidInputError(f"adacr_min_retention must be in [0, 1], got {self.adacr_min_retention}")
         if not 0.0 <= self.column_min_gain < 1.0:
             raise InvalidInputError(f"column_min_gain must be in [0, 1), got {self.column_min_gain}")
-        cands = tuple(float(c) for c in self.sensitivity_candidates)
+        try:
+            cands = tuple(float(c) for c in self.sensitivity_candidates)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"sensitivity_candidates must be numbers, got {self.sensitivity_candidates!r}") from None
         if not cands or any(not 0.0 < c <= 1.0 for c in cands):
             raise InvalidInputError("sensitivity_candidates must be retentions in (0, 1]")
         object.__setattr__(self, "sensitivity_candidates", cands)

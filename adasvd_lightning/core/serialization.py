@@ -5,27 +5,30 @@ whose config carries an ``adasvd`` entry: a manifest of every factorized module 
 loader builds the architecture from the config, swaps in empty `LowRankLinear` modules where the
 manifest says, and loads the weights — so the same call opens dense folders (no manifest) too.
 
-Writes are atomic: everything is written to a hidden temporary folder beside the destination and
-renamed into place only when complete, so an interrupted save never leaves a half-written model.
-Weights are read with safetensors only (no pickle).
+Writes go through `adasvd_lightning.core.output.atomic_directory`: a uniquely named hidden sibling,
+put in place in one rename when complete, and only replacing a previous output this project wrote.
+Weights are read with safetensors only (no pickle). Reading validates before allocating: the shard
+index may only name files inside the folder, every file's header must be whole, the manifest's
+entries must be positive integers that fit the architecture, and weights must have the shapes the
+architecture expects and be finite — each a one-line `InvalidInputError`, never a traceback or a huge
+allocation.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .distributed import gathered_parameters
 from .errors import InvalidInputError
 from .lowrank import FactorizedLinear, module_from_entry
-from .surgery import replace_module
+from .output import atomic_directory
+from .surgery import is_linear, linear_shape, replace_module
 
 __all__ = [
     "MANIFEST_KEY",
@@ -34,6 +37,8 @@ __all__ = [
     "apply_manifest",
     "atomic_directory",
     "save_compressed",
+    "write_compressed",
+    "inspect_weights",
     "load_compressed",
     "load_tokenizer",
     "check_model_folder",
@@ -51,51 +56,60 @@ def build_manifest(model: nn.Module, **extra: Any) -> dict:
     return {"format_version": FORMAT_VERSION, **extra, "modules": modules}
 
 
-def apply_manifest(model: nn.Module, manifest: dict) -> None:
-    """Give ``model`` the factorized structure a manifest describes (weights uninitialised)."""
+def apply_manifest(model: nn.Module, manifest: Any) -> None:
+    """Give ``model`` the factorized structure a manifest describes (weights uninitialised).
+
+    Every entry is checked against the architecture first, so an edited manifest (a rank of 10¹², a
+    string, a wrong ``in_features``) is refused instead of allocating what it asks for.
+    """
+    if not isinstance(manifest, dict):
+        raise InvalidInputError(f"the '{MANIFEST_KEY}' manifest in config.json must be an object")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise InvalidInputError(f"unsupported compressed-model format version {version!r} (expected {FORMAT_VERSION})")
-    for name, entry in manifest.get("modules", {}).items():
-        kind = entry.get("kind")
-        if kind not in ("low_rank", "column_preserving"):
-            raise InvalidInputError(f"unknown module kind {kind!r} for {name} in the manifest")
+    modules = manifest.get("modules", {})
+    if not isinstance(modules, dict):
+        raise InvalidInputError("the manifest's 'modules' must be an object of module name → entry")
+    for name, entry in modules.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise InvalidInputError(f"manifest names module {name!r}, which this architecture does not have") from None
+        if not is_linear(old):
+            raise InvalidInputError(f"manifest names module {name!r}, which is not a linear layer")
+        _check_entry(name, entry, linear_shape(old))
         ref = next(old.parameters(), None)
         new = module_from_entry(entry, device=ref.device if ref is not None else None,
                                 dtype=ref.dtype if ref is not None else None)
         replace_module(model, name, new)
 
 
-@contextmanager
-def atomic_directory(destination: str | Path, *, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces ``destination``, on failure it is deleted."""
-    destination = Path(destination).expanduser().resolve()
-    if destination.exists() and not overwrite:
-        raise InvalidInputError(f"output folder {destination} already exists (pass overwrite to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if destination.exists():
-        backup = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, backup)
-    try:
-        os.replace(tmp, destination)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, destination)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def _check_entry(name: str, entry: Any, shape: tuple[int, int]) -> None:
+    """A manifest entry describes a factorization of a (out × in) = ``shape`` linear layer."""
+    if not isinstance(entry, dict):
+        raise InvalidInputError(f"manifest entry of {name} must be an object, got {entry!r}")
+    kind = entry.get("kind")
+    if kind not in ("low_rank", "column_preserving"):
+        raise InvalidInputError(f"unknown module kind {kind!r} for {name} in the manifest")
+    keys = ("in_features", "out_features", "rank") + (("kept_columns",) if kind == "column_preserving" else ())
+    for key in keys:
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidInputError(f"manifest entry of {name}: {key} must be a positive integer, got {value!r}")
+    if not isinstance(entry.get("bias"), bool):
+        raise InvalidInputError(f"manifest entry of {name}: bias must be true or false, got {entry.get('bias')!r}")
+    out_features, in_features = shape
+    if (entry["out_features"], entry["in_features"]) != shape:
+        raise InvalidInputError(
+            f"manifest entry of {name} says {entry['out_features']}×{entry['in_features']}, but the architecture's "
+            f"layer is {out_features}×{in_features}"
+        )
+    width = in_features - entry.get("kept_columns", 0)
+    if width < 1 or entry["rank"] > min(out_features, width):
+        raise InvalidInputError(
+            f"manifest entry of {name}: rank {entry['rank']} (kept columns {entry.get('kept_columns', 0)}) does not "
+            f"fit a {out_features}×{in_features} layer"
+        )
 
 
 def save_compressed(
@@ -105,25 +119,43 @@ def save_compressed(
     tokenizer: Any = None,
     metadata: dict | None = None,
     overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
-    """Save a (compressed or dense) Hugging Face model atomically, with its manifest in the config."""
+    """Save a (compressed or dense) Hugging Face model atomically, with its manifest in the config.
+
+    ``overwrite`` replaces only a previous output of this project; ``inputs`` are folders the
+    destination must not be or contain (see `adasvd_lightning.core.output.check_destination`).
+    Under a process group global rank 0 writes and the other ranks return the same path. Under
+    DeepSpeed ZeRO-3 the partitioned parameters are gathered first, so call it on every rank there.
+    """
+    _check_saveable(model)
+    with gathered_parameters(model) as writes:
+        if writes:
+            with atomic_directory(path, overwrite=overwrite, inputs=inputs) as tmp:
+                write_compressed(model, tmp, tokenizer=tokenizer, metadata=metadata)
+    return Path(path).expanduser().resolve()
+
+
+def _check_saveable(model: nn.Module) -> None:
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise InvalidInputError("save_compressed needs a Hugging Face PreTrainedModel")
+
+
+def write_compressed(model: nn.Module, folder: Path, *, tokenizer: Any = None, metadata: dict | None = None) -> None:
+    """Write the model (manifest in its config) and tokenizer into ``folder``, an `atomic_directory`."""
+    _check_saveable(model)
     manifest = build_manifest(model, **(metadata or {}))
-    path = Path(path)
     previous = getattr(model.config, MANIFEST_KEY, None)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        setattr(model.config, MANIFEST_KEY, manifest)
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if previous is None:
-                delattr(model.config, MANIFEST_KEY)
-            else:
-                setattr(model.config, MANIFEST_KEY, previous)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return path.expanduser().resolve()
+    setattr(model.config, MANIFEST_KEY, manifest)
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if previous is None:
+            delattr(model.config, MANIFEST_KEY)
+        else:
+            setattr(model.config, MANIFEST_KEY, previous)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def check_model_folder(path: str | Path):
@@ -148,19 +180,55 @@ def check_model_folder(path: str | Path):
 
 
 def _weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files; a shard index may only name plain files inside the folder."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidInputError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise InvalidInputError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        root = path.resolve()
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            file = (path / shard).resolve()
+            if Path(shard).is_absolute() or file.parent != root:
+                raise InvalidInputError(f"{index} names {shard!r}, which is not a file inside {path}; refusing to read it")
+            if not file.is_file():
+                raise InvalidInputError(f"{index} names {shard!r}, which does not exist")
+            files.append(file)
+        return files
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
     raise InvalidInputError(f"{path} has no safetensors weights (model.safetensors or its index)")
 
 
+def inspect_weights(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, dtype)} from the files' headers — cheap, and it rejects truncated or empty files."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    piece = handle.get_slice(key)
+                    found[key] = (tuple(piece.get_shape()), piece.get_dtype())
+        except Exception as exc:  # safetensors raises its own error type for corrupt headers
+            raise InvalidInputError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {str(exc).splitlines()[0]}"
+            ) from None
+    return found
+
+
 def _load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    inspect_weights(files)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
@@ -202,7 +270,17 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model`` exactly: no unexpected keys, none missing but tied aliases."""
+    """Load ``state`` into ``model`` exactly: the shapes the architecture expects, finite values, no
+    unexpected keys, none missing but tied aliases."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise InvalidInputError(
+                f"{source}: weight {key} has shape {tuple(tensor.shape)}, the architecture expects "
+                f"{tuple(expected[key].shape)}"
+            )
+        if not _finite(tensor):
+            raise InvalidInputError(f"{source}: weight {key} holds NaN or infinite values")
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise InvalidInputError(f"{source}: weights do not match the architecture, unexpected {result.unexpected_keys[:5]}")
@@ -210,6 +288,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
     missing = [k for k in result.missing_keys if not _is_tied_alias(model, k, state)]
     if missing:
         raise InvalidInputError(f"{source}: weights missing for {missing[:5]}")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN/±Inf: min and max propagate NaN and show an infinity, so one reduction pass (about 8×
+    faster than ``isfinite(t).all()``, which writes a bool tensor the size of the weight)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(tensor))
 
 
 def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:
