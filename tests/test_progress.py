@@ -74,16 +74,22 @@ def test_cgroup_cpu_quota(files, expected, tmp_path):
 def test_threads_follow_the_available_cpus_unless_the_user_chose(monkeypatch):
     import torch
 
+    from adasvd_lightning import threads
+
     before = torch.get_num_threads()
     try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY"):
+            monkeypatch.delenv(name, raising=False)
         cpus = available_cpus()
         assert 1 <= cpus <= len(os.sched_getaffinity(0))
-        assert configure_threads() == cpus
-        assert os.environ["OMP_NUM_THREADS"] == str(cpus) and torch.get_num_threads() == cpus
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle machine
+        assert configure_threads() == {"OMP_NUM_THREADS": str(cpus)}
+        assert torch.get_num_threads() == cpus and "OMP_WAIT_POLICY" not in os.environ
+        monkeypatch.setattr(threads.os, "getloadavg", lambda: (float(cpus), 0.0, 0.0))  # a busy one
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice of threads stays
         torch.set_num_threads(before)
-        assert configure_threads() is None and torch.get_num_threads() == before
+        assert configure_threads() == {"OMP_WAIT_POLICY": "PASSIVE"} and torch.get_num_threads() == before
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # and so does theirs of the wait policy
+        assert configure_threads() == {}
     finally:
         torch.set_num_threads(before)
