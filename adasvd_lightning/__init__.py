@@ -30,6 +30,7 @@ _EXPORTS = {
     "LowRankLinear": "lowrank",
     "MergeWarning": "merging",
     "merge_unprofitable": "merging",
+    "densify": "merging",
     "PRESETS": "methods",
     "get_method": "methods",
     "count_parameters": "params",
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .core.evaluation import PerplexityResult, evaluate_perplexity
     from .core.factorization import factorize, rank_for_ratio
     from .core.lowrank import LowRankLinear
-    from .core.merging import MergeWarning, merge_unprofitable
+    from .core.merging import MergeWarning, densify, merge_unprofitable
     from .core.methods import PRESETS, get_method
     from .core.params import count_parameters
     from .core.pipeline import CompressionWarning, compress_model

@@ -7,7 +7,7 @@ Subcommands:
   compress    compress a model folder (or the embedded reference model) and save the result
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
-  export      DeepSpeed ZeRO checkpoint of a compressed run → compressed (or dense) model folder
+  export      Lightning checkpoint (.ckpt or ZeRO folder) of a compressed run → compressed (or dense) model folder
   reference   build (once) and print the path of the embedded reference model
 
 Start-up stays light: this module and everything ``adasvd --help`` or an argument error touches import
@@ -151,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="DeepSpeed ZeRO checkpoint of a compressed run → model folder")
-    p.add_argument("--checkpoint", required=True, help="ZeRO checkpoint directory written by Lightning")
+    p = sub.add_parser("export", help="Lightning checkpoint of a compressed run → model folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
-    p.add_argument("--model-attr", default="model", help="LightningModule attribute holding the model")
+    p.add_argument("--model-attr", default=None,
+                   help="LightningModule attribute holding the model (default: the one SVDCompression recorded, else 'model')")
     p.add_argument("--dense", action="store_true", help="multiply the factors back into dense matrices")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -259,6 +261,17 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
     )
 
 
+def _lazy_model(value: str | None, quiet: bool) -> Callable[[], Any]:
+    """The model folder, resolved when the workflow asks (after its cheap checks): ``reference`` may train."""
+
+    def resolve():
+        from .training.reference import resolve_model
+
+        return resolve_model(value, show_progress=not quiet)
+
+    return resolve
+
+
 def _cmd_compress(args: argparse.Namespace) -> None:
     from .display import compression_progress, console, report_table
     from .workflows import CalibrationSpec, compress_folder
@@ -277,7 +290,7 @@ def _cmd_compress(args: argparse.Namespace) -> None:
     else:
         calibration = CalibrationSpec(args.calibration, samples=args.samples or 64, seq_len=args.seq_len or 256,
                                       seed=args.seed if args.seed is not None else 0)
-    model = _pick(args.model, recipe, "model", "reference")
+    model = _lazy_model(_pick(args.model, recipe, "model", "reference"), args.quiet)
     with compression_progress(not args.quiet) as progress:
         report = compress_folder(
             model, config, calibration, args.out, overwrite=args.overwrite, device=args.device, progress=progress,
@@ -295,8 +308,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .workflows import evaluate_folder
 
     result = evaluate_folder(
-        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-        max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
+        _lazy_model(args.model, args.quiet), args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+        max_windows=args.max_windows, device=args.device,
     )
     if not args.quiet:
         console.print(
@@ -315,7 +328,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
     from .core.config import CompressionConfig
     from .core.methods import get_method
     from .display import console
-    from .workflows import CalibrationSpec, compress_folder, evaluate_folder, resolve_model
+    from .training.reference import resolve_model
+    from .workflows import CalibrationSpec, compress_folder, evaluate_folder
 
     for method in args.methods:
         get_method(method)
@@ -346,9 +360,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .display import console
-    from .training.export import export_zero_checkpoint
+    from .training.export import export_checkpoint
 
-    path = export_zero_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+    path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
                                   dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
@@ -356,7 +370,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_reference(args: argparse.Namespace) -> None:
-    from .workflows import resolve_model
+    from .training.reference import resolve_model
 
     path = resolve_model("reference", show_progress=not args.quiet)
     if not args.json:

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.table import Table
 
 from .cache import datasets_cache_dir
 from .progress import progress_display
+from .terminal import console
 
 if TYPE_CHECKING:
     from .core.pipeline import ProgressEvent
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["console", "quiet_libraries", "compression_progress", "report_table", "format_params"]
 
-console = Console(stderr=True)
 logger = logging.getLogger("adasvd_lightning")
 
 # Loggers that carry Lightning's start-up chatter ("GPU available: …", "TPU available: …", "💡 Tip: …").

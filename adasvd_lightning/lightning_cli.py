@@ -45,10 +45,11 @@ with contextlib.redirect_stdout(io.StringIO()):
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
 from .callbacks import SVDCompression, TrainableParameters
+from .callbacks.compression import DEFAULT_RATIO
 from .core.corpus import resolve_text_path
 from .core.errors import InvalidInputError
 from .training.datasets_data import CausalLMDataModule
-from .training.module import PretrainedCausalLMModule
+from .training.pretrained import PretrainedCausalLMModule
 
 __all__ = ["AdasvdCLI", "LIGHTNING_COMMANDS", "friendly_parse_error", "one_shot_settings", "parse_recipe", "run_cli",
            "run_summary", "validate_before_run"]
@@ -230,10 +231,14 @@ def _did_you_mean(key: str, candidates: list[str]) -> str:
 
 
 def _type_message(key: str, detail: str) -> str:
-    match = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", detail)
+    match = re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", detail.splitlines()[0] if detail else "")
     if match:
         return f"{key}: expected {match.group(1)}, got {match.group(2).strip()!r}"
-    return f"{key}: {detail.strip()}"
+    union = re.search(r"Union subtypes.*?Subtypes: \[(.*?)\].*?Given value: ([^\n]*)", detail, re.S)
+    if union:  # an optional argument (e.g. `ratio: float | None`): name the types it accepts
+        types = [("None" if t == "NoneType" else t) for t in re.findall(r"<class '(\w+)'>", union.group(1))]
+        return f"{key}: expected {' or '.join(types)}, got {union.group(2).strip()!r}"
+    return f"{key}: {detail.strip().splitlines()[0] if detail.strip() else detail}"
 
 
 def friendly_parse_error(message: str, parser: Any = None) -> str:
@@ -264,7 +269,7 @@ def friendly_parse_error(message: str, parser: Any = None) -> str:
             return f"{outer.group(1) if outer else 'class_path'}: no class {class_path!r}{hint}"
         inner = re.match(r'Parser key "([\w.]+)":', first)
         if inner and len(rest) > 1:
-            return _type_message(f"{owner}.{inner.group(1)}", rest[1])
+            return _type_message(f"{owner}.{inner.group(1)}", "\n".join(rest[1:]))
         return f"{owner}: {first}"
     for pattern in (r"Group '(\w+)' does not accept option '([\w.]+)'",
                     r"Subcommand '\w+' does not accept option '()([\w.]+)'",
@@ -274,7 +279,7 @@ def friendly_parse_error(message: str, parser: Any = None) -> str:
             key = ".".join(part for part in match.groups() if part)
             return f"unknown key {key!r}{_did_you_mean(key, _parser_keys(parser))}"
     if outer and len(lines) > 1:
-        return _type_message(outer.group(1), lines[1])
+        return _type_message(outer.group(1), "\n".join(lines[1:]))
     return lines[0] if lines else text
 
 
@@ -345,7 +350,7 @@ def one_shot_settings(config: Any) -> dict:
     return {
         "model": _get(_get(config, "model"), "model_path", "reference"),
         "method": args.get("method", "svd-llm"),
-        "ratio": args.get("ratio", 0.4),
+        "ratio": args.get("ratio") or DEFAULT_RATIO,
         "method_options": dict(args.get("method_options") or {}),
         "include": args.get("include"),
         "exclude": list(args.get("exclude") or []),

@@ -120,7 +120,7 @@ def progress_display(enabled: bool = True, *, transient: bool = False) -> Iterat
     if not enabled:
         yield None
         return
-    from .display import console
+    from .terminal import console
 
     if not console.is_terminal:
         yield ProgressDisplay()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .core.config import CompressionConfig
-from .core.corpus import read_text, resolve_text_path, sample_calibration_windows, tokenize_text
+from .core.corpus import added_bos_token_id, read_text, resolve_text_path, sample_calibration_windows, tokenize_text
 from .core.errors import InvalidInputError
 from .core.evaluation import evaluate_perplexity
 from .core.merging import merge_and_record
@@ -28,12 +28,8 @@ from .core.report import CompressionReport
 from .core.serialization import check_model_folder, load_compressed, load_tokenizer, write_compressed
 from .core.surgery import find_targets, linear_shape
 
-__all__ = ["REFERENCE", "CalibrationSpec", "resolve_model", "resolve_device", "calibration_batches", "check_seq_len",
+__all__ = ["CalibrationSpec", "ModelSource", "model_folder", "resolve_device", "calibration_batches", "check_seq_len",
            "estimate_output_bytes", "compress_folder", "evaluate_folder"]
-
-#: Model argument naming the embedded reference model.
-REFERENCE = "reference"
-
 
 @dataclass
 class CalibrationSpec:
@@ -55,13 +51,14 @@ class CalibrationSpec:
         self.path = resolve_text_path(self.text, "train")
 
 
-def resolve_model(value: str | Path | None, *, show_progress: bool = True) -> Path:
-    """A model folder path; ``None``/``"reference"`` means the embedded reference model (trained once)."""
-    if value is None or str(value) == REFERENCE:
-        from .training.reference import reference_model_path
+#: A model folder, or a function returning one, called only after the cheap checks (the CLI passes
+#: one that resolves ``reference`` through `training.reference`, which may train the model first).
+ModelSource = str | Path | Callable[[], Path]
 
-        return reference_model_path(show_progress=show_progress)
-    path = Path(value).expanduser()
+
+def model_folder(value: ModelSource) -> Path:
+    """A checked model folder; this layer never resolves ``reference`` itself (that is the Lightning layer)."""
+    path = Path(value() if callable(value) else value).expanduser()
     check_model_folder(path)
     return path
 
@@ -93,12 +90,13 @@ def estimate_output_bytes(model: torch.nn.Module, config: CompressionConfig, fol
 
 def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:
     token_ids = tokenize_text(tokenizer, read_text(spec.path))
-    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed)
+    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed,
+                                         bos_token_id=added_bos_token_id(tokenizer))
     return list(windows.split(spec.batch_size))
 
 
 def compress_folder(
-    model: str | Path | None,
+    model: ModelSource,
     config: CompressionConfig,
     calibration: CalibrationSpec | Callable[[Path], list],
     out: str | Path,
@@ -117,13 +115,13 @@ def compress_folder(
     ``seq_len`` is then its window length, checked against the model's positions.
     ``overwrite`` replaces only an earlier output of this project, never the model or a folder holding it.
     """
-    inputs = [model] if model is not None and str(model) != REFERENCE else []
+    inputs = [] if callable(model) else [model]
     if isinstance(calibration, CalibrationSpec):
         inputs.append(calibration.path)
         seq_len = calibration.seq_len
-    check_destination(out, overwrite=overwrite, inputs=inputs)  # before the reference model is built
+    check_destination(out, overwrite=overwrite, inputs=inputs)  # before a lazy model source runs (it may train)
     torch_device = resolve_device(device)
-    path = resolve_model(model, show_progress=progress is not None)
+    path = model_folder(model)
     if seq_len is not None:
         check_seq_len(path, seq_len)
     with atomic_directory(out, overwrite=overwrite, inputs=[*inputs, path]) as tmp:
@@ -147,24 +145,24 @@ def compress_folder(
 
 
 def evaluate_folder(
-    model: str | Path | None,
+    model: ModelSource,
     data: str | None = None,
     *,
     seq_len: int = 256,
     batch_size: int = 8,
     max_windows: int | None = None,
     device: str | None = None,
-    show_progress: bool = False,
 ) -> dict:
     """Perplexity of a model folder on a text file (embedded test split by default) + parameter count."""
     if seq_len < 2:
         raise InvalidInputError(f"--seq-len must be >= 2, got {seq_len}")
     data_path = resolve_text_path(data, "test")
     torch_device = resolve_device(device)
-    path = resolve_model(model, show_progress=show_progress)
+    path = model_folder(model)
     check_seq_len(path, seq_len)
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     token_ids = tokenize_text(tokenizer, read_text(data_path))
-    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                                 bos_token_id=added_bos_token_id(tokenizer))
     return {**result.to_dict(), "parameters": count_parameters(net), "model": str(path), "data": str(data_path)}

@@ -171,7 +171,8 @@ def one(spec: dict) -> dict:
     if spec["model"] == "reference":
         from adasvd_lightning import load_compressed, load_tokenizer
         from adasvd_lightning.display import quiet_libraries
-        from adasvd_lightning.workflows import CalibrationSpec, calibration_batches, resolve_model
+        from adasvd_lightning.training.reference import resolve_model
+        from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
         quiet_libraries()
         path = resolve_model("reference", show_progress=False)

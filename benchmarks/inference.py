@@ -402,7 +402,7 @@ def main() -> None:
     rows = benchmark_model("synthetic", synthetic_llama(args), args, device, dtype)
     if args.reference:
         from adasvd_lightning import load_compressed
-        from adasvd_lightning.workflows import resolve_model
+        from adasvd_lightning.training.reference import resolve_model
 
         rows += benchmark_model("reference", load_compressed(resolve_model("reference", show_progress=False)),
                                 args, device, dtype)

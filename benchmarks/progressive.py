@@ -32,11 +32,11 @@ def run(kind: str, method: str, ratio: float, steps: int, lr: float) -> dict:
 
     from adasvd_lightning import evaluate_perplexity, load_compressed, load_tokenizer
     from adasvd_lightning.callbacks import SVDCompression
+    from adasvd_lightning.core.blocks import block_loader
     from adasvd_lightning.core.corpus import embedded_corpus_path, read_text, tokenize_text
     from adasvd_lightning.display import quiet_libraries
-    from adasvd_lightning.training.data import TextBlocksDataModule
     from adasvd_lightning.training.module import CausalLMModule
-    from adasvd_lightning.workflows import resolve_model
+    from adasvd_lightning.training.reference import resolve_model
 
     quiet_libraries()
     warnings.simplefilter("ignore")
@@ -52,13 +52,13 @@ def run(kind: str, method: str, ratio: float, steps: int, lr: float) -> dict:
         points = [steps // 4, steps // 2, 3 * steps // 4]
         callback = SVDCompression(method=method, at="step", calibration_batches=8,
                                   schedule=[(p, ratio * (i + 1) / 3) for i, p in enumerate(points)])
-    data = TextBlocksDataModule(tokenizer, seq_len=256, batch_size=8, seed=0)
+    data = block_loader(tokenizer, embedded_corpus_path("train"), seq_len=256, batch_size=8, seed=0)
     module = CausalLMModule(model, learning_rate=lr, warmup_steps=max(1, steps // 20))
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, callbacks=[callback] if callback else [])
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, train_dataloaders=data)
     seconds = time.perf_counter() - start
     test = tokenize_text(tokenizer, read_text(embedded_corpus_path("test")))
     ppl = evaluate_perplexity(model.eval(), test, seq_len=256, batch_size=16).perplexity

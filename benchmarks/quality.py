@@ -34,7 +34,8 @@ def one(method: str, ratio: float, samples: int, seq_len: int, statistics_dtype:
     from adasvd_lightning import compress_model, evaluate_perplexity, load_compressed
     from adasvd_lightning.core.corpus import embedded_corpus_path, read_text, tokenize_text
     from adasvd_lightning.display import quiet_libraries
-    from adasvd_lightning.workflows import CalibrationSpec, calibration_batches, resolve_model
+    from adasvd_lightning.training.reference import resolve_model
+    from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
     quiet_libraries()
     torch.manual_seed(0)

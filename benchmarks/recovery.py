@@ -53,8 +53,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from adasvd_lightning import CompressionConfig
     from adasvd_lightning.display import quiet_libraries
-    from adasvd_lightning.training.export import export_zero_checkpoint
-    from adasvd_lightning.workflows import CalibrationSpec, compress_folder, resolve_model
+    from adasvd_lightning.training.export import export_checkpoint
+    from adasvd_lightning.training.reference import resolve_model
+    from adasvd_lightning.workflows import CalibrationSpec, compress_folder
 
     quiet_libraries()
     reference = resolve_model("reference", show_progress=False)
@@ -70,14 +71,14 @@ def main() -> None:
         for label, stage in (("ZeRO-2, all parameters", 2), ("ZeRO-3, all parameters", 3)):
             ckpt = tmp / f"ckpt{stage}"
             seconds = _train(reference, ckpt, stage, "all", args.steps, True, args.method, args.ratio)
-            out = export_zero_checkpoint(ckpt, tmp / f"out{stage}", reference)
+            out = export_checkpoint(ckpt, tmp / f"out{stage}", reference)
             rows.append((label, _ppl(out), seconds))
         # SVD-LLM's sequential recovery: U factors, export, then V factors from the exported model.
         half = args.steps // 2
         seconds = _train(reference, tmp / "ckpt_u", 3, "up", half, True, args.method, args.ratio)
-        u_model = export_zero_checkpoint(tmp / "ckpt_u", tmp / "out_u", reference)
+        u_model = export_checkpoint(tmp / "ckpt_u", tmp / "out_u", reference)
         seconds += _train(u_model, tmp / "ckpt_v", 3, "down", args.steps - half, False, args.method, args.ratio)
-        uv = export_zero_checkpoint(tmp / "ckpt_v", tmp / "out_v", u_model)
+        uv = export_checkpoint(tmp / "ckpt_v", tmp / "out_v", u_model)
         rows.append(("ZeRO-3, U then V (SVD-LLM)", _ppl(uv), seconds))
     gap = rows[1][1] - dense
     lines = [

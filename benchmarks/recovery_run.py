@@ -12,7 +12,8 @@ from adasvd_lightning import load_compressed, load_tokenizer
 from adasvd_lightning.callbacks import SVDCompression, TrainableParameters
 from adasvd_lightning.core.distributed import shutdown
 from adasvd_lightning.display import quiet_libraries
-from adasvd_lightning.training.data import TextBlocksDataModule
+from adasvd_lightning.core.blocks import block_loader
+from adasvd_lightning.core.corpus import embedded_corpus_path
 from adasvd_lightning.training.module import CausalLMModule
 from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy
 
@@ -27,12 +28,12 @@ def main(model_dir, out, stage, trainable, steps, compress, method, ratio) -> No
     if compress:
         callbacks.append(SVDCompression(method=method, ratio=ratio, calibration_batches=4, show_progress=False))
     callbacks.append(TrainableParameters(trainable))
-    data = TextBlocksDataModule(tokenizer, seq_len=256, batch_size=4, seed=0)
+    data = block_loader(tokenizer, embedded_corpus_path("train"), seq_len=256, batch_size=4, seed=0)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=stage), max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
                         callbacks=callbacks)
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, train_dataloaders=data)
     trainer.save_checkpoint(out)
 
 

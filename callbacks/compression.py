@@ -3,56 +3,94 @@
 When:
   * ``at="setup"`` (default) — before training. ``setup`` runs after the data module is set up (so the
     train dataloader can supply calibration batches) but before the strategy wraps the model and before
-    optimizers exist, so DDP/DeepSpeed and the optimizer see the final, factorized parameters. This is
-    the only point supported under multi-process strategies for now.
-  * ``at="step"`` / ``at="epoch"`` with ``schedule=[(point, ratio), ...]`` — after global step N, or at the
-    end of epoch N (0-based ``current_epoch``). Several pairs make a progressive schedule
+    optimizers exist, so DDP/DeepSpeed and the optimizer see the final, factorized parameters. Only
+    ``fit`` compresses; ``trainer.validate/test/predict`` on the same trainer evaluate the model as it
+    is, unless ``compress_evaluation=True``.
+  * ``at="step"`` / ``at="epoch"`` with ``schedule=[(point, ratio), ...]`` — after N completed optimizer
+    steps (``global_step == N``) or after N completed epochs (points count from 1 in both cases; the
+    end of the epoch whose 0-based ``current_epoch`` is N - 1). Several pairs make a progressive schedule
     (e.g. 20% → 40% → 60%); each stage re-compresses the current factors to the new ratio
     (``restart="factors"``, default) or compresses the dense weights (as they were at the first stage)
     again (``restart="dense"``, which discards what the factors learned between stages). After a
-    stage the optimizers and LR schedulers are rebuilt on the new parameters: optimizer state (e.g.
-    Adam moments) starts fresh, and step-interval schedulers are fast-forwarded to the current step
-    (exact for ``LambdaLR``-style schedules that depend only on the step).
+    stage your optimizer and LR scheduler objects stay; only their parameters change: each new factor
+    joins the param group of the weight it replaces (same LR, same weight decay), the removed weights'
+    optimizer state is dropped and the factors start with fresh state (e.g. Adam moments), while every
+    untouched parameter keeps its state. So any scheduler — `ReduceLROnPlateau`, `SequentialLR`,
+    `OneCycleLR`, transformers' warm-up schedules — continues exactly as without compression.
+    Under DDP every rank calibrates on its shard of the calibration data, the statistics are summed
+    across ranks, each matrix is decomposed once and broadcast (identical weights everywhere), and the
+    DDP wrapper is rebuilt on the new parameters. DeepSpeed and FSDP refuse these points for now.
   * ``at="fit_end"`` — once training ends (compress-after-training).
 
-Resume: the factorized structure (manifest: rank and shape of every factorized module) and the list of
-completed stages are saved in the callback's state in every checkpoint. Lightning loads model weights
-*before* it restores callback state, but it calls the LightningModule's ``on_load_checkpoint`` first;
-the callback chains its own step in front of that hook and rebuilds the checkpoint's structure, so the
-saved factors load into modules of the right shape. (The callback cannot see ``ckpt_path`` in
-``setup``, so a resumed ``at="setup"`` run still compresses once before the checkpoint's structure
-replaces the result.)
+Checkpoints: the factorized structure (manifest: rank and shape of every factorized module) and the
+list of completed stages are saved in the callback's state in every checkpoint. Lightning loads model
+weights *before* it restores callback state, but it calls the LightningModule's ``on_load_checkpoint``
+first; the callback chains its own step in front of that hook and rebuilds the checkpoint's structure,
+so the saved factors load into modules of the right shape — in ``fit``, ``validate``, ``test`` and
+``predict`` with ``ckpt_path=...``. ``MyModule.load_from_checkpoint`` runs no callback: call
+`adasvd_lightning.training.checkpoints.restore_structure` in your module's ``on_load_checkpoint``
+(the library's `CausalLMModule` does). A run resumed with ``at="setup"`` does not compress again: the
+checkpoint already holds the compressed model.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import dataclasses
 import itertools
 import json
-import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from adasvd_lightning.core.config import CompressionConfig
 from adasvd_lightning.core.distributed import world
 from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.optimizers import swap_parameters
 from adasvd_lightning.core.merging import check_min_flop_saving, merge_and_record
 from adasvd_lightning.core.pipeline import compress_model
 from adasvd_lightning.core.report import CompressionReport
 from adasvd_lightning.core.serialization import apply_manifest, build_manifest
 from adasvd_lightning.core.surgery import find_targets, replace_module
 from adasvd_lightning.display import compression_progress
+from adasvd_lightning.training.checkpoints import compression_state, model_of, read_checkpoint, restore_structure
 
 __all__ = ["SVDCompression", "POINTS"]
 
 
 POINTS = ("setup", "step", "epoch", "fit_end")
+DEFAULT_RATIO = 0.4
+
+
+def _pending_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint this fit/validate/test will load, seen from ``setup``.
+
+    Lightning restores the checkpoint after ``setup`` and only then records its path, so ``setup``
+    reads it from the running ``Trainer._run(model, ckpt_path=...)`` call (read only; a path set as
+    ``trainer.ckpt_path`` is used first). None when no checkpoint will be loaded.
+    """
+    if trainer.ckpt_path:
+        return str(trainer.ckpt_path)
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code is L.Trainer._run.__code__ and frame.f_locals.get("self") is trainer:
+            path = frame.f_locals.get("ckpt_path")
+            return str(path) if path else None
+        frame = frame.f_back
+    return None
+
+
+def _is_ddp(strategy: Strategy) -> bool:
+    """Plain DDP (DeepSpeed's strategy subclasses Lightning's DDP one but owns its own engine)."""
+    return isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
 
 
 class SVDCompression(Callback):
@@ -60,9 +98,12 @@ class SVDCompression(Callback):
 
     Args:
         method: compression preset (``svd``, ``asvd``, ``svd-llm``, ``adasvd``, ``duo-svd``, …).
-        ratio: fraction of each target matrix's parameters removed, in (0, 1) (single-stage points).
+        ratio: fraction of each target matrix's parameters removed, in (0, 1), for ``setup`` and
+            ``fit_end`` (default 0.4). Giving it together with ``schedule`` is an error.
         at: ``"setup"``, ``"step"``, ``"epoch"`` or ``"fit_end"`` (see module docstring).
         schedule: for ``at="step"``/``"epoch"``: (point, ratio) pairs, points and ratios increasing.
+            Point N means after N completed optimizer steps (``trainer.global_step == N``) or after N
+            completed epochs (the end of the epoch whose 0-based ``current_epoch`` is N - 1).
         calibration_batches: how many batches each rank draws for calibration statistics. Default
             ``None``: a dedicated calibration loader (this argument, or the data module's
             ``calibration_dataloader()``) is used whole, split between the ranks; the train loader
@@ -70,7 +111,7 @@ class SVDCompression(Callback):
         calibration_dataloader: where to draw them from; default: the data module's
             ``calibration_dataloader()`` if it has one, else the train dataloader.
         model_attr: attribute of the LightningModule holding the model to compress (default
-            ``"model"``); when the module has no such attribute, the LightningModule itself is used.
+            ``"model"``; ``None``: the LightningModule itself). A missing attribute is an error.
         include / exclude: regular expressions selecting target linears by full module name.
         propagation: ``"compressed"`` (sequential, default) or ``"original"`` calibration inputs.
         method_options: overrides of the preset's strategies and knobs (see ``MethodSpec``).
@@ -85,18 +126,21 @@ class SVDCompression(Callback):
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
             transient rich bar before training on a terminal; plain log lines otherwise, so it never
             competes with Lightning's progress bar).
+        compress_evaluation: with ``at="setup"``, also compress before ``trainer.validate`` / ``test``
+            / ``predict`` (default: only ``fit`` compresses, so evaluating on the same trainer
+            measures the model as it is).
     """
 
     def __init__(
         self,
         method: str = "svd-llm",
-        ratio: float = 0.4,
+        ratio: float | None = None,
         *,
         at: str = "setup",
         schedule: Sequence[tuple[int, float]] | None = None,
         calibration_batches: int | None = None,
         calibration_dataloader: Iterable | None = None,
-        model_attr: str = "model",
+        model_attr: str | None = "model",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         propagation: str = "compressed",
@@ -107,17 +151,23 @@ class SVDCompression(Callback):
         statistics_dtype: str = "float64",
         merge_unprofitable: float | None = None,
         show_progress: bool = True,
+        compress_evaluation: bool = False,
     ) -> None:
         super().__init__()
         # Validate everything at construction: a bad ratio or method fails before the Trainer starts.
+        if at not in POINTS:
+            raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")
+        if schedule and ratio is not None:
+            raise InvalidInputError("give either ratio or schedule: with a schedule, each stage's ratio is in it")
+        if compress_evaluation and at != "setup":
+            raise InvalidInputError(f"compress_evaluation only applies to at='setup', not at={at!r}")
         self.config = CompressionConfig(
-            method=method, ratio=ratio, include=include, exclude=exclude, propagation=propagation,
+            method=method, ratio=DEFAULT_RATIO if ratio is None else ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
             statistics_dtype=statistics_dtype,
         )
-        if at not in POINTS:
-            raise InvalidInputError(f"at must be one of {', '.join(POINTS)}, got {at!r}")
         self.at = at
+        self.compress_evaluation = compress_evaluation
         self.stages = self._validate_schedule(at, schedule, self.config.ratio)
         if calibration_batches is not None and calibration_batches < 1:
             raise InvalidInputError(f"calibration_batches must be >= 1, got {calibration_batches}")
@@ -148,8 +198,11 @@ class SVDCompression(Callback):
             if not isinstance(item, (list, tuple)) or len(item) != 2:
                 raise InvalidInputError(f"schedule entries are ({at}, ratio) pairs, got {item!r}")
             point, r = item
-            if isinstance(point, bool) or not isinstance(point, int) or point < 0:
-                raise InvalidInputError(f"schedule {at} must be a non-negative integer, got {point!r}")
+            if isinstance(point, bool) or not isinstance(point, int) or point < 1:
+                raise InvalidInputError(
+                    f"schedule {at}s count completed {at}s and must be >= 1, got {point!r} "
+                    "(to compress before training use at='setup')"
+                )
             CompressionConfig(ratio=r)  # same ratio validation as everywhere
             stages.append((point, float(r)))
         for (p0, r0), (p1, r1) in zip(stages, stages[1:]):
@@ -165,8 +218,7 @@ class SVDCompression(Callback):
         return self.reports[-1] if self.reports else None
 
     def target_module(self, pl_module: L.LightningModule) -> nn.Module:
-        module = getattr(pl_module, self.model_attr, None)
-        return module if isinstance(module, nn.Module) else pl_module
+        return model_of(pl_module, self.model_attr)
 
     def _calibration_source(self, trainer: L.Trainer) -> tuple[Iterable | None, bool]:
         """The loader to calibrate on, and whether it is a dedicated calibration loader."""
@@ -209,17 +261,41 @@ class SVDCompression(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # validate / test / predict: only at="setup" applies (compress, then evaluate the result);
-        # the training points have nothing to do outside fit.
-        if stage != "fit" and self.at != "setup":
-            return
+        # Every stage: a checkpoint written after compression (fit / validate / test / predict with
+        # ckpt_path=...) gets its structure back before its weights load.
         self._chain_checkpoint_restore(pl_module)
         model = self.target_module(pl_module)
+        # at="setup" compresses for training only, unless asked (compress_evaluation=True): a
+        # validate/test on the same trainer then measures the model as it is (e.g. a dense baseline).
+        compresses = self.at == "setup" and (stage == "fit" or self.compress_evaluation)
+        if stage != "fit" and not compresses:
+            return
         find_targets(model, self.config.selector)  # fail on patterns matching nothing before calibration
         if stage == "fit":
             self._check_points_fit(trainer)
-        if self.at == "setup" and not self.reports:
-            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+        if compresses and not self.reports and not self._resuming(trainer):
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
+
+    def _resuming(self, trainer: L.Trainer) -> bool:
+        """Whether the run loads a checkpoint that already holds the compressed model (then skip the work).
+
+        A checkpoint without a compressed structure cannot be combined with at="setup": compression
+        runs before its weights load, and dense weights do not fit factors; that is refused here.
+        """
+        path = _pending_checkpoint(trainer)
+        if path is None:
+            return False
+        local = Path(str(path)).expanduser()
+        if not local.exists():  # a remote path (fsspec): let the checkpoint decide, as Lightning does
+            return True
+        if compression_state(read_checkpoint(local)) is None:
+            raise InvalidInputError(
+                f"checkpoint {path} holds no compressed model, and at='setup' compresses before its weights "
+                "load; load it first (MyModule.load_from_checkpoint) and fit without ckpt_path, or compress "
+                "during training (at='step')"
+            )
+        rank_zero_info(f"adasvd: {path} holds the compressed model; setup compression skipped, its structure is restored")
+        return True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = self.target_module(pl_module)
@@ -233,21 +309,21 @@ class SVDCompression(Callback):
             self._maybe_run(trainer, pl_module, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at == "epoch":
-            self._maybe_run(trainer, pl_module, trainer.current_epoch)
+        if self.at == "epoch":  # point N: after N completed epochs (current_epoch counts from 0)
+            self._maybe_run(trainer, pl_module, trainer.current_epoch + 1)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at == "fit_end" and not self.reports:
-            self._run_stage(trainer, pl_module, 0, self.config.ratio, rebuild_optimizers=False)
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
 
     # -- stages --------------------------------------------------------------------------------------
     def _check_points_fit(self, trainer: L.Trainer) -> None:
         if self.at not in ("step", "epoch"):
             return
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not _is_ddp(trainer.strategy):
             raise InvalidInputError(
-                f"at={self.at!r} changes the model during training, which multi-process strategies do not "
-                "support yet; use at='setup' with DDP/DeepSpeed"
+                f"at={self.at!r} changes the model during training, which {type(trainer.strategy).__name__} "
+                "does not support yet (DDP does); use at='setup' with DeepSpeed/FSDP"
             )
         self.check_schedule_reached(max_steps=trainer.max_steps, max_epochs=trainer.max_epochs)
 
@@ -264,15 +340,16 @@ class SVDCompression(Callback):
     def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule, point: int) -> None:
         for stage_point, ratio in self.stages:
             if stage_point == point and point not in self.completed:
-                self._run_stage(trainer, pl_module, point, ratio, rebuild_optimizers=True)
+                self._run_stage(trainer, pl_module, point, ratio, during_training=True)
 
-    def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, rebuild_optimizers: bool) -> None:
+    def _run_stage(self, trainer, pl_module, point: int, ratio: float, *, during_training: bool) -> None:
         model = self.target_module(pl_module)
         config = dataclasses.replace(self.config, ratio=ratio)
+        before = dict(model.named_parameters())
         self._prepare_restart(model, config)
         batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
         # A live bar only before training starts (Lightning's bar owns the terminal during training).
-        live = self.show_progress and trainer.is_global_zero and not rebuild_optimizers
+        live = self.show_progress and trainer.is_global_zero and not during_training
         with compression_progress(live) as progress:
             report = compress_model(model, config, batches, progress=progress)
         if self.merge_unprofitable is not None:
@@ -280,8 +357,8 @@ class SVDCompression(Callback):
         self.reports.append(report)
         self.completed.append(point)
         self._manifest = build_manifest(model)
-        if rebuild_optimizers:
-            self._rebuild_optimizers(trainer)
+        if during_training:
+            self._swap_into_optimizers(trainer, before, dict(model.named_parameters()))
         if self.show_progress:  # Lightning's own INFO channel: shown by default, rank 0 only
             rank_zero_info(
                 f"adasvd: compressed {len(report.modules)} matrices with {config.method} at {self.at} {point}: "
@@ -312,19 +389,18 @@ class SVDCompression(Callback):
             replace_module(model, name, copy.deepcopy(module).to(device))
 
     @staticmethod
-    def _rebuild_optimizers(trainer: L.Trainer) -> None:
-        """New optimizers/schedulers over the new parameters; schedulers fast-forwarded to now."""
-        trainer.strategy.setup_optimizers(trainer)
-        for config in trainer.lr_scheduler_configs:
-            done = trainer.global_step if config.interval == "step" else trainer.current_epoch
-            scheduler = config.scheduler
-            if done > 0 and hasattr(scheduler, "last_epoch"):
-                scheduler.last_epoch = done - 1
-                with warnings.catch_warnings():
-                    # A fast-forward, not a training step: PyTorch's "step() before optimizer.step()"
-                    # warning does not apply (no schedule value is skipped).
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                    scheduler.step()
+    def _swap_into_optimizers(trainer: L.Trainer, before: dict, after: dict) -> None:
+        """Keep the user's optimizers and schedulers; move the new parameters into their param groups.
+
+        See `core.optimizers.swap_parameters` for the group and state rules. Under DDP the wrapper's
+        gradient buckets were built over the old parameters, so it is rebuilt on the new ones (its
+        constructor also broadcasts rank 0's parameters, which the compression already made equal).
+        """
+        swap_parameters(trainer.optimizers, before, after)
+        strategy = trainer.strategy
+        if _is_ddp(strategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _chain_checkpoint_restore(self, pl_module: L.LightningModule) -> None:
@@ -341,14 +417,8 @@ class SVDCompression(Callback):
         pl_module._adasvd_restore_chained = True
 
     def _restore_structure(self, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key)
-        manifest = (state or {}).get("manifest")
-        if not manifest:
-            return
-        model = self.target_module(pl_module)
-        if build_manifest(model)["modules"] != manifest["modules"]:
-            apply_manifest(model, manifest)
-        self._manifest = manifest
+        if restore_structure(pl_module, checkpoint, model_attr=self.model_attr):
+            self._manifest = build_manifest(self.target_module(pl_module))
 
     def state_dict(self) -> dict:
         """Plain types only, so checkpoints load with ``weights_only=True``.
@@ -358,6 +428,7 @@ class SVDCompression(Callback):
         """
         return {
             "manifest": self._manifest,
+            "model_attr": self.model_attr,
             "model_config": self._model_config,
             "completed": list(self.completed),
             "method": self.config.method,

@@ -104,7 +104,7 @@ def test_resume_restores_the_compressed_structure_before_the_weights(tmp_path):
     assert any("manifest" in v for v in state.values())
 
 
-def test_users_training_script_plus_one_line_compresses_at_epoch_1_of_3():
+def test_users_training_script_plus_one_line_compresses_after_epoch_2_of_3():
     module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-3)
     before = count_parameters(module.model)
     snapshots = {}
@@ -115,11 +115,11 @@ def test_users_training_script_plus_one_line_compresses_at_epoch_1_of_3():
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-                        callbacks=[Watch(), SVDCompression(ratio=0.5, at="epoch", schedule=[(1, 0.5)],
+                        callbacks=[Watch(), SVDCompression(at="epoch", schedule=[(2, 0.5)],
                                                            calibration_batches=2)])
     trainer.fit(module, train_dataloaders=_loader())  # 8 batches per epoch
     assert trainer.global_step == 24
-    assert snapshots[0] == snapshots[1] == before  # compressed at the *end* of epoch 1
+    assert snapshots[0] == snapshots[1] == before  # compressed after 2 completed epochs
     assert snapshots[2] < before
     report = trainer.callbacks[1].report
     assert before - snapshots[2] == report.linear_parameters_before - report.linear_parameters_after
@@ -152,6 +152,9 @@ def test_progressive_schedule_compresses_in_stages():
     (dict(at="step", schedule=[(2, 0.6), (4, 0.4)]), "ratios must increase"),
     (dict(at="step", schedule=[(2, 1.4)]), "ratio must be in"),
     (dict(at="epoch"), "needs schedule"),
+    (dict(at="step", schedule=[(0, 0.4)]), "must be >= 1"),
+    (dict(at="step", ratio=0.4, schedule=[(2, 0.4)]), "either ratio or schedule"),
+    (dict(at="step", schedule=[(2, 0.4)], compress_evaluation=True), "only applies to at='setup'"),
     (dict(at="setup", schedule=[(1, 0.4)]), "only used with"),
     (dict(at="sometimes"), "at must be one of"),
 ])

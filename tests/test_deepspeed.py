@@ -24,6 +24,7 @@ def test_zero_recovery_checkpoint_export_reload(tiny_reference, tmp_path, stage,
     assert proc.returncode == 0, proc.stderr[-4000:]
     trained = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert trained["step"] == 3
+    assert trained["partitioned"] == (stage == 3)  # ZeRO-3 held shards when save_compressed was called
 
     out = tmp_path / "exported"
     result = run("export", "--checkpoint", str(tmp_path / "ckpt"), "--base-model", str(tiny_reference),
@@ -36,6 +37,9 @@ def test_zero_recovery_checkpoint_export_reload(tiny_reference, tmp_path, stage,
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.allclose(logits, trained["logits"], atol=1e-4, rtol=1e-4)
+    saved = load_compressed(tmp_path / "saved")  # save_compressed during the run gathered the shards itself
+    assert saved.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.state_dict().items())
 
     # Without --base-model the architecture comes from the config stored by SVDCompression.
     dense = tmp_path / "dense"
@@ -56,4 +60,4 @@ def test_zero_recovery_checkpoint_export_reload(tiny_reference, tmp_path, stage,
 
 def test_export_rejects_a_folder_that_is_not_a_zero_checkpoint(tmp_path):
     result = run("export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr
+    assert result.returncode == 2 and "neither a Lightning .ckpt file nor a DeepSpeed checkpoint" in result.stderr

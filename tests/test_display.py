@@ -40,7 +40,11 @@ def test_summary_table_lists_every_module_and_the_totals(token_batches):
 def test_live_progress_coexists_with_rich_progress_bar(at, token_batches, monkeypatch, tmp_path):
     # A terminal console, so the transient live bar is really drawn in setup; mid-training stages
     # must not open a second live display while Lightning's RichProgressBar owns the terminal.
-    monkeypatch.setattr(display, "console", Console(force_terminal=True, file=open(tmp_path / "tty", "w")))
+    from adasvd_lightning import terminal
+
+    tty = Console(force_terminal=True, file=open(tmp_path / "tty", "w"))
+    monkeypatch.setattr(display, "console", tty)
+    monkeypatch.setattr(terminal, "console", tty)  # the progress bars' console
     loader = DataLoader([{"input_ids": b[0]} for b in token_batches] * 4, batch_size=2)
     schedule = {"schedule": [(1, 0.5)]} if at == "step" else {"ratio": 0.5}
     callback = SVDCompression(method="svd-llm", at=at, calibration_batches=2, **schedule)

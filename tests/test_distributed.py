@@ -90,3 +90,7 @@ def test_lightning_ddp_two_cpu_processes_end_with_identical_compressed_models(tm
     # DDP keeps the replicas in sync through training only if they started identical.
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert any(k.endswith(".up") for k in r0["state"])
+    # Validation perplexity (torchmetrics, reduced across the 2 processes) is the token-weighted value
+    # of the whole validation set, on both ranks.
+    assert r0["val_ppl"] == pytest.approx(r0["expected_ppl"], rel=1e-5)
+    assert r1["val_ppl"] == pytest.approx(r0["expected_ppl"], rel=1e-5)

@@ -52,7 +52,7 @@ def _train_blocks(tmp_path, max_steps, *, ckpt_path=None, crash_at=None):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from adasvd_lightning.training.data import ResumableShuffleLoader, TokenBlocks
+    from adasvd_lightning.core.blocks import ResumableShuffleLoader, TokenBlocks
     from adasvd_lightning.training.module import CausalLMModule
     from conftest import tiny_model
 

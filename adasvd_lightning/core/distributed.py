@@ -14,6 +14,8 @@ Without an initialised process group (or with one rank) every helper is a no-op.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +24,8 @@ from torch import nn
 
 from .lowrank import FactorizedLinear, module_from_entry
 
-__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module", "shutdown"]
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module", "shutdown",
+           "gathered_parameters"]
 
 
 def is_distributed() -> bool:
@@ -76,6 +79,26 @@ def share_module(module: nn.Module | None, payload: Any, owner: int, device: tor
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=owner)
     return module, payload
+
+
+@contextmanager
+def gathered_parameters(model: nn.Module) -> Iterator[bool]:
+    """Make every parameter whole for the duration; yields whether this process should write files.
+
+    Under a process group only global rank 0 writes (ranks hold the same model; several writers of one
+    folder would collide). DeepSpeed ZeRO-3 keeps only a shard of each parameter on each rank (the
+    local tensor is empty): saving it would write empty tensors, so the shards are gathered first —
+    a collective, so under ZeRO-3 every rank must enter together. Without partitioned parameters this
+    costs nothing.
+    """
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield world()[0] == 0
+        return
+    import deepspeed  # only reached for a model that DeepSpeed partitioned
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield world()[0] == 0
 
 
 def shutdown() -> None:

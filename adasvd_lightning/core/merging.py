@@ -36,6 +36,7 @@ __all__ = [
     "MergeWarning",
     "MergedModule",
     "check_min_flop_saving",
+    "densify",
     "flop_saving",
     "merge_to_linear",
     "merge_and_record",
@@ -112,6 +113,19 @@ def merge_to_linear(module: FactorizedLinear, *, conv1d: bool = False) -> nn.Mod
     if linear.bias is not None:
         linear.bias.requires_grad_(module.bias.requires_grad)
     return linear
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Multiply every factorized layer back into a dense one, in place; returns ``model``.
+
+    For tools that do not know low-rank modules (a plain Hugging Face folder, another training stack).
+    The model keeps its function (each layer applies the same matrix, rounded once to its dtype) but
+    regains the dense parameter count. GPT-2 models get `Conv1D`s back (see `merge_to_linear`).
+    """
+    conv1d = uses_conv1d(model)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, FactorizedLinear)]:
+        replace_module(model, name, merge_to_linear(module, conv1d=conv1d))
+    return model
 
 
 def merge_unprofitable(

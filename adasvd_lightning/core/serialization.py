@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import gathered_parameters
 from .errors import InvalidInputError
 from .lowrank import FactorizedLinear, module_from_entry
 from .output import atomic_directory
@@ -124,10 +125,14 @@ def save_compressed(
 
     ``overwrite`` replaces only a previous output of this project; ``inputs`` are folders the
     destination must not be or contain (see `adasvd_lightning.core.output.check_destination`).
+    Under a process group global rank 0 writes and the other ranks return the same path. Under
+    DeepSpeed ZeRO-3 the partitioned parameters are gathered first, so call it on every rank there.
     """
     _check_saveable(model)
-    with atomic_directory(path, overwrite=overwrite, inputs=inputs) as tmp:
-        write_compressed(model, tmp, tokenizer=tokenizer, metadata=metadata)
+    with gathered_parameters(model) as writes:
+        if writes:
+            with atomic_directory(path, overwrite=overwrite, inputs=inputs) as tmp:
+                write_compressed(model, tmp, tokenizer=tokenizer, metadata=metadata)
     return Path(path).expanduser().resolve()
 
 

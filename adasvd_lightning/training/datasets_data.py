@@ -86,7 +86,7 @@ class CausalLMDataModule(L.LightningDataModule):
         """The tokenizer object; a path (or ``"reference"``) is loaded on first use."""
         if isinstance(self.tokenizer, (str, Path)):
             from ..core.serialization import load_tokenizer
-            from ..workflows import resolve_model
+            from .reference import resolve_model
 
             self.tokenizer = load_tokenizer(resolve_model(self.tokenizer))
         return self.tokenizer

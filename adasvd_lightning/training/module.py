@@ -1,8 +1,8 @@
 """`CausalLMModule`: a LightningModule around any Hugging Face causal LM.
 
-Used to train the reference model and for recovery fine-tuning. Validation reports perplexity as the
-exponent of the token-weighted mean NLL, summed in float64 across batches (a mean of per-batch
-perplexities would be biased).
+Used to train the reference model and for recovery fine-tuning. Validation and test report perplexity
+as the exponent of the token-weighted mean NLL, accumulated in float64 by a torchmetrics `MeanMetric`
+(a mean of per-batch perplexities would be biased), which also reduces it across DDP processes.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import math
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 
-from ..core.errors import InvalidInputError
+from .checkpoints import restore_structure
 
-__all__ = ["CausalLMModule", "PretrainedCausalLMModule", "warmup_cosine"]
+__all__ = ["CausalLMModule", "warmup_cosine"]
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -44,8 +45,14 @@ class CausalLMModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.betas = tuple(betas)
-        self._val_nll = 0.0
-        self._val_tokens = 0
+        # Token-weighted mean NLL in float64 (a mean of per-batch perplexities would be biased).
+        self.val_nll = MeanMetric().set_dtype(torch.float64)
+        self.test_nll = MeanMetric().set_dtype(torch.float64)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint written after compression holds factors: give the model their structure first,
+        # so load_from_checkpoint / ckpt_path=... work without the SVDCompression callback.
+        restore_structure(self, checkpoint)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -68,32 +75,32 @@ class CausalLMModule(L.LightningModule):
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val_nll, self._val_tokens = 0.0, 0
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_nll.update(*self._nll_and_weight(batch))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_nll.update(*self._nll_and_weight(batch))
+
+    def _nll_and_weight(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean NLL of the batch, weighted by its token count (the metric's mean is then per token)."""
         total, tokens = self._loss_terms(batch)
-        self._val_nll += float(total.double())
-        self._val_tokens += tokens
+        weight = torch.tensor(float(tokens), dtype=torch.float64, device=total.device)
+        return total.double() / weight.clamp(min=1.0), weight
 
     def on_validation_epoch_end(self) -> None:
-        self._log_perplexity("val")
-
-    # The test loop uses the same token-weighted accumulation, reported as test_loss / test_ppl.
-    on_test_epoch_start = on_validation_epoch_start
-    test_step = validation_step
+        self._log_perplexity("val", self.val_nll)
 
     def on_test_epoch_end(self) -> None:
-        self._log_perplexity("test")
+        self._log_perplexity("test", self.test_nll)
 
-    def _log_perplexity(self, prefix: str) -> None:
-        stats = torch.tensor([self._val_nll, float(self._val_tokens)], dtype=torch.float64, device=self.device)
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self.trainer.world_size > 1 else stats
-        nll, tokens = float(stats[0]), float(stats[1])
-        if tokens > 0:
-            mean = nll / tokens
-            self.log(f"{prefix}_loss", mean, prog_bar=True, sync_dist=False)
-            self.log(f"{prefix}_ppl", math.exp(min(mean, 700.0)), prog_bar=True, sync_dist=False)
+    def _log_perplexity(self, prefix: str, metric: MeanMetric) -> None:
+        # compute() sums the metric's state over processes (torchmetrics' own sync), so under DDP the
+        # loss is the token-weighted mean over the whole evaluation set, not a mean of rank means.
+        mean = metric.compute()
+        metric.reset()
+        if torch.isfinite(mean):
+            self.log(f"{prefix}_loss", mean.float(), prog_bar=True, sync_dist=False)
+            self.log(f"{prefix}_ppl", torch.exp(mean.clamp(max=700.0)).float(), prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -112,40 +119,3 @@ class CausalLMModule(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup=warmup, total=total)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-class PretrainedCausalLMModule(CausalLMModule):
-    """`CausalLMModule` built from a model folder, so a YAML recipe can name the model by path.
-
-    Args:
-        model_path: a Hugging Face causal-LM folder (dense or written by ``save_compressed``), or
-            ``"reference"`` for the embedded reference model (trained once, then cached).
-        dtype: weight dtype: ``auto`` (as saved), ``float32``, ``bfloat16`` or ``float16``.
-        learning_rate / weight_decay / warmup_steps / betas: as `CausalLMModule`.
-
-    The weights are read with safetensors and never run remote code (``trust_remote_code`` stays off).
-    """
-
-    def __init__(
-        self,
-        model_path: str = "reference",
-        *,
-        dtype: str = "auto",
-        learning_rate: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
-        betas: tuple[float, float] = (0.9, 0.95),
-    ) -> None:
-        from ..core.serialization import load_compressed
-        from ..workflows import resolve_model
-
-        dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in dtypes:
-            raise InvalidInputError(f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-        path = resolve_model(model_path)
-        # load_compressed returns an eval-mode model; Lightning switches modes per loop from train mode.
-        model = load_compressed(path, dtype=dtypes[dtype]).train()
-        super().__init__(model, learning_rate=learning_rate, weight_decay=weight_decay,
-                         warmup_steps=warmup_steps, betas=betas)
-        self.model_path = str(path)
-        self.save_hyperparameters()

@@ -28,15 +28,18 @@ import lightning as L
 import torch
 
 from ..cache import cache_root
+from ..core.blocks import block_loader
 from ..core.corpus import embedded_corpus_path, read_text
 from ..core.errors import InvalidInputError
-from ..core.serialization import atomic_directory
+from ..core.serialization import atomic_directory, check_model_folder
 from ..progress import ProgressDisplay, progress_display
-from .data import TextBlocksDataModule
 from .module import CausalLMModule
 
-__all__ = ["ReferenceSpec", "DEFAULT_REFERENCE", "TINY_REFERENCE", "cache_root", "checkpoint_dir", "reference_model_path", "build_reference_model",
-           "train_tokenizer"]
+__all__ = ["REFERENCE", "ReferenceSpec", "DEFAULT_REFERENCE", "TINY_REFERENCE", "cache_root", "checkpoint_dir",
+           "reference_model_path", "resolve_model", "build_reference_model", "train_tokenizer"]
+
+#: Model argument naming the embedded reference model.
+REFERENCE = "reference"
 
 _BUILD_VERSION = 1
 _CHECKPOINT_NAME = "build"
@@ -180,7 +183,6 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
         L.seed_everything(spec.seed, verbose=False)
         tokenizer = train_tokenizer(read_text(embedded_corpus_path("train")), spec.vocab_size)
         model = LlamaForCausalLM(_llama_config(spec, tokenizer))
-        data = TextBlocksDataModule(tokenizer, seq_len=spec.seq_len, batch_size=spec.batch_size, seed=spec.seed)
         module = CausalLMModule(model, learning_rate=spec.learning_rate, warmup_steps=max(1, spec.max_steps // 20))
         checkpoint = ModelCheckpoint(dirpath=partial, filename=_CHECKPOINT_NAME, every_n_train_steps=every,
                                      save_top_k=1, enable_version_counter=False)
@@ -197,9 +199,11 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
             gradient_clip_val=1.0,
             limit_val_batches=0,
         )
+        loader = block_loader(tokenizer, embedded_corpus_path("train"), seq_len=spec.seq_len,
+                              batch_size=spec.batch_size, seed=spec.seed, steps=lambda: trainer.global_step)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-            trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
     model.eval()
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -225,3 +229,16 @@ def reference_model_path(spec: ReferenceSpec | None = None, *, show_progress: bo
         if (path / "config.json").is_file():  # another process finished the same build first
             return path
         raise
+
+
+def resolve_model(value: str | Path | None, *, show_progress: bool = True) -> Path:
+    """A model folder path; ``None``/``"reference"`` means the embedded reference model (trained once).
+
+    Lives with the reference build (the Lightning layer): `workflows` takes folders only, so the
+    layers below never reach up to train a model.
+    """
+    if value is None or str(value) == REFERENCE:
+        return reference_model_path(show_progress=show_progress)
+    path = Path(value).expanduser()
+    check_model_folder(path)
+    return path

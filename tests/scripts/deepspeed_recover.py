@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from adasvd_lightning import load_compressed
+from adasvd_lightning import load_compressed, save_compressed
 from adasvd_lightning.callbacks import SVDCompression
 from adasvd_lightning.core.distributed import shutdown
 from adasvd_lightning.training.module import CausalLMModule
@@ -34,11 +34,15 @@ def main(model_dir: str, out_dir: str, stage: int, method: str, resume: bool = F
         return
     trainer.fit(module, train_dataloaders=loader)
     trainer.save_checkpoint(f"{out_dir}/ckpt")
+    # Every rank calls it: under ZeRO-3 the partitioned parameters are gathered, rank 0 writes.
+    partitioned = any(p.numel() == 0 for p in module.model.parameters())
+    save_compressed(module.model, f"{out_dir}/saved")
     module.eval()
     with torch.no_grad():
         logits = trainer.strategy.model(ids[:2])
     if trainer.is_global_zero:
-        torch.save({"logits": logits.float(), "step": trainer.global_step}, f"{out_dir}/logits.pt")
+        torch.save({"logits": logits.float(), "step": trainer.global_step, "partitioned": partitioned},
+                   f"{out_dir}/logits.pt")
 
 
 if __name__ == "__main__":

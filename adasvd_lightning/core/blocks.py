@@ -1,4 +1,10 @@
-"""Token-block datasets and a small data module over text files (the embedded corpus by default)."""
+"""Packed token blocks and the seeded, resumable shuffling loader the reference build trains on.
+
+Torch only (Lightning checkpoints the loader through its duck-typed ``state_dict`` /
+``load_state_dict`` protocol, so nothing here imports Lightning). User-facing training data is
+`adasvd_lightning.training.datasets_data.CausalLMDataModule`; this stream exists because the reference
+build and the benchmarks that reproduce its setting need exactly it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..core.corpus import read_text, resolve_text_path, tokenize_text
+from .corpus import read_text, tokenize_text
+from .errors import InvalidInputError
 
-__all__ = ["TokenBlocks", "TextBlocksDataModule", "ResumableShuffleLoader"]
+__all__ = ["TokenBlocks", "ResumableShuffleLoader", "block_loader"]
 
 
 class TokenBlocks(Dataset):
@@ -20,7 +26,7 @@ class TokenBlocks(Dataset):
 
     def __init__(self, token_ids: torch.Tensor, seq_len: int) -> None:
         if token_ids.numel() < seq_len:
-            raise ValueError(f"{token_ids.numel()} tokens are fewer than one block of {seq_len}")
+            raise InvalidInputError(f"{token_ids.numel()} tokens are fewer than one block of {seq_len}")
         n = token_ids.numel() // seq_len
         self.blocks = token_ids[: n * seq_len].view(n, seq_len)
 
@@ -73,46 +79,12 @@ class ResumableShuffleLoader(DataLoader):
             self._resume_from = (state_dict["generator_state"], int(state_dict["epoch_start_step"]))
 
 
-class TextBlocksDataModule(L.LightningDataModule):
-    """Train/validation blocks from local text files (default: the embedded WikiText-2 splits).
+def block_loader(tokenizer, path: str | Path, *, seq_len: int, batch_size: int, seed: int,
+                 steps: Callable[[], int] = lambda: 0) -> ResumableShuffleLoader:
+    """Shuffled (seeded) training blocks of one whole text file, resumable mid-epoch.
 
-    The training stream is shuffled with a seeded generator, so runs are reproducible, and resumable
-    mid-epoch from a checkpoint (`ResumableShuffleLoader`).
+    ``steps`` returns the optimizer steps taken so far (the trainer's ``global_step``); it only
+    matters when the loader resumes from a checkpoint.
     """
-
-    def __init__(
-        self,
-        tokenizer,
-        *,
-        train_file: str | Path | None = None,
-        val_file: str | Path | None = None,
-        seq_len: int = 128,
-        batch_size: int = 16,
-        seed: int = 0,
-        max_val_blocks: int | None = 64,
-    ) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.train_path = resolve_text_path(train_file, "train")
-        self.val_path = resolve_text_path(val_file, "test")
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.max_val_blocks = max_val_blocks
-        self.train_set: TokenBlocks | None = None
-        self.val_set: TokenBlocks | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = TokenBlocks(tokenize_text(self.tokenizer, read_text(self.train_path)), self.seq_len)
-            val = TokenBlocks(tokenize_text(self.tokenizer, read_text(self.val_path)), self.seq_len)
-            if self.max_val_blocks is not None:
-                val.blocks = val.blocks[: self.max_val_blocks]
-            self.val_set = val
-
-    def train_dataloader(self) -> DataLoader:
-        return ResumableShuffleLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
-                                      steps=lambda: self.trainer.global_step if self.trainer is not None else 0)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+    blocks = TokenBlocks(tokenize_text(tokenizer, read_text(path)), seq_len)
+    return ResumableShuffleLoader(blocks, batch_size=batch_size, seed=seed, steps=steps)

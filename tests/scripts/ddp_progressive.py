@@ -1,0 +1,74 @@
+"""Run by tests/test_mid_training_ddp.py: a progressive schedule *during* training, DDP on 2 CPU processes.
+
+Modes: ``ddp`` (2 processes, batch 4 per rank), ``single`` (1 process, batch 8: the same samples per
+step), ``resume`` (2 processes, continue the ``ddp`` run's checkpoint written after the last stage).
+Lightning's subprocess launcher re-runs this file for rank 1. Every rank saves its weights and losses.
+"""
+
+import sys
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, sys.argv[2])  # tests/ (for conftest.tiny_model)
+from conftest import tiny_model  # noqa: E402
+
+from adasvd_lightning.callbacks import SVDCompression  # noqa: E402
+from adasvd_lightning.training.module import CausalLMModule  # noqa: E402
+
+SCHEDULE = [(2, 0.3), (4, 0.5)]
+
+
+def samples() -> list[dict]:
+    """Learnable sequences: arithmetic progressions of tokens with random starts and strides."""
+    g = torch.Generator().manual_seed(0)
+    start, stride = torch.randint(0, 128, (32, 1), generator=g), torch.randint(1, 4, (32, 1), generator=g)
+    return [{"input_ids": row} for row in (start + stride * torch.arange(16)) % 128]
+
+
+class Data(L.LightningDataModule):
+    """Unshuffled shards (rank r: samples r, r + world, ...): the union of the ranks' k-th batches of 4
+    is the single process's k-th batch of 8, so both runs take the same gradient steps."""
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(samples()[rank::world], batch_size=8 // world)
+
+
+class Losses(L.Callback):
+    """Each step's loss; the weights right after the last stage (listed after `SVDCompression`)."""
+
+    def __init__(self):
+        self.values, self.after_stage = [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(outputs["loss"]))
+        if trainer.global_step == SCHEDULE[-1][0]:
+            self.after_stage = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def main(out_dir: str, mode: str) -> None:
+    torch.set_num_threads(1)
+    calibration = DataLoader(samples()[:16], batch_size=4)  # 4 batches: 2 per rank under DDP, 4 in one process
+    module = CausalLMModule(tiny_model("llama").train(), learning_rate=1e-2, warmup_steps=1)
+    callback = SVDCompression(method="svd-llm", at="step", schedule=SCHEDULE, calibration_dataloader=calibration,
+                              show_progress=False)
+    losses = Losses()
+    devices = 1 if mode == "single" else 2
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                        max_steps=8 if mode == "resume" else 6, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, losses],
+                        use_distributed_sampler=False)
+    trainer.fit(module, datamodule=Data(), ckpt_path=f"{out_dir}/after-stages.ckpt" if mode == "resume" else None)
+    if mode == "ddp":
+        trainer.save_checkpoint(f"{out_dir}/after-stages.ckpt")
+    params = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    torch.save({"state": module.model.state_dict(), "losses": losses.values, "after_stage": losses.after_stage, "completed": callback.completed,
+                "step": trainer.global_step, "reports": [r.parameters_after for r in callback.reports],
+                "optimized": all(id(p) in params for p in module.model.parameters())},
+               f"{out_dir}/{mode}-rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[3])
