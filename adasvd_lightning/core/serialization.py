@@ -266,7 +266,7 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     config = check_model_folder(path)
     files = _weight_files(path)
     if config.model_type == hf_format.MODEL_TYPE:
-        inspect_weights(files)
+        _check_shapes(path, config, inspect_weights(files))
         return hf_format.load_folder(path, device=device, dtype=dtype)  # meta device: no dense weights
     manifest = hf_format.manifest_of(config)  # the legacy location (top-level "adasvd") or None
     state = _load_state_dict(files)
@@ -282,6 +282,21 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     model.to(device=device, dtype=dtype or saved_dtype)
     model.eval()
     return model
+
+
+def _check_shapes(path: Path, config: Any, headers: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """The files' tensor shapes (headers) against the manifest's architecture, built on the meta device
+    (no memory), so a manifest edited to another valid rank is one line here — not transformers'
+    multi-line mismatch report and a RuntimeError."""
+    hf_format.register()
+    with torch.device("meta"):
+        model = build_empty_model(config)
+        apply_manifest(model, hf_format.manifest_of(config))
+    for key, tensor in model.state_dict().items():
+        if key in headers and headers[key][0] != tuple(tensor.shape):
+            raise InvalidInputError(
+                f"{path}: weight {key} has shape {headers[key][0]}, the architecture expects {tuple(tensor.shape)}"
+            )
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:
