@@ -4,9 +4,12 @@
 2. Allocation: split the parameter budget between the target matrices (uniform, or a strategy that
    first makes one dense pass over the blocks to measure importances, spectra or sensitivities).
 3. For each block, in order:
-   * stream the Gram statistics of its target linears' inputs. With a refinement strategy, the dense
-     block is run on both streams — the dense model's hidden states and the compressed prefix's — and
-     the cross Gram H_oc is accumulated too, so factors can be fitted to the dense targets;
+   * stream the Gram statistics of its target linears' inputs. With a refinement strategy, the block
+     is run on both streams — the dense model's hidden states through the dense block and the
+     compressed prefix's through the block as compressed so far — and the cross Gram H_oc is
+     accumulated too, so factors can be fitted to the dense targets. That happens one input stage at a
+     time (q/k/v, then o_proj, gate/up, down_proj), each after the earlier stages were replaced, so
+     every target is fitted to the inputs it will really receive (`_compress_block_paired`);
    * factor each target at its allocated rank (whitening, then optionally column preservation and
      adaComp / closed-form refinement) and swap in the factorized module;
    * run the block again to produce the next block's inputs (``propagation="compressed"``: SVD-LLM's
