@@ -363,6 +363,8 @@ def main() -> None:
               f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
               f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')} "
               f"(allocated {row.get('allocated_extra_mb') or 0:.0f} MB)  [{_phase_cell(row)}]", flush=True)
+        if not args.quick:  # rows so far, so an interrupted long run keeps what it measured
+            print(f"ROW {json.dumps(row)}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
 
     if args.quick:
