@@ -316,7 +316,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     result = evaluate_folder(
         _lazy_model(args.model, args.quiet), args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-        max_windows=args.max_windows, device=args.device,
+        max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
     )
     if not args.quiet:
         console.print(
@@ -334,23 +334,34 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
     from .core.config import CompressionConfig
     from .core.methods import get_method
-    from .display import console
+    from .display import compression_progress, console
     from .training.reference import resolve_model
     from .workflows import CalibrationSpec, compress_folder, evaluate_folder
 
     for method in args.methods:
         get_method(method)
-    path = resolve_model(args.model, show_progress=not args.quiet)
-    rows = [{"method": "dense", "ratio": 0.0, **evaluate_folder(path, device=args.device, max_windows=args.max_windows)}]
+    show = not args.quiet
+    path = resolve_model(args.model, show_progress=show)
+    runs = [(ratio, method) for ratio in args.ratios for method in args.methods]
+
+    def say(message: str) -> None:  # where the long run is, between the per-phase bars
+        if show:
+            console.print(f"quickstart {message}")
+
+    say(f"0/{len(runs)}: dense {path.name}: evaluate")
+    rows = [{"method": "dense", "ratio": 0.0,
+             **evaluate_folder(path, device=args.device, max_windows=args.max_windows, show_progress=show)}]
     calibration = CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.ratios:
-            for method in args.methods:
-                out = f"{tmp}/{method}-{ratio}"
-                report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out, device=args.device)
-                result = evaluate_folder(out, device=args.device, max_windows=args.max_windows)
-                rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
-                             "compress_seconds": report.seconds, **result})
+        for done, (ratio, method) in enumerate(runs, 1):
+            say(f"{done}/{len(runs)}: {method} at {ratio:.0%}: compress, then evaluate")
+            out = f"{tmp}/{method}-{ratio}"
+            with compression_progress(show) as progress:
+                report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out,
+                                         device=args.device, progress=progress)
+            result = evaluate_folder(out, device=args.device, max_windows=args.max_windows, show_progress=show)
+            rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
+                         "compress_seconds": report.seconds, **result})
     if not args.quiet:
         table = Table(title=f"{path.name}: perplexity on the embedded test split")
         for column in ("method", "ratio", "achieved", "perplexity", "Δ vs dense", "parameters"):

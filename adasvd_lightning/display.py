@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .core.pipeline import ProgressEvent
     from .core.report import CompressionReport
 
-__all__ = ["console", "quiet_libraries", "compression_progress", "report_table", "format_params"]
+__all__ = ["console", "quiet_libraries", "quiet_lightning", "compression_progress", "report_table", "format_params"]
 
 logger = logging.getLogger("adasvd_lightning")
 
@@ -97,6 +97,27 @@ def quiet_libraries() -> None:
     if "lightning" in sys.modules:  # imported already: it has set its package loggers to INFO
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up notices and known-harmless warnings off, for a Trainer the library owns.
+
+    For the duration of the block only (the reference build runs inside users' own programs too, whose
+    logging stays theirs): GPU/TPU availability, advertising tips, the deprecation notices.
+    """
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            for pattern in _IGNORED_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def format_params(n: int) -> str:

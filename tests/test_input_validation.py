@@ -247,3 +247,13 @@ def test_ratio_whose_ranks_clamp_warns(token_batches):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BudgetWarning)
         compress_model(tiny_model("llama"), CompressionConfig(method="svd", ratio=0.5), token_batches)
+
+
+def test_recipe_data_module_refuses_windows_beyond_positions(tmp_path):
+    """``adasvd fit|validate`` recipes build this data module from the model folder before training."""
+    from adasvd_lightning.training.datasets_data import CausalLMDataModule
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(InvalidInputError, match="max_position_embeddings = 128"):
+        CausalLMDataModule(str(tmp_path / "gpt2"), seq_len=129)
+    assert CausalLMDataModule(str(tmp_path / "gpt2"), seq_len=128).seq_len == 128

@@ -32,6 +32,7 @@ from ..core.blocks import block_loader
 from ..core.corpus import embedded_corpus_path, read_text
 from ..core.errors import InvalidInputError
 from ..core.serialization import atomic_directory, check_model_folder
+from ..display import quiet_lightning
 from ..progress import ProgressDisplay, progress_display
 from .module import CausalLMModule
 
@@ -47,7 +48,7 @@ _CHECKPOINT_NAME = "build"
 
 @dataclass(frozen=True)
 class ReferenceSpec:
-    """Architecture and training schedule of the reference model (~0.9 M block parameters, ~8 min on 2 cores).
+    """Architecture and training schedule of the reference model (~0.8 M block parameters, ~6 min on 2 cores).
 
     Narrow and trained for many steps on purpose: a wider model trained for the same few minutes keeps
     most of what it learned in a handful of singular directions, so even plain SVD barely hurts it and
@@ -176,7 +177,7 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
     with progress_display(show_progress) as display:
         resume = _resume_checkpoint(partial, display)
         if display is not None and resume is None:
-            usual = " (≈ 6–8 min on an idle 2-core machine)" if spec == ReferenceSpec() else ""
+            usual = " (≈ 6 min on 2 free CPU cores, longer on a busy machine)" if spec == ReferenceSpec() else ""
             display.note(f"training the reference model once: {spec.max_steps} steps{usual}, then cached in "
                          f"{out_dir}. Interrupting is safe: it checkpoints every {every} steps and the next run "
                          "resumes.")
@@ -186,23 +187,23 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
         module = CausalLMModule(model, learning_rate=spec.learning_rate, warmup_steps=max(1, spec.max_steps // 20))
         checkpoint = ModelCheckpoint(dirpath=partial, filename=_CHECKPOINT_NAME, every_n_train_steps=every,
                                      save_top_k=1, enable_version_counter=False)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=spec.max_steps,
-            deterministic=True,
-            logger=False,
-            default_root_dir=partial,
-            callbacks=[checkpoint, _BuildProgress(display)],
-            enable_progress_bar=False,  # `_BuildProgress` draws (Lightning's bar shows "Epoch 6/-2" here)
-            enable_model_summary=False,
-            gradient_clip_val=1.0,
-            limit_val_batches=0,
-        )
-        loader = block_loader(tokenizer, embedded_corpus_path("train"), seq_len=spec.seq_len,
-                              batch_size=spec.batch_size, seed=spec.seed, steps=lambda: trainer.global_step)
-        with warnings.catch_warnings():
+        with quiet_lightning(), warnings.catch_warnings():  # from construction: it logs the devices found
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+            trainer = L.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=spec.max_steps,
+                deterministic=True,
+                logger=False,
+                default_root_dir=partial,
+                callbacks=[checkpoint, _BuildProgress(display)],
+                enable_progress_bar=False,  # `_BuildProgress` draws (Lightning's bar shows "Epoch 6/-2" here)
+                enable_model_summary=False,
+                gradient_clip_val=1.0,
+                limit_val_batches=0,
+            )
+            loader = block_loader(tokenizer, embedded_corpus_path("train"), seq_len=spec.seq_len,
+                                  batch_size=spec.batch_size, seed=spec.seed, steps=lambda: trainer.global_step)
             trainer.fit(module, train_dataloaders=loader, ckpt_path=resume, weights_only=True)
     model.eval()
     with atomic_directory(out_dir) as tmp:
