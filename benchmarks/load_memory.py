@@ -91,7 +91,7 @@ def build_folder(path: Path, layers: int, ratio: float, vocab: int) -> dict:
     modules = {}
     for name, module in model.named_modules():
         if name.startswith("model.layers.") and is_linear(module):
-            n, m = linear_shape(module)  # (in, out)
+            m, n = linear_shape(module)  # (out, in)
             rank = max(1, int((1 - ratio) * m * n / (m + n)))
             modules[name] = LowRankLinear(n, m, rank, bias=False, device="meta").manifest_entry()
     apply_manifest(model, {"format_version": 1, "modules": modules})

@@ -18,11 +18,13 @@ silently broken model. So a compressed folder's ``config.json`` says two things:
 With the package imported the same folder opens through public extension points only:
 ``AutoConfig.register`` maps ``adasvd_lightning`` to a dispatcher that builds the base architecture's
 config (as a subclass whose ``model_type`` keeps the marker, so ``save_pretrained`` writes a folder
-that refuses loudly again); ``AutoModelForCausalLM.register`` maps that config to the base model
-class; and ``register_quantization_config`` / ``register_quantizer`` install a quantizer that swaps in
+that refuses loudly again); ``AutoModelForCausalLM.register`` maps that config to a subclass of the
+base model class (only ``config_class`` differs); and ``register_quantization_config`` / ``register_quantizer`` install a quantizer that swaps in
 empty factorized modules on the meta device before transformers streams the safetensors in. No
 dense weight of a factorized layer is ever allocated, no code lives in the folder, nothing is
-patched.
+patched. One gap remains: an explicit class (``LlamaForCausalLM.from_pretrained(folder)``) bypasses
+the model-type lookup, and transformers then only warns about the type mismatch — use the Auto
+classes, as pipelines and evaluation harnesses do.
 
 ``import adasvd_lightning`` does not import transformers (seconds, and ``adasvd --help`` must stay
 instant), so the config mapping is registered when transformers' ``configuration_auto`` module is
@@ -49,7 +51,6 @@ __all__ = [
     "register",
     "register_when_transformers_loads",
     "base_model_type",
-    "is_compressed_config",
     "manifest_of",
     "compressed_config_dict",
     "rewrite_config_file",
@@ -198,11 +199,12 @@ def load_folder(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
 
     transformers builds the architecture on the meta device, the quantizer swaps in the factorized
     modules, and the safetensors are read straight into them: peak memory is about the folder's size,
-    never the dense model's. Unlike a plain ``from_pretrained``, a weight file that does not match the
-    manifest (a key missing, unexpected or of the wrong shape) or holds NaN/Inf is an error, not a
-    report. transformers leaves the tensors mapped to the files; each is copied into process memory
-    here (one at a time, so the peak stays about one folder), because a parameter still backed by the
-    user's file would crash the process (SIGBUS) if that file were truncated or rewritten in place.
+    never the dense model's. Unlike a plain ``from_pretrained``, a folder whose weights do not match
+    the manifest (an entry that does not fit the layer, a key missing or unexpected, a wrong shape) is
+    refused before any weight is read, and NaN/Inf is refused after — each one `InvalidInputError`.
+    transformers leaves the tensors mapped to the files; each is copied into process memory here (one
+    at a time, so the peak stays about one folder), because a parameter still backed by the user's
+    file would crash the process (SIGBUS) if that file were truncated or rewritten in place.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -210,16 +212,14 @@ def load_folder(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     from .serialization import _finite
 
     register()
+    _check_weights_fit(Path(path))
     model, info = AutoModelForCausalLM.from_pretrained(
         Path(path), dtype=dtype or "auto", output_loading_info=True, trust_remote_code=False
     )
-    for key, saved, expected in sorted(info.get("mismatched_keys") or ()):
-        raise InvalidInputError(
-            f"{path}: weight {key} has shape {tuple(saved)}, the architecture expects {tuple(expected)}"
-        )
-    problems = {kind.replace("_keys", ""): sorted(info.get(kind) or ())[:5] for kind in ("missing_keys", "unexpected_keys")}
+    problems = {kind: sorted(map(str, info.get(kind) or ()))[:5]
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
+    if problems:  # the check above makes this unreachable unless transformers changes its matching
         raise InvalidInputError(f"{path}: weights do not match the manifest: {problems}")
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -229,6 +229,30 @@ def load_folder(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     return model.to(device=device).eval()
 
 
+def _check_weights_fit(path: Path) -> None:
+    """Compare the safetensors headers with the model the manifest describes, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .serialization import _is_tied_alias, _weight_files, apply_manifest, check_model_folder, inspect_weights
+
+    config = check_model_folder(path)
+    found = {key: shape for key, (shape, _) in inspect_weights(_weight_files(path)).items()}
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    apply_manifest(skeleton, manifest_of(config))
+    expected = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
+    for key, shape in found.items():
+        if key in expected and shape != expected[key]:
+            raise InvalidInputError(f"{path}: weight {key} has shape {shape}, the architecture expects {expected[key]}")
+    unexpected = sorted(found.keys() - expected.keys())
+    if unexpected:
+        raise InvalidInputError(f"{path}: weights do not match the architecture, unexpected {unexpected[:5]}")
+    missing = sorted(k for k in expected.keys() - found.keys() if not _is_tied_alias(skeleton, k, found))
+    if missing:
+        raise InvalidInputError(f"{path}: weights missing for {missing[:5]}")
+
+
 def base_model_type(config: Any) -> str | None:
     """The architecture's model type: ``llama`` for a compressed Llama, whose own type is ours."""
     model_type = getattr(config, "model_type", None)
@@ -236,11 +260,6 @@ def base_model_type(config: Any) -> str | None:
         return model_type
     base = next((c for c in type(config).__mro__ if getattr(c, "model_type", MODEL_TYPE) != MODEL_TYPE), None)
     return base.model_type if base is not None else None
-
-
-def is_compressed_config(config: Any) -> bool:
-    """True for a config read from a compressed folder (this format or the legacy one)."""
-    return manifest_of(config) is not None
 
 
 def manifest_of(config: Any) -> dict | None:

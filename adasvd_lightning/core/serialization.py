@@ -266,7 +266,6 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     config = check_model_folder(path)
     files = _weight_files(path)
     if config.model_type == hf_format.MODEL_TYPE:
-        _check_shapes(path, config, inspect_weights(files))
         return hf_format.load_folder(path, device=device, dtype=dtype)  # meta device: no dense weights
     manifest = hf_format.manifest_of(config)  # the legacy location (top-level "adasvd") or None
     state = _load_state_dict(files)
