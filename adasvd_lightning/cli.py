@@ -8,6 +8,7 @@ Subcommands:
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
   export      Lightning checkpoint (.ckpt or ZeRO folder) of a compressed run → compressed (or dense) model folder
+              or a compressed model folder → its dense equivalent (--model DIR --dense)
   reference   build (once) and print the path of the embedded reference model
 
 Start-up stays light: this module and everything ``adasvd --help`` or an argument error touches import
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
+    p.add_argument("--decomposition-threads", type=_positive_int, default=None,
+                   help="CPU threads of each eigh/SVD/Cholesky (default 1: more threads are slower on "
+                        "shared cores; raise it on a dedicated node with large hidden sizes)")
     p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
                    help="precision of the calibration Gram products: float64 (default) or float32 "
                         "(faster; sums stay float64)")
@@ -151,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="Lightning checkpoint of a compressed run → model folder")
-    p.add_argument("--checkpoint", required=True,
-                   help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
+    p = sub.add_parser("export", help="checkpoint of a compressed run → model folder, or compressed folder → dense")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
+                        help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
+    source.add_argument("--model", help="compressed model folder (with --dense: write its dense equivalent)")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
@@ -258,6 +264,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float64"),
+        decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
     )
 
 
@@ -371,10 +378,18 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .display import console
-    from .training.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
-                                  dense=args.dense, overwrite=args.overwrite)
+    if args.model is not None:
+        from .core.dense import export_dense
+
+        if not args.dense:
+            raise InvalidInputError("--model is already a model folder; pass --dense to write its dense equivalent")
+        path = export_dense(args.model, args.out, overwrite=args.overwrite)
+    else:
+        from .training.export import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+                                 dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
     _emit(args, {"out": str(path), "dense": args.dense})

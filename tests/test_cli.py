@@ -110,6 +110,14 @@ def test_statistics_dtype_flag_reaches_the_config(flags, expected):
     assert compression_config(args, {}).statistics_dtype == expected
 
 
+@pytest.mark.parametrize("flags,expected", [([], 1), (["--decomposition-threads", "4"], 4)])
+def test_decomposition_threads_flag_reaches_the_config(flags, expected):
+    from adasvd_lightning.cli import build_parser, compression_config
+
+    args = build_parser().parse_args(["compress", "--ratio", "0.4", *flags, "--out", "OUT"])
+    assert compression_config(args, {}).decomposition_threads == expected
+
+
 def test_composed_method_from_the_command_line(tiny_reference, tmp_path):
     out = tmp_path / "duo"
     result = run("compress", "--model", str(tiny_reference), "--method", "adasvd-duo", "--ratio", "0.6",

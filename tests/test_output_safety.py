@@ -195,7 +195,7 @@ def test_sigkill_during_compress_overwrite_keeps_the_previous_output(tiny_refere
         assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
         if point == "just after the swap":  # the swap happened: the complete new output is in place
             assert json.loads((out / MARKER).read_text())["complete"]
-            assert json.loads((out / "config.json").read_text())["adasvd"]["ratio"] == 0.6
+            assert json.loads((out / "config.json").read_text())["quantization_config"]["ratio"] == 0.6
         else:
             assert _snapshot(out) == previous, point  # untouched, byte for byte
         assert load_compressed(out) is not None
@@ -205,7 +205,7 @@ def test_sigkill_during_compress_overwrite_keeps_the_previous_output(tiny_refere
     assert rerun.returncode == 0, rerun.stderr
     assert "interrupted run" in rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert json.loads((out / "config.json").read_text())["adasvd"]["ratio"] == 0.6
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ratio"] == 0.6
     with torch.no_grad():
         assert torch.isfinite(load_compressed(out)(torch.tensor([[1, 2, 3]])).logits).all()
 

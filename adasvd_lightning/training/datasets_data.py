@@ -72,6 +72,10 @@ class CausalLMDataModule(L.LightningDataModule):
             raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if calibration_samples < 1:
             raise InvalidInputError(f"calibration_samples must be >= 1, got {calibration_samples}")
+        if isinstance(tokenizer, (str, Path)) and str(tokenizer) != "reference":  # a model folder
+            from ..workflows import check_seq_len
+
+            check_seq_len(Path(tokenizer).expanduser(), seq_len)  # before any tokenizing or training
         self.tokenizer = tokenizer
         self.train_files = [str(resolve_text_path(f, "train")) for f in (train_files or [None])]
         self.val_files = [str(resolve_text_path(f, "test")) for f in val_files] if val_files else None
