@@ -89,6 +89,8 @@ def test_training_resumed_mid_epoch_matches_an_uninterrupted_run(tmp_path):
 # `adasvd reference` with the tiny spec as the default one, in a child process that can be interrupted.
 _CHILD = """
 import sys
+from adasvd_lightning.display import quiet_libraries
+quiet_libraries()  # what `main` does first; here it must precede the import of the reference module
 from adasvd_lightning.training import reference
 reference.DEFAULT_REFERENCE = reference.TINY_REFERENCE
 from adasvd_lightning.cli import main
@@ -128,6 +130,8 @@ def test_ctrl_c_during_the_build_then_resume_gives_the_same_weights(tiny_referen
     assert 4 <= at < 20 and at % 2 == 0  # a checkpoint every 2 steps of the tiny spec's 20
     assert f"train reference model: {at + 1}/20 steps" in resumed.stderr
     assert resumed.stdout.strip() == str(folder) and not checkpoint_dir(folder).exists()
+    # nothing but our own lines: no GPU/TPU notices, tips, DeepSpeed fallback warning or library bars
+    assert all(line.startswith("[adasvd] ") for line in resumed.stderr.splitlines()), resumed.stderr
     a = load_file(str(tiny_reference / "model.safetensors"))
     b = load_file(str(folder / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -189,6 +189,7 @@ def build_reference_model(spec: ReferenceSpec, out_dir: str | Path, *, show_prog
                                      save_top_k=1, enable_version_counter=False)
         with quiet_lightning(), warnings.catch_warnings():  # from construction: it logs the devices found
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+            warnings.filterwarnings("ignore", message=r".*have no `val_dataloader`.*")  # none, on purpose
             trainer = L.Trainer(
                 accelerator="cpu",
                 devices=1,
