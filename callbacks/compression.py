@@ -19,7 +19,9 @@ When:
     `OneCycleLR`, transformers' warm-up schedules — continues exactly as without compression.
     Under DDP every rank calibrates on its shard of the calibration data, the statistics are summed
     across ranks, each matrix is decomposed once and broadcast (identical weights everywhere), and the
-    DDP wrapper is rebuilt on the new parameters. DeepSpeed and FSDP refuse these points for now.
+    DDP wrapper is rebuilt on the new parameters. Under DeepSpeed ZeRO-1/2 the same, and the engine is
+    re-initialised on the factorized model (every parameter's optimizer state starts fresh there).
+    DeepSpeed ZeRO-3 and FSDP refuse these points for now.
   * ``at="fit_end"`` — once training ends (compress-after-training).
 
 Checkpoints: the factorized structure (manifest: rank and shape of every factorized module) and the
@@ -86,6 +88,40 @@ def _pending_checkpoint(trainer: L.Trainer) -> str | None:
             return str(path) if path else None
         frame = frame.f_back
     return None
+
+
+def _read_local(path: str | None) -> dict | None:
+    """The checkpoint's contents (weights_only) when ``path`` is local; None without one or when remote."""
+    if path is None or not Path(path).expanduser().exists():
+        return None
+    return read_checkpoint(path)
+
+
+def _reinitialise_deepspeed(trainer: L.Trainer, before: dict, after: dict) -> None:
+    """A new DeepSpeed engine (ZeRO-1/2) over the compressed model, with the user's optimizer and scheduler.
+
+    The engine flattened the user's optimizer's groups into fp32 partitions; its ``bit16_groups``
+    still list each group's model parameters. Those lists go back into the user's optimizer, the new
+    factors join their weights' groups, the old engine releases its gradient hooks, and
+    ``deepspeed.initialize`` runs again as Lightning runs it at the start of fit. The LR schedule
+    continues (same scheduler object), but every parameter's optimizer state starts fresh: the old
+    engine's state lives in flat partitions that no longer match the model.
+    """
+    strategy = trainer.strategy
+    engine = strategy.model
+    zero_optimizer = engine.optimizer
+    optimizer = zero_optimizer.optimizer  # the user's torch optimizer
+    for group, params in zip(optimizer.param_groups, zero_optimizer.bit16_groups):
+        group["params"] = list(params)
+    optimizer.state.clear()
+    swap_parameters([optimizer], before, after)
+    engine.destroy()
+    configs = trainer.lr_scheduler_configs
+    scheduler = configs[0].scheduler if configs else None
+    model, deepspeed_optimizer = strategy._setup_model_and_optimizer(strategy.lightning_module, optimizer, scheduler)
+    strategy.optimizers = [deepspeed_optimizer]
+    model.lr_scheduler = None  # Lightning steps the scheduler itself (as in DeepSpeedStrategy)
+    strategy.model = model
 
 
 def _is_ddp(strategy: Strategy) -> bool:
@@ -265,9 +301,15 @@ class SVDCompression(Callback):
     # -- hooks ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Every stage: a checkpoint written after compression (fit / validate / test / predict with
-        # ckpt_path=...) gets its structure back before its weights load.
+        # ckpt_path=...) gets its structure back before its weights load: here already when the path
+        # is known (DeepSpeed builds its engine before it restores the checkpoint), and again in the
+        # module's on_load_checkpoint, which Lightning calls just before loading the weights.
         self._chain_checkpoint_restore(pl_module)
         model = self.target_module(pl_module)
+        path = _pending_checkpoint(trainer)
+        client = _read_local(path)
+        if client is not None and restore_structure(pl_module, client, model_attr=self.model_attr):
+            rank_zero_info(f"adasvd: compressed structure restored from {path}")
         # at="setup" compresses for training only, unless asked (compress_evaluation=True): a
         # validate/test on the same trainer then measures the model as it is (e.g. a dense baseline).
         compresses = self.at == "setup" and (stage == "fit" or self.compress_evaluation)
@@ -276,29 +318,19 @@ class SVDCompression(Callback):
         find_targets(model, self.config.selector)  # fail on patterns matching nothing before calibration
         if stage == "fit":
             self._check_points_fit(trainer)
-        if compresses and not self.reports and not self._resuming(trainer):
-            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
-
-    def _resuming(self, trainer: L.Trainer) -> bool:
-        """Whether the run loads a checkpoint that already holds the compressed model (then skip the work).
-
-        A checkpoint without a compressed structure cannot be combined with at="setup": compression
-        runs before its weights load, and dense weights do not fit factors; that is refused here.
-        """
-        path = _pending_checkpoint(trainer)
+        if not compresses or self.reports:
+            return
         if path is None:
-            return False
-        local = Path(str(path)).expanduser()
-        if not local.exists():  # a remote path (fsspec): let the checkpoint decide, as Lightning does
-            return True
-        if compression_state(read_checkpoint(local)) is None:
+            self._run_stage(trainer, pl_module, 0, self.config.ratio, during_training=False)
+        elif client is not None and compression_state(client) is None:
+            # Compression would run before the checkpoint's weights load, and dense weights do not fit factors.
             raise InvalidInputError(
                 f"checkpoint {path} holds no compressed model, and at='setup' compresses before its weights "
                 "load; load it first (MyModule.load_from_checkpoint) and fit without ckpt_path, or compress "
                 "during training (at='step')"
             )
-        rank_zero_info(f"adasvd: {path} holds the compressed model; setup compression skipped, its structure is restored")
-        return True
+        else:  # a resumed run: the checkpoint holds the compressed model (a remote one is trusted to)
+            rank_zero_info(f"adasvd: resuming from {path}; setup compression skipped")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = self.target_module(pl_module)
@@ -323,10 +355,13 @@ class SVDCompression(Callback):
     def _check_points_fit(self, trainer: L.Trainer) -> None:
         if self.at not in ("step", "epoch"):
             return
-        if trainer.world_size > 1 and not _is_ddp(trainer.strategy):
+        strategy = trainer.strategy
+        zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+        if zero3 or (trainer.world_size > 1 and not (_is_ddp(strategy) or isinstance(strategy, DeepSpeedStrategy))):
+            what = "DeepSpeed ZeRO-3" if zero3 else type(strategy).__name__
             raise InvalidInputError(
-                f"at={self.at!r} changes the model during training, which {type(trainer.strategy).__name__} "
-                "does not support yet (DDP does); use at='setup' with DeepSpeed/FSDP"
+                f"at={self.at!r} changes the model during training, which {what} does not support yet "
+                "(DDP and DeepSpeed ZeRO-1/2 do); use at='setup' there"
             )
         self.check_schedule_reached(max_steps=trainer.max_steps, max_epochs=trainer.max_epochs)
 
@@ -398,9 +433,13 @@ class SVDCompression(Callback):
         See `core.optimizers.swap_parameters` for the group and state rules. Under DDP the wrapper's
         gradient buckets were built over the old parameters, so it is rebuilt on the new ones (its
         constructor also broadcasts rank 0's parameters, which the compression already made equal).
+        Under DeepSpeed the engine is rebuilt instead (`_reinitialise_deepspeed`).
         """
-        swap_parameters(trainer.optimizers, before, after)
         strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):
+            _reinitialise_deepspeed(trainer, before, after)
+            return
+        swap_parameters(trainer.optimizers, before, after)
         if _is_ddp(strategy) and isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()

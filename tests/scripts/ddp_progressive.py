@@ -1,7 +1,8 @@
 """Run by tests/test_mid_training_ddp.py: a progressive schedule *during* training, DDP on 2 CPU processes.
 
 Modes: ``ddp`` (2 processes, batch 4 per rank), ``single`` (1 process, batch 8: the same samples per
-step), ``resume`` (2 processes, continue the ``ddp`` run's checkpoint written after the last stage).
+step), ``resume`` (2 processes, continue the ``ddp`` run's checkpoint written after the last stage);
+``zero2`` / ``zero2-resume``: the same two with DeepSpeed ZeRO-2 (`CPUDeepSpeedStrategy`).
 Lightning's subprocess launcher re-runs this file for rank 1. Every rank saves its weights and losses.
 """
 
@@ -15,7 +16,9 @@ sys.path.insert(0, sys.argv[2])  # tests/ (for conftest.tiny_model)
 from conftest import tiny_model  # noqa: E402
 
 from adasvd_lightning.callbacks import SVDCompression  # noqa: E402
+from adasvd_lightning.core.distributed import shutdown  # noqa: E402
 from adasvd_lightning.training.module import CausalLMModule  # noqa: E402
+from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy  # noqa: E402
 
 SCHEDULE = [(2, 0.3), (4, 0.5)]
 
@@ -56,14 +59,19 @@ def main(out_dir: str, mode: str) -> None:
                               show_progress=False)
     losses = Losses()
     devices = 1 if mode == "single" else 2
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        max_steps=8 if mode == "resume" else 6, logger=False, enable_checkpointing=False,
+    zero = mode.startswith("zero2")
+    strategy = CPUDeepSpeedStrategy(stage=2) if zero else "ddp" if devices > 1 else "auto"
+    resume = mode.endswith("resume")
+    checkpoint = f"{out_dir}/{'zero2' if zero else 'after-stages'}.ckpt"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=8 if resume else 6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, losses],
                         use_distributed_sampler=False)
-    trainer.fit(module, datamodule=Data(), ckpt_path=f"{out_dir}/after-stages.ckpt" if mode == "resume" else None)
-    if mode == "ddp":
-        trainer.save_checkpoint(f"{out_dir}/after-stages.ckpt")
-    params = {id(p) for o in trainer.optimizers for g in o.param_groups for p in g["params"]}
+    trainer.fit(module, datamodule=Data(), ckpt_path=checkpoint if resume else None)
+    if mode in ("ddp", "zero2"):
+        trainer.save_checkpoint(checkpoint)
+    # The optimizer holds exactly the model's parameters (DeepSpeed lists them in bit16_groups).
+    groups = [getattr(o, "bit16_groups", None) or [g["params"] for g in o.param_groups] for o in trainer.optimizers]
+    params = {id(p) for o in groups for g in o for p in g}
     torch.save({"state": module.model.state_dict(), "losses": losses.values, "after_stage": losses.after_stage, "completed": callback.completed,
                 "step": trainer.global_step, "reports": [r.parameters_after for r in callback.reports],
                 "optimized": all(id(p) in params for p in module.model.parameters())},
@@ -72,3 +80,4 @@ def main(out_dir: str, mode: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[3])
+    shutdown()
