@@ -283,21 +283,6 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     return model
 
 
-def _check_shapes(path: Path, config: Any, headers: dict[str, tuple[tuple[int, ...], str]]) -> None:
-    """The files' tensor shapes (headers) against the manifest's architecture, built on the meta device
-    (no memory), so a manifest edited to another valid rank is one line here — not transformers'
-    multi-line mismatch report and a RuntimeError."""
-    hf_format.register()
-    with torch.device("meta"):
-        model = build_empty_model(config)
-        apply_manifest(model, hf_format.manifest_of(config))
-    for key, tensor in model.state_dict().items():
-        if key in headers and headers[key][0] != tuple(tensor.shape):
-            raise InvalidInputError(
-                f"{path}: weight {key} has shape {headers[key][0]}, the architecture expects {tuple(tensor.shape)}"
-            )
-
-
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:
     """Load ``state`` into ``model`` exactly: the shapes the architecture expects, finite values, no
     unexpected keys, none missing but tied aliases.
