@@ -38,12 +38,21 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInputError
+# The config format is plain data in `hf_config` (below this module, `hf_quantizer` and `serialization`);
+# its names are re-exported here, where the format is explained.
+from .hf_config import (
+    MODEL_TYPE,
+    QUANT_METHOD,
+    base_model_type,
+    compressed_config_dict,
+    manifest_of,
+    rewrite_config_file,
+)
 
 __all__ = [
     "MODEL_TYPE",
@@ -57,11 +66,6 @@ __all__ = [
     "load_folder",
     "compressed_classes",
 ]
-
-MODEL_TYPE = "adasvd_lightning"
-QUANT_METHOD = "adasvd"
-# The manifest's pre-transformers-integration location: a top-level "adasvd" key on a base config.
-LEGACY_MANIFEST_KEY = "adasvd"
 
 
 def register() -> None:
@@ -209,7 +213,7 @@ def load_folder(path: str | Path, *, device: Any = "cpu", dtype: Any = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .serialization import _finite
+    from .model_folder import _finite
 
     register()
     _check_weights_fit(Path(path))
@@ -234,7 +238,8 @@ def _check_weights_fit(path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .serialization import _is_tied_alias, _weight_files, apply_manifest, check_model_folder, inspect_weights
+    from .manifest import apply_manifest
+    from .model_folder import _is_tied_alias, _weight_files, check_model_folder, inspect_weights
 
     config = check_model_folder(path)
     found = {key: shape for key, (shape, _) in inspect_weights(_weight_files(path)).items()}
@@ -251,57 +256,3 @@ def _check_weights_fit(path: Path) -> None:
     missing = sorted(k for k in expected.keys() - found.keys() if not _is_tied_alias(skeleton, k, found))
     if missing:
         raise InvalidInputError(f"{path}: weights missing for {missing[:5]}")
-
-
-def base_model_type(config: Any) -> str | None:
-    """The architecture's model type: ``llama`` for a compressed Llama, whose own type is ours."""
-    model_type = getattr(config, "model_type", None)
-    if model_type != MODEL_TYPE:
-        return model_type
-    base = next((c for c in type(config).__mro__ if getattr(c, "model_type", MODEL_TYPE) != MODEL_TYPE), None)
-    return base.model_type if base is not None else None
-
-
-def manifest_of(config: Any) -> dict | None:
-    """The factorization manifest a config carries, or None for a dense model.
-
-    Reads ``quantization_config`` (this format) and the legacy top-level ``adasvd`` key, so folders
-    written before the transformers integration still load with `load_compressed`.
-    """
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None and not isinstance(quant, dict):
-        quant = quant.to_dict()
-    if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
-        return {k: v for k, v in quant.items() if k not in ("quant_method", "base_model_type")}
-    legacy = getattr(config, LEGACY_MANIFEST_KEY, None)
-    return legacy or None
-
-
-def compressed_config_dict(config_dict: dict, manifest: dict) -> dict:
-    """``config_dict`` (as ``save_pretrained`` wrote it) in the compressed folder format.
-
-    With factorized modules in ``manifest`` the model type becomes ``adasvd_lightning`` and the
-    manifest moves into ``quantization_config``; without any, the config is the plain base config
-    (a densified model is an ordinary Hugging Face folder again).
-    """
-    out = dict(config_dict)
-    out.pop(LEGACY_MANIFEST_KEY, None)
-    quant = out.get("quantization_config")
-    ours = isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD
-    base_type = quant["base_model_type"] if out.get("model_type") == MODEL_TYPE and ours else out["model_type"]
-    if ours:
-        del out["quantization_config"]
-    out["model_type"] = base_type
-    architectures = out.get("architectures") or []
-    out["architectures"] = [a.removeprefix("AdaSVD") for a in architectures]
-    if manifest.get("modules"):
-        out["model_type"] = MODEL_TYPE
-        out["quantization_config"] = {"quant_method": QUANT_METHOD, "base_model_type": base_type, **manifest}
-    return out
-
-
-def rewrite_config_file(path: str | Path, manifest: dict) -> None:
-    """Rewrite a just-saved ``config.json`` into the compressed folder format (see above)."""
-    path = Path(path)
-    config_dict = json.loads(path.read_text())
-    path.write_text(json.dumps(compressed_config_dict(config_dict, manifest), indent=2, sort_keys=True) + "\n")

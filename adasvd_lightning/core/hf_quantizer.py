@@ -17,7 +17,8 @@ from typing import Any
 from transformers.quantizers import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .hf_format import QUANT_METHOD
+from .hf_config import QUANT_METHOD
+from .manifest import apply_manifest, build_manifest
 
 __all__ = ["AdaSVDQuantizationConfig", "AdaSVDHfQuantizer"]
 
@@ -40,7 +41,7 @@ class AdaSVDQuantizationConfig(QuantizationConfigMixin):
         self.metadata = metadata
 
     def manifest(self) -> dict:
-        """The manifest in the form `serialization.apply_manifest` reads."""
+        """The manifest in the form `manifest.apply_manifest` reads."""
         return {"format_version": self.format_version, **self.metadata, "modules": self.modules}
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,8 +55,6 @@ class AdaSVDHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .serialization import apply_manifest
-
         apply_manifest(model, self.quantization_config.manifest())
         return model
 
@@ -68,8 +67,6 @@ class AdaSVDHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """Refresh the manifest from the live modules, so ``save_pretrained`` after re-compression is right."""
-        from .serialization import build_manifest
-
         fresh = build_manifest(model)
         self.quantization_config.modules = fresh["modules"]
         self.quantization_config.format_version = fresh["format_version"]

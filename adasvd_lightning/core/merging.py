@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .hf_format import base_model_type
+from .hf_config import base_model_type
 from .lowrank import FactorizedLinear
 from .surgery import Conv1D, replace_module
 
