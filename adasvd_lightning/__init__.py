@@ -31,6 +31,7 @@ _EXPORTS = {
     "MergeWarning": "merging",
     "merge_unprofitable": "merging",
     "densify": "merging",
+    "export_dense": "dense",
     "PRESETS": "methods",
     "get_method": "methods",
     "count_parameters": "params",
@@ -45,6 +46,18 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+
+def _register_with_transformers() -> None:
+    """Compressed folders open with transformers' Auto classes and pipelines once this package is
+    imported (core/hf_format.py). Importing transformers here would cost seconds, so the registration
+    runs when transformers' AutoConfig module is imported — at once if it already is."""
+    from .core import hf_format
+
+    hf_format.register_when_transformers_loads()
+
+
+_register_with_transformers()
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +76,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .core.config import CompressionConfig
     from .core.corpus import embedded_corpus_path, sample_calibration_windows, tokenize_text
+    from .core.dense import export_dense
     from .core.errors import AdaSVDError, InvalidInputError
     from .core.evaluation import PerplexityResult, evaluate_perplexity
     from .core.factorization import factorize, rank_for_ratio

@@ -8,6 +8,7 @@ Subcommands:
   evaluate    perplexity of a model folder on a text file
   quickstart  reference model → svd, svd-llm and adasvd-duo at 40% and 60% → perplexity table
   export      Lightning checkpoint (.ckpt or ZeRO folder) of a compressed run → compressed (or dense) model folder
+              or a compressed model folder → its dense equivalent (--model DIR --dense)
   reference   build (once) and print the path of the embedded reference model
 
 Start-up stays light: this module and everything ``adasvd --help`` or an argument error touches import
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiply-adds back to dense: they would not run faster (reported; adds weights)")
     p.add_argument("--svd-driver", default=None, choices=["auto", "gram", "svd"],
                    help="truncated SVD: auto (default: Gram eigh where accurate), gram, or svd (LAPACK)")
+    p.add_argument("--decomposition-threads", type=_positive_int, default=None,
+                   help="CPU threads of each eigh/SVD/Cholesky (default 1: more threads are slower on "
+                        "shared cores; raise it on a dedicated node with large hidden sizes)")
     p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
                    help="precision of the calibration Gram products: float64 (default) or float32 "
                         "(faster; sums stay float64)")
@@ -151,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the first N windows of the test split (default: all)")
     common(p)
 
-    p = sub.add_parser("export", help="Lightning checkpoint of a compressed run → model folder")
-    p.add_argument("--checkpoint", required=True,
-                   help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
+    p = sub.add_parser("export", help="checkpoint of a compressed run → model folder, or compressed folder → dense")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint",
+                        help="Lightning .ckpt file (single process or DDP) or DeepSpeed ZeRO checkpoint directory")
+    source.add_argument("--model", help="compressed model folder (with --dense: write its dense equivalent)")
     p.add_argument("--base-model", default=None,
                    help="original model folder (architecture + tokenizer); optional when the checkpoint "
                         "was written with SVDCompression, which stores the config")
@@ -258,6 +264,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float64"),
+        decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
     )
 
 
@@ -309,7 +316,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     result = evaluate_folder(
         _lazy_model(args.model, args.quiet), args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-        max_windows=args.max_windows, device=args.device,
+        max_windows=args.max_windows, device=args.device, show_progress=not args.quiet,
     )
     if not args.quiet:
         console.print(
@@ -327,23 +334,34 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
     from .core.config import CompressionConfig
     from .core.methods import get_method
-    from .display import console
+    from .display import compression_progress, console
     from .training.reference import resolve_model
     from .workflows import CalibrationSpec, compress_folder, evaluate_folder
 
     for method in args.methods:
         get_method(method)
-    path = resolve_model(args.model, show_progress=not args.quiet)
-    rows = [{"method": "dense", "ratio": 0.0, **evaluate_folder(path, device=args.device, max_windows=args.max_windows)}]
+    show = not args.quiet
+    path = resolve_model(args.model, show_progress=show)
+    runs = [(ratio, method) for ratio in args.ratios for method in args.methods]
+
+    def say(message: str) -> None:  # where the long run is, between the per-phase bars
+        if show:
+            console.print(f"quickstart {message}")
+
+    say(f"0/{len(runs)}: dense {path.name}: evaluate")
+    rows = [{"method": "dense", "ratio": 0.0,
+             **evaluate_folder(path, device=args.device, max_windows=args.max_windows, show_progress=show)}]
     calibration = CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        for ratio in args.ratios:
-            for method in args.methods:
-                out = f"{tmp}/{method}-{ratio}"
-                report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out, device=args.device)
-                result = evaluate_folder(out, device=args.device, max_windows=args.max_windows)
-                rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
-                             "compress_seconds": report.seconds, **result})
+        for done, (ratio, method) in enumerate(runs, 1):
+            say(f"{done}/{len(runs)}: {method} at {ratio:.0%}: compress, then evaluate")
+            out = f"{tmp}/{method}-{ratio}"
+            with compression_progress(show) as progress:
+                report = compress_folder(path, CompressionConfig(method=method, ratio=ratio), calibration, out,
+                                         device=args.device, progress=progress)
+            result = evaluate_folder(out, device=args.device, max_windows=args.max_windows, show_progress=show)
+            rows.append({"method": method, "ratio": ratio, "achieved_ratio": report.achieved_ratio,
+                         "compress_seconds": report.seconds, **result})
     if not args.quiet:
         table = Table(title=f"{path.name}: perplexity on the embedded test split")
         for column in ("method", "ratio", "achieved", "perplexity", "Δ vs dense", "parameters"):
@@ -360,10 +378,18 @@ def _cmd_quickstart(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .display import console
-    from .training.export import export_checkpoint
 
-    path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
-                                  dense=args.dense, overwrite=args.overwrite)
+    if args.model is not None:
+        from .core.dense import export_dense
+
+        if not args.dense:
+            raise InvalidInputError("--model is already a model folder; pass --dense to write its dense equivalent")
+        path = export_dense(args.model, args.out, overwrite=args.overwrite)
+    else:
+        from .training.export import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, args.out, args.base_model, model_attr=args.model_attr,
+                                 dense=args.dense, overwrite=args.overwrite)
     if not args.quiet:
         console.print(f"exported {'dense' if args.dense else 'compressed'} model to {path}")
     _emit(args, {"out": str(path), "dense": args.dense})
@@ -484,8 +510,10 @@ def _main(argv: list[str]) -> int:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: _COMMANDS[args.command](args)
     from .display import quiet_libraries
+    from .threads import configure_threads
 
     quiet_libraries()
+    configure_threads()  # before torch is imported: sized to the CPUs this process may use
     try:
         run()
     except InvalidInputError as exc:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .core.pipeline import ProgressEvent
     from .core.report import CompressionReport
 
-__all__ = ["console", "quiet_libraries", "compression_progress", "report_table", "format_params"]
+__all__ = ["console", "quiet_libraries", "quiet_lightning", "compression_progress", "report_table", "format_params"]
 
 logger = logging.getLogger("adasvd_lightning")
 
@@ -43,6 +43,29 @@ _IGNORED_WARNINGS = (
     r".*tensorboardX.*",  # Lightning's default-logger notice; our Trainers pass their own logger
     r".*`isinstance\(treespec, LeafSpec\)`.*",
 )
+
+
+class _ExpectedCpuFallback(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" warning when torch sees no GPU either.
+
+    accelerate imports DeepSpeed on every ``save_pretrained``, and DeepSpeed then warns that it found
+    no accelerator. On a machine without one that is expected; where torch does see a GPU the
+    warning means something and stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Setting accelerator to CPU" not in record.getMessage():
+            return True
+        torch = sys.modules.get("torch")
+        return bool(torch is not None and torch.cuda.is_available())
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """This package's own warnings (budget, merges, stale temporaries) as ``adasvd: warning: …`` — they
+    speak to the user, and the source line Python would print (often contextlib's) means nothing."""
+    if category.__module__.startswith("adasvd_lightning"):
+        return f"adasvd: warning: {message}\n"
+    return _one_line_warning.default(message, category, filename, lineno, line)  # type: ignore[attr-defined]
 
 
 def quiet_libraries() -> None:
@@ -62,12 +85,39 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|datasets|lightning|torch)\.")
+    if warnings.formatwarning is not _one_line_warning:
+        _one_line_warning.default = warnings.formatwarning  # type: ignore[attr-defined]
+        warnings.formatwarning = _one_line_warning
+    deepspeed = logging.getLogger("DeepSpeed")  # DeepSpeed resets its level on import, not its filters
+    if not any(isinstance(f, _ExpectedCpuFallback) for f in deepspeed.filters):
+        deepspeed.addFilter(_ExpectedCpuFallback())
     for name in _LIGHTNING_LOGGERS:
         if logging.getLogger(name).level == logging.NOTSET:  # a level the user chose stays
             logging.getLogger(name).setLevel(logging.WARNING)
     if "lightning" in sys.modules:  # imported already: it has set its package loggers to INFO
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up notices and known-harmless warnings off, for a Trainer the library owns.
+
+    For the duration of the block only (the reference build runs inside users' own programs too, whose
+    logging stays theirs): GPU/TPU availability, advertising tips, the deprecation notices.
+    """
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            for pattern in _IGNORED_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def format_params(n: int) -> str:

@@ -42,6 +42,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     except Exception:  # pragma: no cover - DeepSpeed is a dependency, but never fail the CLI on it
         pass
 
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
 
 from .callbacks import SVDCompression, TrainableParameters
@@ -140,6 +141,19 @@ def validate_before_run(config: Any) -> None:
             TrainableParameters(**args)
 
 
+class StepRunProgressBar(RichProgressBar):
+    """Lightning's rich bar, without the epoch total a step-limited run does not have.
+
+    With ``max_steps`` and no ``max_epochs`` Lightning sets ``max_epochs=-1`` and the bar reads
+    "Epoch 6/-2"; here it reads "Epoch 6" (the bar itself counts the batches).
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        return text.replace(f"/{max_epochs - 1}", "", 1) if max_epochs is not None and max_epochs < 0 else text
+
+
 class AdasvdCLI(LightningCLI):
     """LightningCLI over `PretrainedCausalLMModule` + `CausalLMDataModule` with recipe checks.
 
@@ -172,6 +186,16 @@ class AdasvdCLI(LightningCLI):
         if self.quiet:
             config.trainer.enable_progress_bar = False
             config.trainer.enable_model_summary = False
+
+    def instantiate_trainer(self, **kwargs: Any):
+        # The default progress bar, unless the recipe brings its own or turns it off.
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if ("callbacks" not in kwargs and config.get("enable_progress_bar", True) is not False
+                and not any(isinstance(c, ProgressBar) for c in callbacks)):
+            kwargs["callbacks"] = [*callbacks, StepRunProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         if self.parse_only:
@@ -271,6 +295,11 @@ def friendly_parse_error(message: str, parser: Any = None) -> str:
         if inner and len(rest) > 1:
             return _type_message(f"{owner}.{inner.group(1)}", "\n".join(rest[1:]))
         return f"{owner}: {first}"
+    unrecognized = re.search(r"[Uu]nrecognized arguments: --([\w.-]+)", text)
+    if unrecognized:  # a mistyped dotted flag: `--trainer.max_stepz 5`
+        key = unrecognized.group(1)
+        hint = _did_you_mean(key, _parser_keys(parser))
+        return f"unknown option --{key}" + (hint.replace("(did you mean '", "(did you mean '--") if hint else "")
     for pattern in (r"Group '(\w+)' does not accept option '([\w.]+)'",
                     r"Subcommand '\w+' does not accept option '()([\w.]+)'",
                     r"Option '()([\w.]+)' is not accepted"):

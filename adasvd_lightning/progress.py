@@ -111,24 +111,43 @@ class ProgressDisplay:
               file=self._stream or sys.stderr, flush=True)
 
 
+_active: list[ProgressDisplay] = []  # the display open now, if any
+
+
+@contextmanager
+def _opened(display: ProgressDisplay) -> Iterator[ProgressDisplay]:
+    _active.append(display)
+    try:
+        yield display
+    finally:
+        _active.pop()
+
+
 @contextmanager
 def progress_display(enabled: bool = True, *, transient: bool = False) -> Iterator[ProgressDisplay | None]:
     """A `ProgressDisplay` for a block of work: rich bars on a terminal, plain lines otherwise.
 
-    Yields None when ``enabled`` is false, so callers pass it on as "no progress" unchanged.
+    Yields None when ``enabled`` is false, so callers pass it on as "no progress" unchanged. Inside
+    an open display (compressing the reference model that first has to be trained) it yields that
+    same display: the inner phase becomes one more bar, as a terminal holds one live display at a time.
     """
     if not enabled:
         yield None
         return
+    if _active:
+        yield _active[-1]
+        return
     from .terminal import console
 
     if not console.is_terminal:
-        yield ProgressDisplay()
+        with _opened(ProgressDisplay()) as display:
+            yield display
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=transient) as rich_progress:
-        yield ProgressDisplay(rich_progress=rich_progress)
+    with Progress(*columns, console=console, transient=transient) as rich_progress, \
+            _opened(ProgressDisplay(rich_progress=rich_progress)) as display:
+        yield display

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .core.config import CompressionConfig
-from .core.corpus import read_text, resolve_text_path, sample_calibration_windows, tokenize_text
+from .core.corpus import added_bos_token_id, read_text, resolve_text_path, sample_calibration_windows, tokenize_text
 from .core.errors import InvalidInputError
 from .core.evaluation import evaluate_perplexity
 from .core.merging import merge_and_record
@@ -27,6 +27,7 @@ from .core.output import atomic_directory, check_destination, check_free_space
 from .core.report import CompressionReport
 from .core.serialization import check_model_folder, load_compressed, load_tokenizer, write_compressed
 from .core.surgery import find_targets, linear_shape
+from .progress import progress_display
 
 __all__ = ["CalibrationSpec", "ModelSource", "model_folder", "resolve_device", "calibration_batches", "check_seq_len",
            "estimate_output_bytes", "compress_folder", "evaluate_folder"]
@@ -90,7 +91,8 @@ def estimate_output_bytes(model: torch.nn.Module, config: CompressionConfig, fol
 
 def calibration_batches(tokenizer, spec: CalibrationSpec) -> list[torch.Tensor]:
     token_ids = tokenize_text(tokenizer, read_text(spec.path))
-    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed)
+    windows = sample_calibration_windows(token_ids, spec.samples, spec.seq_len, spec.seed,
+                                         bos_token_id=added_bos_token_id(tokenizer))
     return list(windows.split(spec.batch_size))
 
 
@@ -151,8 +153,12 @@ def evaluate_folder(
     batch_size: int = 8,
     max_windows: int | None = None,
     device: str | None = None,
+    show_progress: bool = False,
 ) -> dict:
-    """Perplexity of a model folder on a text file (embedded test split by default) + parameter count."""
+    """Perplexity of a model folder on a text file (embedded test split by default) + parameter count.
+
+    ``show_progress``: windows done / total, on the shared progress display.
+    """
     if seq_len < 2:
         raise InvalidInputError(f"--seq-len must be >= 2, got {seq_len}")
     data_path = resolve_text_path(data, "test")
@@ -162,5 +168,9 @@ def evaluate_folder(
     tokenizer = load_tokenizer(path)
     net = load_compressed(path, device=torch_device)
     token_ids = tokenize_text(tokenizer, read_text(data_path))
-    result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows)
+    with progress_display(show_progress, transient=True) as display:
+        progress = None if display is None else (
+            lambda done, total: display.update("evaluate", done, total, unit="windows"))
+        result = evaluate_perplexity(net, token_ids, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                                     bos_token_id=added_bos_token_id(tokenizer), progress=progress)
     return {**result.to_dict(), "parameters": count_parameters(net), "model": str(path), "data": str(data_path)}

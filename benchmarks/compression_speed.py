@@ -3,10 +3,14 @@
     python benchmarks/compression_speed.py                  # default grid (~15 min on 2 cores), writes BENCHMARKS.md
     python benchmarks/compression_speed.py --quick --no-write
     python benchmarks/compression_speed.py --hidden 256 512 --presets svd-llm adasvd --no-reference
+    python benchmarks/compression_speed.py --model /path/to/llama-folder --presets svd-llm \
+        --samples 32 --seq-len 256 --decomposition-threads 1 none --out real.json   # a real model
 
 Models: synthetic Llama-shaped models with random weights (head_dim 64, intermediate ≈ 2.69·hidden as
-in Llama-2, vocabulary 4096, float32) and the trained reference model. Calibration: random token ids
-(synthetic) or the embedded training split (reference), in batches of 8 sequences.
+in Llama-2, vocabulary 4096, float32), the trained reference model, or — ``--model DIR`` — any model
+folder (then only that model runs, each preset once per ``--decomposition-threads`` value, so a
+before/after pair is measured in one invocation). Calibration: random token ids (synthetic) or the
+embedded training split (reference, model folders), in batches of 8 sequences.
 
 Every run is its own process, so its memory figures are its own:
 
@@ -138,21 +142,23 @@ def _block_statistics_bytes(model, paired: bool) -> int:
     return (3 * h * h + i * i) * 8 * (2 if paired else 1)
 
 
-def _decomposition_seconds(shapes: dict[tuple[int, int], int]) -> dict:
-    """One float64 decomposition per matrix: LAPACK SVD and the Gram-eigh path, timed once per shape."""
+def _decomposition_seconds(shapes: dict[tuple[int, int], int], threads: int | None) -> dict:
+    """One float64 decomposition per matrix: LAPACK SVD and the Gram-eigh path, timed once per shape,
+    with the run's decomposition thread count."""
     import torch
 
-    from adasvd_lightning.core.linalg import thin_svd
+    from adasvd_lightning.core.linalg import decomposition_threads, thin_svd
 
     lapack = fast = 0.0
     for (m, n), count in shapes.items():
         a = torch.randn(m, n, dtype=torch.float64)
         rank = max(1, int(0.6 * m * n / (m + n)))
-        t0 = time.perf_counter()
-        torch.linalg.svd(a, full_matrices=False)
-        t1 = time.perf_counter()
-        thin_svd(a, rank, driver="gram")
-        t2 = time.perf_counter()
+        with decomposition_threads(threads):
+            t0 = time.perf_counter()
+            thin_svd(a, rank, driver="svd")
+            t1 = time.perf_counter()
+            thin_svd(a, rank, driver="gram")
+            t2 = time.perf_counter()
         lapack += (t1 - t0) * count
         fast += (t2 - t1) * count
         del a
@@ -168,14 +174,14 @@ def one(spec: dict) -> dict:
     from adasvd_lightning import compress_model
     from adasvd_lightning.core.surgery import find_targets, linear_shape
 
-    if spec["model"] == "reference":
+    if spec["model"] != "synthetic":  # "reference" or a model folder
         from adasvd_lightning import load_compressed, load_tokenizer
         from adasvd_lightning.display import quiet_libraries
         from adasvd_lightning.training.reference import resolve_model
         from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
         quiet_libraries()
-        path = resolve_model("reference", show_progress=False)
+        path = resolve_model(spec["model"], show_progress=False)
         model = load_compressed(path)
         batches = calibration_batches(load_tokenizer(path), CalibrationSpec(None, samples=spec["samples"],
                                                                              seq_len=spec["seq_len"]))
@@ -201,16 +207,19 @@ def one(spec: dict) -> dict:
     config = method_config(spec["method"], spec["ratio"], **spec.get("config", {}))
     with warnings.catch_warnings(), _PeakSampler() as sampler:
         warnings.simplefilter("ignore")
+        cpu0 = time.process_time()
         report = compress_model(model, config, batches)
+        cpu_s = time.process_time() - cpu0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    decomposition = _decomposition_seconds(shapes)
+    decomposition = _decomposition_seconds(shapes, config.decomposition_threads)
     paired = config.spec.refinement != "none" and config.propagation == "compressed"
     hidden = model.config.hidden_size
     return {
         **{k: spec[k] for k in ("model", "method", "ratio", "samples", "seq_len")},
         "statistics_dtype": config.statistics_dtype,
         "hidden": hidden, "blocks": model.config.num_hidden_layers, "tokens": tokens,
-        "seconds": report.seconds, "phases": getattr(report, "phase_seconds", {}),
+        "decomposition_threads": config.decomposition_threads,
+        "seconds": report.seconds, "cpu_s": cpu_s, "phases": getattr(report, "phase_seconds", {}),
         "forward_s": forward_s, "svd_lapack_s": decomposition["lapack"], "svd_gram_s": decomposition["gram"],
         "unavoidable_s": forward_s + min(decomposition["lapack"], decomposition["gram"]),
         "model_mb": model_bytes / 2**20, "stats_mb": _block_statistics_bytes(model, paired) / 2**20,
@@ -233,6 +242,13 @@ def _grid(args) -> list[dict]:
         spec = {**base, **kw}
         if spec not in runs:
             runs.append(spec)
+
+    if args.model:
+        for method in args.presets:
+            for threads in args.decomposition_threads:
+                add(model=args.model, method=method, sweep="model",
+                    config={**options["config"], "decomposition_threads": threads})
+        return runs
 
     for hidden in args.hidden:
         for method in args.presets:
@@ -278,6 +294,14 @@ def _table(rows: list[dict], title: str) -> list[str]:
     return lines + [""]
 
 
+def _threads(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'none', got {value!r}")
+    return int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
@@ -299,6 +323,9 @@ def main() -> None:
     parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64",
                         help="CompressionConfig.statistics_dtype of every run (precision of the Gram products)")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
+    parser.add_argument("--model", help="a model folder: run only this model (the presets × --decomposition-threads)")
+    parser.add_argument("--decomposition-threads", nargs="+", type=_threads, default=[1],
+                        help="CompressionConfig.decomposition_threads values to run (a number or 'none' = torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -310,12 +337,15 @@ def main() -> None:
     out = RESULTS / args.out
     if args.render:
         saved = json.loads(out.read_text())
-        _render(saved["rows"], parser.parse_args(saved["argv"]), saved["argv"], saved.get("wall_s"), saved["machine"],
+        render = _render_model if parser.parse_args(saved["argv"]).model else _render
+        render(saved["rows"], parser.parse_args(saved["argv"]), saved["argv"], saved.get("wall_s"), saved["machine"],
                 out.name)
         return
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        parser.exit(2, f"error: no model folder at {args.model} (config.json missing)\n")
     if args.quick:
         args.hidden, args.blocks, args.tokens, args.samples = [128], [2], [512], 4
         args.sweep_hidden = args.token_hidden = 128
@@ -333,6 +363,8 @@ def main() -> None:
               f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
               f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')} "
               f"(allocated {row.get('allocated_extra_mb') or 0:.0f} MB)  [{_phase_cell(row)}]", flush=True)
+        if not args.quick:  # rows so far, so an interrupted long run keeps what it measured
+            print(f"ROW {json.dumps(row)}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
 
     if args.quick:
@@ -340,7 +372,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:], "wall_s": wall}, indent=2))
     if not args.no_write:
-        _render(rows, args, sys.argv[1:], wall, machine(), out.name)
+        (_render_model if args.model else _render)(rows, args, sys.argv[1:], wall, machine(), out.name)
 
 
 def _render(rows: list[dict], args, argv: list[str], wall: float | None, machine_line: str, out_name: str) -> None:
@@ -374,5 +406,40 @@ def _render(rows: list[dict], args, argv: list[str], wall: float | None, machine
     write_section("compression-speed", "\n".join(lines))
 
 
+def _render_model(rows: list[dict], args, argv: list[str], wall: float | None, machine_line: str, out_name: str) -> None:
+    """BENCHMARKS.md section of a ``--model DIR`` run: one row per preset × decomposition thread count."""
+    from adasvd_lightning.core.profiling import PHASES
+
+    first = rows[0]
+    lines = [
+        f"## Compression speed and memory on a real model ({Path(first['model']).name})",
+        "",
+        f"Command: `python benchmarks/compression_speed.py {' '.join(argv)}`  ",
+        f"Machine: {machine_line}; the 2 cores were shared with other jobs, so read the ratios between rows "
+        "(one invocation, rows run one after another), not the absolute seconds."
+        + (f" Whole run: {wall / 60:.1f} min." if wall else "") + f" Raw rows: `benchmarks/results/{out_name}`.",
+        f"Ratio {args.ratio:.0%}, {first['tokens']:,} calibration tokens ({args.samples} × {args.seq_len}). "
+        "`threads` = `CompressionConfig.decomposition_threads` (`torch` = torch's thread count, the behaviour "
+        "before it existed). `× unav.` = seconds / (one dense forward over the calibration data + one "
+        "decomposition per target, same process). Memory: RSS before `compress_model` (imports, model and "
+        "calibration ids loaded), its peak during the run (5 ms sampling), the process's maximum RSS (loading "
+        "included), and what the run adds over the model's bytes.",
+        "",
+        "| preset | threads | wall s | CPU s | × unav. | " + " | ".join(PHASES)
+        + " | RSS start / peak MB | process max RSS MB | (peak − start) / model |",
+        "|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|",
+    ]
+    for r in rows:
+        phases = " | ".join(f"{r['phases'].get(p, 0.0):.1f}" for p in PHASES)
+        lines.append(
+            f"| {r['method']} | {r.get('decomposition_threads') or 'torch'} | {r['seconds']:.0f} | "
+            f"{r.get('cpu_s', float('nan')):.0f} | {r['seconds'] / r['unavoidable_s']:.1f} | {phases} | "
+            f"{r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} | {r['maxrss_mb']:.0f} | "
+            f"{r['extra_mb'] / r['model_mb']:.2f} |"
+        )
+    write_section("compression-speed-real", "\n".join(lines) + "\n")
+
+
 if __name__ == "__main__":
     main()
+

@@ -32,7 +32,8 @@ def run(kind: str, method: str, ratio: float, steps: int, lr: float) -> dict:
 
     from adasvd_lightning import evaluate_perplexity, load_compressed, load_tokenizer
     from adasvd_lightning.callbacks import SVDCompression
-    from adasvd_lightning.core.corpus import block_loader, embedded_corpus_path, read_text, tokenize_text
+    from adasvd_lightning.core.blocks import block_loader
+    from adasvd_lightning.core.corpus import embedded_corpus_path, read_text, tokenize_text
     from adasvd_lightning.display import quiet_libraries
     from adasvd_lightning.training.module import CausalLMModule
     from adasvd_lightning.training.reference import resolve_model

@@ -12,7 +12,8 @@ from adasvd_lightning import load_compressed, load_tokenizer
 from adasvd_lightning.callbacks import SVDCompression, TrainableParameters
 from adasvd_lightning.core.distributed import shutdown
 from adasvd_lightning.display import quiet_libraries
-from adasvd_lightning.core.corpus import block_loader, embedded_corpus_path
+from adasvd_lightning.core.blocks import block_loader
+from adasvd_lightning.core.corpus import embedded_corpus_path
 from adasvd_lightning.training.module import CausalLMModule
 from adasvd_lightning.training.strategies import CPUDeepSpeedStrategy
 

@@ -157,6 +157,8 @@ class SVDCompression(Callback):
         svd_driver: ``"auto"`` (default), ``"gram"`` or ``"svd"`` (``CompressionConfig.svd_driver``).
         statistics_dtype: ``"float64"`` (default) or ``"float32"`` Gram products of the calibration
             statistics (``CompressionConfig.statistics_dtype``; the sums stay float64).
+        decomposition_threads: CPU threads of each eigh/SVD/Cholesky (default 1; ``None`` = torch's;
+            ``CompressionConfig.decomposition_threads``).
         merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
             their multiply-adds back to dense (they would not run faster; e.g. 0.15). Default: keep all.
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
@@ -185,6 +187,7 @@ class SVDCompression(Callback):
         execution_device: str | None = None,
         svd_driver: str = "auto",
         statistics_dtype: str = "float64",
+        decomposition_threads: int | None = 1,
         merge_unprofitable: float | None = None,
         show_progress: bool = True,
         compress_evaluation: bool = False,
@@ -200,7 +203,7 @@ class SVDCompression(Callback):
         self.config = CompressionConfig(
             method=method, ratio=DEFAULT_RATIO if ratio is None else ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
-            statistics_dtype=statistics_dtype,
+            statistics_dtype=statistics_dtype, decomposition_threads=decomposition_threads,
         )
         self.at = at
         self.compress_evaluation = compress_evaluation

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,11 +34,15 @@ def test_compress_then_evaluate_round_trip(tiny_reference, tmp_path):
     assert report["seconds"] > 0
     assert all(m["rank"] for m in report["modules"])
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    # stderr is a pipe, not a terminal: progress comes as plain lines, each stage's last one saying done
+    assert re.search(r"^\[adasvd\] calibrate: 1/1 \(100%\), \d+:\d\d:\d\d elapsed, done", result.stderr, re.M)
+    assert re.search(r"^\[adasvd\] block: 2/2 \(100%\), \d+:\d\d:\d\d elapsed, done", result.stderr, re.M)
 
     dense = last_json(run("evaluate", "--model", str(tiny_reference), "--seq-len", "64", "--max-windows", "20",
                           "--json").stdout)
     comp = run("evaluate", "--model", str(out), "--seq-len", "64", "--max-windows", "20", "--json")
     assert comp.returncode == 0, comp.stderr
+    assert re.search(r"^\[adasvd\] evaluate: 20/20 windows \(100%\), .* done", comp.stderr, re.M)
     comp = last_json(comp.stdout)
     for key in ("perplexity", "tokens", "nonfinite_windows", "parameters"):
         assert key in comp
@@ -105,6 +110,14 @@ def test_statistics_dtype_flag_reaches_the_config(flags, expected):
     assert compression_config(args, {}).statistics_dtype == expected
 
 
+@pytest.mark.parametrize("flags,expected", [([], 1), (["--decomposition-threads", "4"], 4)])
+def test_decomposition_threads_flag_reaches_the_config(flags, expected):
+    from adasvd_lightning.cli import build_parser, compression_config
+
+    args = build_parser().parse_args(["compress", "--ratio", "0.4", *flags, "--out", "OUT"])
+    assert compression_config(args, {}).decomposition_threads == expected
+
+
 def test_composed_method_from_the_command_line(tiny_reference, tmp_path):
     out = tmp_path / "duo"
     result = run("compress", "--model", str(tiny_reference), "--method", "adasvd-duo", "--ratio", "0.6",
@@ -165,6 +178,9 @@ def test_quickstart_table_on_a_given_model(tiny_reference):
     assert dense < svd_llm < svd  # data-aware whitening beats plain SVD at equal parameters
     assert rows[1]["parameters"] == rows[2]["parameters"] < rows[0]["parameters"]
     assert "perplexity on the embedded test split" in result.stderr
+    for line in ("quickstart 0/2: dense", "quickstart 1/2: svd at 50%", "quickstart 2/2: svd-llm at 50%"):
+        assert line in result.stderr  # where the run is, between the phases' progress lines
+    assert result.stderr.count("[adasvd] evaluate: 16/16 windows (100%)") == 3
 
 
 def test_merge_unprofitable_from_the_command_line(tiny_reference, tmp_path):

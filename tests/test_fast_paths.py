@@ -464,3 +464,84 @@ def test_released_gram_cannot_be_read():
         stats.gram
     grams = stats.grams()
     assert grams.h_cc is None and torch.equal(grams.h_oc, cross)
+
+
+def _outlier_whitened(m: int, n: int, seed: int = 5) -> torch.Tensor:
+    """W·L for activations with a few outlier channels (100× the rest), as in real LLM inputs: a
+    whitened matrix whose singular values span many decades, where the Gram route is least accurate."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(n, dtype=torch.float64)
+    scale[torch.randperm(n, generator=g)[:3]] = 100.0
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64) * scale
+    w = torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5
+    return compute_whitening(x.T @ x / x.shape[0]).whiten(w)
+
+
+def test_decomposition_threads_scope_every_lapack_call(monkeypatch):
+    """Inside `decomposition_threads(1)` each eigh/Cholesky runs with one thread; torch's count is back
+    after each call and after the scope; the factors equal the multi-threaded reference path's."""
+    import adasvd_lightning.core.linalg as linalg
+
+    seen: list[int] = []
+    eigh, cholesky_ex = torch.linalg.eigh, torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: (seen.append(torch.get_num_threads()), eigh(*a, **k))[1])
+    monkeypatch.setattr(torch.linalg, "cholesky_ex",
+                        lambda *a, **k: (seen.append(torch.get_num_threads()), cholesky_ex(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = _spectrum_matrix(60, 40, decay=0.93)
+        reference = factorize(w, 12, compute_whitening(_gram(40)), driver="svd")
+        with linalg.decomposition_threads(1):
+            fast = factorize(w, 12, compute_whitening(_gram(40)), driver="auto")
+            assert torch.get_num_threads() == 2  # products between the decompositions keep torch's setting
+        assert seen[:1] == [2] and seen[1:] == [1, 1]  # reference Cholesky, then the scoped Cholesky and eigh
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(fast.singular_values, reference.singular_values, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.dense(), reference.dense(), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="decomposition threads"):
+        with linalg.decomposition_threads(0):
+            pass
+
+
+@pytest.mark.parametrize("shape", [(150, 60), (60, 150)])
+def test_single_threaded_gram_path_matches_lapack_on_outlier_activations(shape):
+    """The compression run's default (Gram eigh, one thread) against the reference (LAPACK SVD, torch's
+    threads) on a whitened matrix with outlier channels: same spectrum and same rank-r error."""
+    from adasvd_lightning.core.linalg import decomposition_threads
+
+    a = _outlier_whitened(*shape)
+    rank = 30
+    u_ref, s_ref, vh_ref = torch.linalg.svd(a, full_matrices=False)
+    with decomposition_threads(1):
+        u, s, vh = thin_svd(a, rank, driver="auto")
+    assert float(s_ref[0] / s_ref[-1]) > 50  # the wide dynamic range this test is about
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=1e-12 * float(s_ref[0]))
+    error = torch.linalg.matrix_norm(a - (u * s[:rank]) @ vh)
+    error_ref = s_ref[rank:].square().sum().sqrt()
+    assert float(abs(error - error_ref)) < 1e-10 * float(error_ref)
+
+
+def test_pipeline_decomposition_threads_do_not_change_the_result(token_batches):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one, one_logits = _compressed("svd-llm", token_batches, decomposition_threads=1)
+        assert torch.get_num_threads() == 2
+        torch_threads, torch_logits = _compressed("svd-llm", token_batches, decomposition_threads=None)
+    finally:
+        torch.set_num_threads(before)
+    assert [m.rank for m in one.modules] == [m.rank for m in torch_threads.modules]
+    for a, b in zip(one.modules, torch_threads.modules):
+        assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(one_logits, torch_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 1.5, "2"])
+def test_decomposition_threads_are_validated(threads):
+    from adasvd_lightning.core.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="decomposition_threads"):
+        CompressionConfig(decomposition_threads=threads)

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from adasvd_lightning import CompressionConfig, compress_model, load_compressed, save_compressed
+from adasvd_lightning.core.hf_format import manifest_of
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear, LowRankLinear
 from adasvd_lightning.core.merging import MergeWarning, flop_saving, merge_to_linear, merge_unprofitable
 from adasvd_lightning.core.params import count_parameters
-from adasvd_lightning.core.serialization import MANIFEST_KEY, build_manifest
+from adasvd_lightning.core.serialization import build_manifest
 
 from conftest import tiny_model
 
@@ -206,7 +207,7 @@ def test_save_load_round_trip_after_merge(tmp_path):
         expected = model(ids).logits
     path = save_compressed(model, tmp_path / "merged")
     loaded = load_compressed(path)
-    assert set(getattr(loaded.config, MANIFEST_KEY)["modules"]) == set(manifest)
+    assert set(manifest_of(loaded.config)["modules"]) == set(manifest)
     for m in merged:
         assert type(loaded.get_submodule(m.name)) is nn.Linear
     for name in manifest:

@@ -17,7 +17,6 @@ from adasvd_lightning.cli import main, strict_json
 from adasvd_lightning.core.budget import BudgetWarning
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.output import check_free_space
-from adasvd_lightning.core.serialization import MANIFEST_KEY
 from conftest import tiny_model
 
 FAST = ["--ratio", "0.4", "--samples", "4", "--seq-len", "16", "--quiet"]
@@ -173,17 +172,17 @@ NAME = "model.layers.0.self_attn.q_proj"
     ({"rank": "8"}, "rank must be a positive integer"),
     ({"rank": 10**12}, "does not fit a 64×64 layer"),
     ({"rank": 4.5}, "rank must be a positive integer"),
+    ({"rank": 7}, r"q_proj.down has shape \(\d+, 64\), the architecture expects \(7, 64\)"),
     ({"in_features": 128}, "says 64×128"),
     ({"out_features": True}, "out_features must be a positive integer"),
     ({"rank": None}, "rank must be a positive integer"),  # missing key
-    ({"kind": None}, "unknown module kind None"),
     ({"bias": "no"}, "bias must be true or false"),
 ])
 def test_manifest_that_disagrees_with_the_weights_is_refused(edit, message, compressed_folder, tmp_path):
     folder = tmp_path / "edited"
     shutil.copytree(compressed_folder, folder)
     config = json.loads((folder / "config.json").read_text())
-    entry = config[MANIFEST_KEY]["modules"][NAME]
+    entry = config["quantization_config"]["modules"][NAME]
     for key, value in edit.items():
         if value is None:
             del entry[key]
@@ -204,7 +203,7 @@ def test_edited_manifest_of_a_column_preserving_layer(tmp_path):
     assert load_compressed(folder).get_submodule(NAME).kept_columns == 4
     for kept, message in ((64, "rank 8 .kept columns 64. does not fit"), (0, "kept_columns must be a positive")):
         config = json.loads((folder / "config.json").read_text())
-        config[MANIFEST_KEY]["modules"][NAME]["kept_columns"] = kept
+        config["quantization_config"]["modules"][NAME]["kept_columns"] = kept
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(InvalidInputError, match=message):
             load_compressed(folder)
@@ -248,3 +247,13 @@ def test_ratio_whose_ranks_clamp_warns(token_batches):
     with warnings.catch_warnings():
         warnings.simplefilter("error", BudgetWarning)
         compress_model(tiny_model("llama"), CompressionConfig(method="svd", ratio=0.5), token_batches)
+
+
+def test_recipe_data_module_refuses_windows_beyond_positions(tmp_path):
+    """``adasvd fit|validate`` recipes build this data module from the model folder before training."""
+    from adasvd_lightning.training.datasets_data import CausalLMDataModule
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(InvalidInputError, match="max_position_embeddings = 128"):
+        CausalLMDataModule(str(tmp_path / "gpt2"), seq_len=129)
+    assert CausalLMDataModule(str(tmp_path / "gpt2"), seq_len=128).seq_len == 128

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -140,48 +139,73 @@ def test_outputs_follow_the_umask(tmp_path):
 
 # --- a real `adasvd compress --overwrite` killed at several points ----------------------------------
 
-def _kill_when(proc: subprocess.Popen, parent: Path, ready, timeout: float = 240.0) -> bool:
-    """SIGKILL ``proc`` as soon as ``ready(temporary folder)`` holds; False if it finished first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        temps = [p for p in parent.iterdir() if ".adasvd-tmp-" in p.name]
-        if temps and ready(temps[0]):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    proc.wait(timeout=5)
-    return False
+# The child runs the real CLI and SIGKILLs itself at a chosen point of the write (fault injection
+# around the functions that mark each point; nothing of the output code is replaced). Polling the
+# folder from outside instead raced the child on a loaded machine.
+_KILL_CHILD = """
+import os, signal, sys
+import safetensors.torch
+from adasvd_lightning.core import output
+from adasvd_lightning.cli import main
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+point = sys.argv[1]
+
+def after(module, name, when=lambda *a, **k: True):
+    original = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if when(*args, **kwargs):
+            die()
+        return result
+    setattr(module, name, wrapper)
+
+if point == "temporary folder created":
+    after(output, "_write_marker", lambda folder, complete: not complete)
+elif point == "weights half written":
+    def half(tensors, filename, *args, **kwargs):
+        original_save(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        die()
+    original_save = safetensors.torch.save_file
+    safetensors.torch.save_file = half
+elif point == "everything written, before the swap":
+    after(output, "_write_marker", lambda folder, complete: complete)
+elif point == "just after the swap":
+    after(output, "_renameat2")
+sys.exit(main(sys.argv[2:]))
+"""
+
+KILL_POINTS = ("temporary folder created", "weights half written", "everything written, before the swap",
+               "just after the swap")
 
 
 def test_sigkill_during_compress_overwrite_keeps_the_previous_output(tiny_reference, tmp_path):
     out = tmp_path / "out"
     assert _compress(tiny_reference, out) == 0
     previous = _snapshot(out)
-    command = [sys.executable, "-m", "adasvd_lightning", "compress", "--model", str(tiny_reference), "--ratio",
-               "0.6", "--samples", "4", "--seq-len", "16", "--quiet", "--out", str(out), "--overwrite"]
-    points = {
-        "temporary folder created": lambda tmp: True,
-        "weights being written": lambda tmp: (tmp / "model.safetensors").exists(),
-        "tokenizer written": lambda tmp: (tmp / "tokenizer.json").exists(),
-    }
-    intact = 0
-    for ready in points.values():
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        killed = _kill_when(proc, tmp_path, ready)
-        if _snapshot(out) == previous:  # untouched, byte for byte
-            intact += killed
-        else:  # only possible when the kill came after the swap: then it is the complete new output
+    args = ["compress", "--model", str(tiny_reference), "--ratio", "0.6", "--samples", "4", "--seq-len", "16",
+            "--quiet", "--out", str(out), "--overwrite"]
+    for point in KILL_POINTS:
+        proc = subprocess.run([sys.executable, "-c", _KILL_CHILD, point, *args], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == -signal.SIGKILL, (point, proc.stderr[-2000:])
+        if point == "just after the swap":  # the swap happened: the complete new output is in place
             assert json.loads((out / MARKER).read_text())["complete"]
-            assert json.loads((out / "config.json").read_text())["adasvd"]["ratio"] == 0.6
+            assert json.loads((out / "config.json").read_text())["quantization_config"]["ratio"] == 0.6
+        else:
+            assert _snapshot(out) == previous, point  # untouched, byte for byte
         assert load_compressed(out) is not None
-    assert intact >= 2  # killed mid-run at least twice (a run cannot finish before its weights exist)
-    assert any(".adasvd-tmp-" in p.name for p in tmp_path.iterdir())
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert any(".adasvd-tmp-" in p.name for p in tmp_path.iterdir()), point  # debris to clean
+    rerun = subprocess.run([sys.executable, "-m", "adasvd_lightning", *args], capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "interrupted run" in rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert json.loads((out / "config.json").read_text())["adasvd"]["ratio"] == 0.6
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["ratio"] == 0.6
     with torch.no_grad():
         assert torch.isfinite(load_compressed(out)(torch.tensor([[1, 2, 3]])).logits).all()
 

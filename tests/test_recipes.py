@@ -257,3 +257,28 @@ def test_bad_recipe_through_the_installed_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["adasvd fit: error: unknown key 'trainer.max_step' "
                                                   "(did you mean 'trainer.max_steps'?)"]
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--trainer.max_stepz", "--trainer.max_steps"),
+                                              ("--modle.model_path", "--model.model_path")])
+def test_mistyped_dotted_flag_gets_a_suggestion(flag, suggestion, capsys):
+    code, _, err = run_main(capsys, "fit", "--config", str(RECIPES / "quickstart.yaml"), flag, "5")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"adasvd fit: error: unknown option {flag} (did you mean '{suggestion}'?)"]
+
+
+@pytest.mark.parametrize("extra, expected", [({}, "StepRunProgressBar"), ({"enable_progress_bar": False}, None)])
+def test_step_limited_run_has_no_negative_epoch_total(extra, expected, tiny_reference, tmp_path):
+    """Lightning's bar read "Epoch 6/-2" for max_steps runs; ours says "Epoch 6"; off stays off."""
+    from adasvd_lightning.lightning_cli import run_cli
+
+    recipe = _merge(BASE, {"trainer": extra})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe).replace("MODEL", str(tiny_reference)).replace("OUT", str(tmp_path / "o")))
+    trainer = run_cli(["--config", str(path)], run=False).trainer
+    bar = trainer.progress_bar_callback
+    assert type(bar).__name__ == expected if expected else bar is None
+    if bar is not None:
+        trainer.fit_loop.max_epochs = -1  # what `trainer.fit` makes of max_steps without max_epochs
+        bar.setup(trainer, None, "fit")
+        assert bar._get_train_description(6).strip() == "Epoch 6"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "normalise_batch", "model_forward", "capture_block_inputs", "run_block"]
+__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "StopForward", "normalise_batch", "model_forward", "capture_block_inputs", "run_block"]
 
 
 @dataclass
@@ -41,8 +41,8 @@ class ProgressEvent:
 ProgressFn = Callable[[ProgressEvent], None]
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needed has been seen."""
 
 
 def normalise_batch(batch: Any) -> tuple[Any, dict, torch.Tensor | None]:
@@ -108,7 +108,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
         captured.append(BlockInput(hidden=hidden, args=rest, kwargs=kwargs, mask=current_mask[0]))
-        raise _StopForward
+        raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -117,7 +117,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
             current_mask[0] = mask.to(_model_device(model)) if mask is not None else None
             try:
                 model_forward(model, batch)
-            except _StopForward:
+            except StopForward:
                 continue
             raise RuntimeError("the model finished its forward pass without calling the first decoder block")
     finally:

@@ -53,6 +53,13 @@ class CompressionConfig:
             (float64 GEMM is 1/2 of float32 speed on CPU, 1/32–1/64 on consumer GPUs). The products
             follow the process's float32 matmul setting: after
             ``torch.set_float32_matmul_precision("high")`` a GPU forms them in TF32 (~1e-3 relative).
+        decomposition_threads: CPU threads of each LAPACK decomposition (eigh, SVD, Cholesky) during the
+            run; products and forwards keep torch's setting. ``1`` (default): these decompositions are
+            chains of matrix-vector steps, each a parallel region that waits for every thread, so on
+            cores shared with other processes extra threads made them 5–100× slower
+            (:mod:`.linalg`), while on idle cores they gain little below a few thousand columns.
+            ``None`` uses torch's thread count (worth it on a dedicated many-core node with hidden sizes
+            of several thousand). No effect on GPU decompositions.
     """
 
     method: str = "svd-llm"
@@ -66,6 +73,7 @@ class CompressionConfig:
     execution_device: str | None = None
     svd_driver: str = "auto"
     statistics_dtype: str = "float64"
+    decomposition_threads: int | None = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_options, dict):
@@ -96,6 +104,13 @@ class CompressionConfig:
             raise InvalidInputError(
                 f"statistics_dtype must be one of {tuple(_DTYPES)} (precision of the calibration Gram "
                 f"products), got {self.statistics_dtype!r}"
+            )
+        if self.decomposition_threads is not None and (
+            isinstance(self.decomposition_threads, bool) or not isinstance(self.decomposition_threads, int)
+            or self.decomposition_threads < 1
+        ):
+            raise InvalidInputError(
+                f"decomposition_threads must be a positive integer or None, got {self.decomposition_threads!r}"
             )
         if self.execution_device is not None:
             try:

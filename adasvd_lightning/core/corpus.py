@@ -10,14 +10,14 @@ import torch
 from .errors import InvalidInputError
 
 __all__ = [
-    "TokenBlocks",
-    "block_loader",
     "EMBEDDED_SPLITS",
     "embedded_corpus_path",
     "resolve_text_path",
     "read_text",
     "tokenize_text",
     "sample_calibration_windows",
+    "added_bos_token_id",
+    "cut_windows",
 ]
 
 #: Embedded WikiText-2 splits. The official train split is not shipped: ``train`` is the release's
@@ -70,41 +70,63 @@ def tokenize_text(tokenizer, text: str, *, chunk_lines: int = 2000) -> torch.Ten
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_calibration_windows(token_ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``samples`` random windows of ``seq_len`` tokens (samples × seq_len), reproducible by ``seed``."""
+def added_bos_token_id(tokenizer) -> int | None:
+    """The beginning-of-sequence id the tokenizer puts in front of text, or None if it adds none.
+
+    Read off the tokenizer's behaviour (encode a word with and without special tokens), not off
+    ``bos_token``: many tokenizers define a BOS token they never add (GPT-2, SmolLM2), while Llama-style
+    ones add it to every text and their models were trained to see it first. Windows of such models
+    start with it (see `cut_windows`).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    added = len(with_special) > len(plain) and with_special[0] == bos and plain[:1] != [bos]
+    return int(bos) if added else None
+
+
+def _window_text(seq_len: int, bos_token_id: int | None) -> int:
+    """Text tokens per window: one position goes to BOS when the model expects it."""
+    return seq_len - 1 if bos_token_id is not None else seq_len
+
+
+def _with_bos(windows: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    if bos_token_id is None:
+        return windows
+    column = torch.full((windows.shape[0], 1), bos_token_id, dtype=windows.dtype)
+    return torch.cat([column, windows], dim=1)
+
+
+def cut_windows(token_ids: torch.Tensor, seq_len: int, bos_token_id: int | None = None,
+                max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` positions (the final partial one dropped).
+
+    With ``bos_token_id`` each window is BOS followed by the next ``seq_len − 1`` text tokens, so the
+    model sees text start the way it was trained to; BOS is position 0, which is never scored.
+    """
+    text = _window_text(seq_len, bos_token_id)
+    n = token_ids.numel() // text
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return _with_bos(token_ids[: n * text].view(n, text), bos_token_id)
+
+
+def sample_calibration_windows(
+    token_ids: torch.Tensor, samples: int, seq_len: int, seed: int, bos_token_id: int | None = None
+) -> torch.Tensor:
+    """``samples`` random windows of ``seq_len`` positions (samples × seq_len), reproducible by ``seed``.
+
+    With ``bos_token_id`` each window is BOS + ``seq_len − 1`` text tokens (see `cut_windows`).
+    """
     if samples < 1 or seq_len < 2:
         raise InvalidInputError(f"need samples >= 1 and seq_len >= 2, got {samples} and {seq_len}")
-    if token_ids.numel() < seq_len + 1:
+    text = _window_text(seq_len, bos_token_id)
+    if token_ids.numel() < text + 1:
         raise InvalidInputError(
             f"calibration text has {token_ids.numel()} tokens, fewer than one window of {seq_len}"
         )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, token_ids.numel() - seq_len, (samples,), generator=generator)
-    return torch.stack([token_ids[s : s + seq_len] for s in starts.tolist()])
-
-
-class TokenBlocks(torch.utils.data.Dataset):
-    """A token stream packed into non-overlapping blocks of ``seq_len`` (the remainder is dropped)."""
-
-    def __init__(self, token_ids: torch.Tensor, seq_len: int) -> None:
-        if token_ids.numel() < seq_len:
-            raise InvalidInputError(f"{token_ids.numel()} tokens are fewer than one block of {seq_len}")
-        n = token_ids.numel() // seq_len
-        self.blocks = token_ids[: n * seq_len].view(n, seq_len)
-
-    def __len__(self) -> int:
-        return self.blocks.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index]}
-
-
-def block_loader(tokenizer, path: str | Path, *, seq_len: int, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    """Shuffled (seeded) training blocks of one whole text file, as the reference build trains on.
-
-    A plain loader, not a data module: the reference build and the benchmarks that reproduce its
-    setting need exactly this stream; user-facing training data is `CausalLMDataModule`.
-    """
-    blocks = TokenBlocks(tokenize_text(tokenizer, read_text(path)), seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+    starts = torch.randint(0, token_ids.numel() - text, (samples,), generator=generator)
+    return _with_bos(torch.stack([token_ids[s : s + text] for s in starts.tolist()]), bos_token_id)

@@ -2,7 +2,9 @@
 
 Protocol: the token stream of the evaluation text is cut into non-overlapping windows of ``seq_len``
 tokens (the final partial window is dropped); each window is scored independently (no context carried
-over) and every position except the first of a window is predicted. The negative log-likelihood is
+over) and every position except the first of a window is predicted. For a tokenizer that adds a
+beginning-of-sequence token (``bos_token_id``, see `corpus.added_bos_token_id`) each window is BOS +
+``seq_len − 1`` text tokens: the model sees text start as in training, and BOS itself is not scored. The negative log-likelihood is
 computed from fp32 logits and summed in float64; perplexity = exp(total NLL / predicted tokens).
 
 Windows whose loss is not finite are counted in ``nonfinite_windows``. They make ``perplexity``
@@ -19,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .corpus import cut_windows
 
 __all__ = ["PerplexityResult", "evaluate_perplexity"]
 
@@ -50,16 +54,15 @@ def evaluate_perplexity(
     batch_size: int = 8,
     max_windows: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on a 1-D token stream (see module docstring for the protocol)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    n_windows = token_ids.numel() // seq_len
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
+    windows = cut_windows(token_ids, seq_len, bos_token_id, max_windows)
+    n_windows = windows.shape[0]
     if n_windows == 0:
         raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = token_ids[: n_windows * seq_len].view(n_windows, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -12,13 +12,62 @@ only in float64 and only when σ_k ≥ ``GRAM_MIN_RELATIVE``·σ₁ for the last
 otherwise — rank-deficient or nearly so, or lower precision — the reference SVD runs instead. Tail
 singular values (used for truncation losses and allocation spectra) come from λ with the same absolute
 accuracy, far below anything the allocation or the reports resolve.
+
+Threads. LAPACK's eigensolver and SVD reduce the matrix to tridiagonal / bidiagonal form first, a
+sequence of ~n matrix-vector steps; MKL (and OpenBLAS) run each step as its own OpenMP parallel
+region, so one decomposition synchronises all its threads thousands of times. When the process does
+not own its cores — a shared machine, or several processes each sized to the whole machine — every
+synchronisation waits for a thread the kernel has descheduled, and a decomposition of a 1536 × 576
+matrix took 5–100× longer with 2 threads than with 1 on a 2-core machine shared with other jobs
+(measured per routine: eigh, eigvalsh, svd, svdvals, cholesky; the GEMMs around them were unaffected;
+BENCHMARKS.md, "Decomposition threads"). `decomposition_threads` therefore sets, for a scope such as
+one compression run, the thread count every LAPACK call of this package runs with; GEMMs outside
+those calls keep torch's setting.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "singular_values"]
+__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "singular_values", "decomposition_threads",
+           "lapack_threads"]
+
+_decomposition_threads: int | None = None
+
+
+@contextmanager
+def decomposition_threads(threads: int | None) -> Iterator[None]:
+    """Within this scope every decomposition of the package (`lapack_threads`) runs with ``threads``
+    CPU threads; ``None`` leaves torch's intra-op setting. Scopes nest; the previous value is restored."""
+    global _decomposition_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"decomposition threads must be >= 1 or None, got {threads}")
+    previous, _decomposition_threads = _decomposition_threads, threads
+    try:
+        yield
+    finally:
+        _decomposition_threads = previous
+
+
+@contextmanager
+def lapack_threads() -> Iterator[None]:
+    """Run the enclosed LAPACK call with the active `decomposition_threads` count, then restore torch's.
+
+    Wrap only the decomposition itself: products before and after it keep torch's thread count, which
+    they use well (a few large parallel regions each).
+    """
+    wanted, have = _decomposition_threads, torch.get_num_threads()
+    if wanted is None or wanted == have:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(have)
 
 SVD_DRIVERS = ("auto", "gram", "svd")
 #: Smallest σ_k/σ₁ for which the Gram route's k-th singular vector is trusted (float64).
@@ -36,7 +85,8 @@ def _gram_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     m, n = a.shape
     tall = m >= n
     gram = a.T @ a if tall else a @ a.T
-    eigenvalues, vectors = torch.linalg.eigh(gram)
+    with lapack_threads():
+        eigenvalues, vectors = torch.linalg.eigh(gram)
     s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
     return s, vectors.flip(1), tall
 
@@ -58,7 +108,8 @@ def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch
             if tall:  # vectors are V: U_k = A V_k / σ_k
                 return (a @ top) / s[:k], s, top.T
             return top, s, (top.T @ a) / s[:k, None]  # vectors are U: Vh_k = U_kᵀ A / σ_k
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    with lapack_threads():
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :k], s, vh[:k]
 
 
@@ -66,5 +117,7 @@ def singular_values(a: torch.Tensor, *, driver: str = "auto") -> torch.Tensor:
     """All singular values of ``a``, descending (the Gram's eigenvalues when the driver allows it)."""
     if _use_gram(a, driver):
         gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
-        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
-    return torch.linalg.svdvals(a)
+        with lapack_threads():
+            return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
+    with lapack_threads():
+        return torch.linalg.svdvals(a)

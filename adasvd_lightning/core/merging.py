@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .hf_format import base_model_type
 from .lowrank import FactorizedLinear
 from .surgery import Conv1D, replace_module
 
@@ -71,7 +72,8 @@ class MergedModule:
 
 def uses_conv1d(model: nn.Module) -> bool:
     """Whether the model's dense linears are GPT-2 style `Conv1D`s (weights stored in × out)."""
-    return Conv1D is not None and getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    # base_model_type: a compressed GPT-2 loaded from a folder has the model type adasvd_lightning.
+    return Conv1D is not None and base_model_type(getattr(model, "config", None)) == "gpt2"
 
 
 def check_min_flop_saving(value: float) -> float:

@@ -83,7 +83,11 @@ def check_destination(destination: str | os.PathLike | None, *, overwrite: bool 
     cwd = Path.cwd().resolve()
     if _contains(dest, cwd):
         raise InvalidInputError(f"output folder {dest} is (or contains) the working directory; choose another --out")
-    if dest == Path.home().resolve() or dest == Path(dest.anchor):
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry
+        home = None
+    if dest in (home, Path(dest.anchor)):
         raise InvalidInputError(f"output folder {dest} is the home folder or a filesystem root; choose another --out")
     if dest.exists():
         if not overwrite:

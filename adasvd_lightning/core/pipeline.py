@@ -4,9 +4,12 @@
 2. Allocation: split the parameter budget between the target matrices (uniform, or a strategy that
    first makes one dense pass over the blocks to measure importances, spectra or sensitivities).
 3. For each block, in order:
-   * stream the Gram statistics of its target linears' inputs. With a refinement strategy, the dense
-     block is run on both streams — the dense model's hidden states and the compressed prefix's — and
-     the cross Gram H_oc is accumulated too, so factors can be fitted to the dense targets;
+   * stream the Gram statistics of its target linears' inputs. With a refinement strategy, the block
+     is run on both streams — the dense model's hidden states through the dense block and the
+     compressed prefix's through the block as compressed so far — and the cross Gram H_oc is
+     accumulated too, so factors can be fitted to the dense targets. That happens one input stage at a
+     time (q/k/v, then o_proj, gate/up, down_proj), each after the earlier stages were replaced, so
+     every target is fitted to the inputs it will really receive (`_compress_block_paired`);
    * factor each target at its allocated rank (whitening, then optionally column preservation and
      adaComp / closed-form refinement) and swap in the factorized module;
    * run the block again to produce the next block's inputs (``propagation="compressed"``: SVD-LLM's
@@ -25,11 +28,12 @@ import torch
 from torch import nn
 
 from .budget import MatrixShape, budget_for_ratio
-from .calibration import BlockInput, ProgressEvent, ProgressFn, capture_block_inputs
+from .calibration import BlockInput, ProgressEvent, ProgressFn, StopForward, capture_block_inputs
 from .columns import column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
 from .factorization import LowRankFactors, factorize, saves_parameters
+from .linalg import decomposition_threads
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
@@ -254,43 +258,60 @@ def _compress_block(
             for b, inp in enumerate(inputs):
                 original_hidden[b] = runner.run(block, inp, original_hidden[b])
         return original_hidden
+    if inputs is not None and targets and paired:
+        _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report)
+        return original_hidden
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
         # Dense outputs are only needed as the next block's "original" stream or inputs; otherwise
-        # keeping them would hold a second copy of the calibration activations for nothing. The
-        # dense stream advances in place, batch by batch: its block inputs are dead once that batch
-        # has run, so the two streams never need a third full copy of the activations.
-        keep = ctx.config.propagation == "original" and not paired
-        dense_outputs = [] if keep else original_hidden
+        # keeping them would hold a second copy of the calibration activations for nothing.
+        keep = ctx.config.propagation == "original"
+        dense_outputs = [] if keep else None
         with stats, phase("calibration"):
-            for b, inp in enumerate(inputs):
+            for inp in inputs:
                 with stats.masked(inp.mask):
-                    if paired:
-                        stats.mode = "original"
-                        original_hidden[b] = runner.run(block, inp, original_hidden[b])
-                        stats.mode = "compressed"
-                        runner.run(block, inp)
-                    elif keep:
+                    if keep:
                         dense_outputs.append(runner.run(block, inp))
                     else:
                         runner.run(block, inp)
+    _factor_and_replace(model, targets, list(targets), stats, ranks, ctx, report)
+    return dense_outputs
+
+
+def _factor_and_replace(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    names: list[str],
+    stats: BlockStatistics | None,
+    ranks: dict[str, int | None],
+    ctx: PlanContext,
+    report: CompressionReport,
+) -> dict[str, nn.Module]:
+    """Factor ``names`` (a subset of the block's ``targets``, in order) and swap the results in.
+
+    Returns name → new module for the targets that were factorized (the others stay dense).
+    """
     if stats is not None:
         stats.all_reduce()
         stats.finalize()
-    # Each rank factors its round-robin share of the block's targets; results are broadcast.
+    # Each rank factors its round-robin share of the targets (by their index in the block, so the
+    # assignment does not depend on how the block is staged); results are broadcast.
     rank_id, world_size = world()
+    index = {name: i for i, name in enumerate(targets)}
     whitenings: dict[int, Whitening] = {}
     # A shared input's statistics and whitening are dropped after the last target this rank factors
     # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
-    mine = [(i, name) for i, name in enumerate(targets) if i % world_size == rank_id]
-    last_use = {stats.leader(name): i for i, name in mine} if stats is not None else {}
-    for i, (name, module) in enumerate(targets.items()):
-        owner = i % world_size
+    mine = [name for name in names if index[name] % world_size == rank_id]
+    last_use = {stats.leader(name): name for name in mine} if stats is not None else {}
+    replaced: dict[str, nn.Module] = {}
+    for name in names:
+        module = targets[name]
+        owner = index[name] % world_size
         new, module_report = None, None
         if rank_id == owner:
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
-            last = stats is not None and last_use.get(stats.leader(name)) == i
+            last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
                                                    last_use=last)
             if last:
@@ -303,8 +324,124 @@ def _compress_block(
             if new is not None:
                 new.train(module.training)
                 replace_module(model, name, new)
+                replaced[name] = new
         report.modules.append(module_report)
-    return dense_outputs
+    return replaced
+
+
+def input_stages(block: nn.Module, targets: dict[str, nn.Module], inp: BlockInput, runner: BlockRunner) -> list[list[str]]:
+    """The block's targets grouped by shared input tensor, in the order its forward reaches them.
+
+    Found by running the block on one batch with hooks that record each target's first call and its
+    input tensor (targets fed the very same tensor — q/k/v, gate/up — form one stage). The forward
+    stops as soon as every target has been called. Targets the forward never reaches come last, each
+    on its own (their statistics then report that no input reached them).
+    """
+    stages: list[list[str]] = []
+    inputs: list[torch.Tensor] = []  # held, so no freed buffer is reused and mistaken for a shared input
+    seen: set[str] = set()
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            x = args[0] if args else None
+            for stage, first in zip(stages, inputs):
+                if x is not None and first is x:
+                    stage.append(name)
+                    break
+            else:
+                stages.append([name])
+                inputs.append(x)
+            if len(seen) == len(targets):
+                raise StopForward
+        return hook
+
+    handles = [module.register_forward_pre_hook(make(name)) for name, module in targets.items()]
+    try:
+        runner.run(block, inp)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stages + [[name] for name in targets if name not in seen]
+
+
+def _compress_block_paired(
+    model: nn.Module,
+    block: nn.Module,
+    targets: dict[str, nn.Module],
+    inputs: list[BlockInput],
+    original_hidden: list[torch.Tensor],
+    ranks: dict[str, int | None],
+    ctx: PlanContext,
+    runner: BlockRunner,
+    report: CompressionReport,
+) -> None:
+    """Paired statistics and factorization of one block, one input stage at a time; advances the dense stream.
+
+    The compensating refinements fit each target to the dense model's outputs *from the inputs it will
+    see in the compressed model*. Inside a block those inputs depend on the targets that run before it:
+    o_proj reads the attention of the compressed q/k/v, down_proj the activations of the compressed
+    gate/up. So the block is processed in stages (`input_stages`): the statistics of a stage are
+    collected with every earlier stage already replaced by its factors (compressed stream) and with the
+    dense modules swapped back in (dense stream), then the stage is factorized and swapped in.
+
+    Collecting all of a block's statistics in one pass before any replacement — the compressed stream
+    then runs the *dense* q/k/v and gate/up — fits o_proj and down_proj to inputs the compressed model
+    never produces: the compensation learnt for them does not transfer to the real inputs and, on a
+    real LLM, makes their output error worse than no compensation at all.
+
+    Each pass stops after the stage's last target has read its input, except the dense stream's last
+    stage, which runs to the end of the block to advance the dense stream.
+    """
+    stages = input_stages(block, targets, inputs[0], runner)
+    dense = dict(targets)
+    replaced: dict[str, nn.Module] = {}
+
+    def use(modules: dict[str, nn.Module]) -> None:
+        for name, module in modules.items():
+            replace_module(model, name, module)
+
+    try:
+        for position, stage in enumerate(stages):
+            final = position == len(stages) - 1
+            stage_targets = {name: targets[name] for name in stage}
+            stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype)
+            last = targets[stage[-1]]  # members share one input and run back to back
+
+            def stop(module, args, output):
+                raise StopForward
+
+            with stats, phase("calibration"):
+                for b, inp in enumerate(inputs):
+                    with stats.masked(inp.mask):
+                        use({name: dense[name] for name in replaced})
+                        stats.mode = "original"
+                        if final:
+                            original_hidden[b] = runner.run(block, inp, original_hidden[b])
+                        else:
+                            _run_until(runner, block, inp, last, stop, original_hidden[b])
+                        use(replaced)
+                        stats.mode = "compressed"
+                        _run_until(runner, block, inp, last, stop)
+            replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report))
+    finally:
+        use(replaced)  # whatever happened, the block holds the factors computed so far
+
+
+def _run_until(runner: BlockRunner, block: nn.Module, inp: BlockInput, module: nn.Module, stop,
+               hidden: torch.Tensor | None = None) -> None:
+    """Run ``block`` on a batch until ``module`` has produced its output (the rest of the block is skipped)."""
+    handle = module.register_forward_hook(stop)
+    try:
+        runner.run(block, inp, hidden)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -342,6 +479,8 @@ def compress_model(
         timer = PhaseTimer().__enter__()
     before = dict(timer.seconds)
     runner = BlockRunner.for_device(config.execution_device)
+    threads = decomposition_threads(config.decomposition_threads)
+    threads.__enter__()
     try:
         inputs: list[BlockInput] | None = None
         if calibration:
@@ -378,6 +517,7 @@ def compress_model(
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))
     finally:
+        threads.__exit__(None, None, None)
         model.train(was_training)
         if own_timer:
             timer.__exit__(None, None, None)

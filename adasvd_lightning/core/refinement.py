@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .factorization import factorize
+from .linalg import lapack_threads
 from .whitening import shifted_cholesky
 
 __all__ = [
@@ -279,10 +280,11 @@ def _solve_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _solve_left(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(b, chol)
-    return torch.linalg.lstsq(a, b).solution
+    with lapack_threads():  # decompositions run with the run's decomposition thread count (.linalg)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return torch.cholesky_solve(b, chol)
+        return torch.linalg.lstsq(a, b).solution
 
 
 def adacomp(
@@ -371,8 +373,9 @@ def optimal_factors(
 
 def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Same product U·V, with the singular values split as √Σ on both sides (well-conditioned factors)."""
-    q_u, r_u = torch.linalg.qr(up)
-    q_v, r_v = torch.linalg.qr(down.T)
-    p, s, qh = torch.linalg.svd(r_u @ r_v.T)
+    with lapack_threads():
+        q_u, r_u = torch.linalg.qr(up)
+        q_v, r_v = torch.linalg.qr(down.T)
+        p, s, qh = torch.linalg.svd(r_u @ r_v.T)
     root = s.sqrt()
     return (q_u @ p) * root, root[:, None] * (qh @ q_v.T)

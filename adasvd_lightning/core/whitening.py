@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .linalg import lapack_threads
+
 __all__ = [
     "Whitening",
     "IdentityWhitening",
@@ -153,7 +155,8 @@ def shifted_cholesky(h: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch
     saved = diagonal.clone()
     try:
         diagonal.add_(shift)
-        return torch.linalg.cholesky_ex(h)
+        with lapack_threads():
+            return torch.linalg.cholesky_ex(h)
     finally:
         diagonal.copy_(saved)
 
@@ -181,7 +184,8 @@ def compute_whitening(
     if not _all_finite(h):
         raise ValueError("Gram matrix contains NaN or Inf; the calibration activations are not finite")
 
-    factor, info = torch.linalg.cholesky_ex(h)
+    with lapack_threads():
+        factor, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
         return CholeskyWhitening(factor=factor)
 
@@ -192,7 +196,8 @@ def compute_whitening(
         if int(info) == 0:
             return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky", shift=damping * scale)
 
-    eigenvalues, eigenvectors = torch.linalg.eigh(h)
+    with lapack_threads():
+        eigenvalues, eigenvectors = torch.linalg.eigh(h)
     top = float(eigenvalues.max().clamp_min(0.0))
     floor = max(top * eigen_floor, torch.finfo(torch.float64).tiny ** 0.5)
     floored = int((eigenvalues < floor).sum())

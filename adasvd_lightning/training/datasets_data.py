@@ -47,7 +47,8 @@ class CausalLMDataModule(L.LightningDataModule):
         calibration_samples: blocks in `calibration_dataloader` — random training blocks (seeded), the
             SVD-LLM / AdaSVD protocol of N random windows of ``seq_len`` tokens. `SVDCompression` uses
             all of them when the data module provides this loader.
-        cache_dir: where `datasets` keeps its processed files (default: its own cache).
+        cache_dir: where `datasets` keeps its processed files (default: ``datasets/`` under the
+            project's cache, ``$ADASVD_CACHE``, not ``~/.cache/huggingface``).
     """
 
     def __init__(
@@ -71,6 +72,10 @@ class CausalLMDataModule(L.LightningDataModule):
             raise InvalidInputError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if calibration_samples < 1:
             raise InvalidInputError(f"calibration_samples must be >= 1, got {calibration_samples}")
+        if isinstance(tokenizer, (str, Path)) and str(tokenizer) != "reference":  # a model folder
+            from ..workflows import check_seq_len
+
+            check_seq_len(Path(tokenizer).expanduser(), seq_len)  # before any tokenizing or training
         self.tokenizer = tokenizer
         self.train_files = [str(resolve_text_path(f, "train")) for f in (train_files or [None])]
         self.val_files = [str(resolve_text_path(f, "test")) for f in val_files] if val_files else None
@@ -93,17 +98,27 @@ class CausalLMDataModule(L.LightningDataModule):
     def _blocks(self, files: list[str]):
         import datasets
 
-        raw = datasets.load_dataset("text", data_files={"data": files}, cache_dir=self.cache_dir,
-                                    keep_linebreaks=True)["data"]
-        tokenizer = self._tokenizer()
-        # Lines are tokenized in chunks of 2,000 joined lines — exactly as `core.corpus.tokenize_text`
-        # does — so blocks of the embedded test split are the windows `adasvd evaluate` scores, and a
-        # recipe's val_ppl equals the evaluate command's perplexity.
-        tokenized = raw.map(
-            lambda b: {"input_ids": [tokenizer("".join(b["text"]), add_special_tokens=False, verbose=False)["input_ids"]]},
-            batched=True, batch_size=TOKENIZE_LINES, remove_columns=["text"],
-        )
-        blocks = tokenized.map(pack_blocks, batched=True, batch_size=PACK_CHUNKS, fn_kwargs={"seq_len": self.seq_len})
+        from ..cache import datasets_cache_dir
+
+        # `datasets` draws `Generating split` / `Map` bars per call; ours are seconds of caching that
+        # say nothing to a user, so they are off for these calls only (a user's global setting stays).
+        bars_were_on = not datasets.utils.are_progress_bars_disabled()
+        datasets.utils.disable_progress_bars()
+        try:
+            raw = datasets.load_dataset("text", data_files={"data": files}, keep_linebreaks=True,
+                                        cache_dir=self.cache_dir or str(datasets_cache_dir()))["data"]
+            tokenizer = self._tokenizer()
+            # Lines are tokenized in chunks of 2,000 joined lines — exactly as `core.corpus.tokenize_text`
+            # does — so blocks of the embedded test split are the windows `adasvd evaluate` scores, and a
+            # recipe's val_ppl equals the evaluate command's perplexity.
+            tokenized = raw.map(
+                lambda b: {"input_ids": [tokenizer("".join(b["text"]), add_special_tokens=False, verbose=False)["input_ids"]]},
+                batched=True, batch_size=TOKENIZE_LINES, remove_columns=["text"],
+            )
+            blocks = tokenized.map(pack_blocks, batched=True, batch_size=PACK_CHUNKS, fn_kwargs={"seq_len": self.seq_len})
+        finally:
+            if bars_were_on:
+                datasets.utils.enable_progress_bars()
         if len(blocks) == 0:
             raise InvalidInputError(f"{files} hold fewer tokens than one block of {self.seq_len}")
         return blocks

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from ..core.errors import InvalidInputError
+from ..core.hf_format import manifest_of
 from ..core.merging import densify
 from ..core.output import atomic_directory, check_destination, check_free_space
 from ..core.serialization import (
-    MANIFEST_KEY,
     apply_manifest,
     build_empty_model,
     check_model_folder,
@@ -82,15 +82,18 @@ def export_checkpoint(
     callback_state = compression_state(client) or {}
     # The structure: from SVDCompression's state, else from a compressed base folder's config (a run
     # that fine-tuned an already compressed model).
-    manifest = callback_state.get("manifest") or getattr(config, MANIFEST_KEY, None)
+    manifest = callback_state.get("manifest") or manifest_of(config)
     if config is None:
         stored = callback_state.get("model_config")
         if not stored:
             raise InvalidInputError("the checkpoint stores no model config; pass --base-model with the original folder")
-        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        stored = dict(stored)
-        config = AutoConfig.for_model(stored.pop("model_type"), **stored)
+        # from_dict, not AutoConfig.for_model: a compressed model's stored config (model type
+        # adasvd_lightning) is read as its base architecture's config by the registered class.
+        if stored.get("model_type") not in CONFIG_MAPPING:
+            raise InvalidInputError(f"the checkpoint's model type {stored.get('model_type')!r} is unknown to transformers")
+        config = CONFIG_MAPPING[stored["model_type"]].from_dict(dict(stored))
     attr = model_attr if model_attr is not None else callback_state.get("model_attr") or "model"
     prefix = f"{attr}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,212 @@
+"""Predicted compression time and host memory of `svd-llm` for 7B / 70B shapes, from per-phase cost models.
+
+    python benchmarks/extrapolate.py                 # measure this machine's single-thread rates, write BENCHMARKS.md
+    python benchmarks/extrapolate.py --no-write
+
+Each pipeline phase's dominant cost is counted per decoder block (FLOPs of the forwards, the Gram
+statistics, the Cholesky whitening, the whitened SVD and the closed-form refinement; the symmetric
+eigensolver as c·n³ seconds because it is not FLOP-bound). The single-thread rates of this machine are
+measured in CPU seconds (`time.process_time`, one thread: immune to other jobs on shared cores) and
+the model is checked against the measured real-model run (`benchmarks/results/compression_speed_real.json`,
+its CPU seconds). Target hardware enters only through the assumed sustained rates in `HARDWARE`
+(stated in the table). Memory: the weights once, one block's float64 statistics (two n×n per distinct
+input with paired statistics), the widest input's Cholesky factor while its H is still alive, float64
+copies of the largest matrix and its whitened product, and the calibration activations (two streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, machine, write_section  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    mlp: int
+    kv: int
+    blocks: int
+    vocab: int
+
+    def matrices(self) -> list[tuple[int, int]]:
+        """(out, in) of a block's targets: q, k, v, o, gate, up, down."""
+        h, f, kv = self.hidden, self.mlp, self.kv
+        return [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
+
+    def inputs(self) -> list[int]:
+        """Widths of a block's distinct linear inputs (attention, o_proj, MLP, down_proj)."""
+        return [self.hidden, self.hidden, self.hidden, self.mlp]
+
+    @property
+    def block_params(self) -> int:
+        return sum(m * n for m, n in self.matrices())
+
+    @property
+    def params(self) -> int:
+        return self.blocks * self.block_params + 2 * self.vocab * self.hidden
+
+
+SHAPES = [
+    Shape("SmolLM2-135M", 576, 1536, 192, 30, 49152),
+    Shape("Llama-2-7B", 4096, 11008, 4096, 32, 32000),
+    Shape("Llama-2-70B", 8192, 28672, 1024, 80, 32000),
+]
+
+#: Assumed sustained rates of the target hardware (not measured here): FLOP/s for float32 forwards and
+#: float64 statistics/whitening/products, and the symmetric eigensolver's speed-up over one core of this
+#: machine (LAPACK syevd is half matrix-vector work, bandwidth-bound).
+HARDWARE = {
+    "CPU node (64 cores, 300 GB/s)": {"f32": 2.0e12, "f64": 1.0e12, "eigh_speedup": 8.0, "bandwidth": 300e9},
+    "one GPU (H100/H200 class, 3.3–4.8 TB/s)": {"f32": 30e12, "f64": 30e12, "eigh_speedup": 40.0,
+                                                "bandwidth": 3.3e12},
+}
+
+
+def measure_rates() -> dict:
+    """Single-thread rates of this machine in CPU seconds: float32/float64 GEMM, eigh's c in c·n³."""
+    import torch
+
+    torch.set_num_threads(1)
+
+    def cpu(f, repeats=3) -> float:
+        f()
+        t0 = time.process_time()
+        for _ in range(repeats):
+            f()
+        return (time.process_time() - t0) / repeats
+
+    a32, b32 = torch.randn(2048, 1536), torch.randn(1536, 1536)
+    a64, b64 = a32.double(), b32.double()
+    f32 = 2 * 2048 * 1536 * 1536 / cpu(lambda: a32 @ b32)
+    f64 = 2 * 2048 * 1536 * 1536 / cpu(lambda: a64 @ b64)
+    g = a64.T @ a64 / 2048
+    eigh_c = cpu(lambda: torch.linalg.eigh(g), repeats=2) / 1536**3
+    return {"f32": f32, "f64": f64, "eigh_c": eigh_c}
+
+
+def phase_costs(shape: Shape, tokens: int, seq_len: int, rank_ratio: float = 0.6) -> dict:
+    """FLOPs per phase of a whole `svd-llm` run (paired statistics, closed-form refinement), and eigh n³."""
+    per_pass = 2 * shape.block_params * tokens + 2 * tokens * seq_len * shape.hidden  # linears + causal attention
+    forward = 3 * shape.blocks * per_pass  # dense stream, compressed stream, propagation
+    statistics = shape.blocks * sum(3 * tokens * n * n for n in shape.inputs())  # ~half Gram + cross, ×2 FLOP
+    whitening = shape.blocks * sum(n**3 / 3 for n in shape.inputs())
+    svd = refinement = eigh_n3 = 0.0
+    for m, n in shape.matrices():
+        k = min(m, n)
+        r = rank_ratio * m * n / (m + n)
+        svd += 2 * m * n * n + 2 * m * n * k + 2 * m * n * r + r * n * n  # whiten, Gram, U = A·V/σ, unwhiten
+        eigh_n3 += k**3
+        refinement += 2 * m * n * n + m * n * n + 4 * m * n * r  # G = W·H_oc, G·L⁻ᵀ, U-step products
+    return {"calibration": forward, "statistics": statistics, "whitening": whitening,
+            "svd": shape.blocks * svd, "refinement": shape.blocks * refinement, "eigh_n3": shape.blocks * eigh_n3}
+
+
+def predict_seconds(costs: dict, rates: dict, eigh_c: float) -> dict:
+    out = {"calibration": costs["calibration"] / rates["f32"],
+           "statistics": costs["statistics"] / rates["f64"],
+           "whitening": costs["whitening"] / rates["f64"],
+           "svd": costs["svd"] / rates["f64"] + costs["eigh_n3"] * eigh_c / rates.get("eigh_speedup", 1.0),
+           "refinement": costs["refinement"] / rates["f64"]}
+    out["total"] = sum(out.values())
+    return out
+
+
+def peak_bytes(shape: Shape, tokens: int, weight_bytes: int = 4) -> dict:
+    """Peak host bytes of an in-place run: weights + one block's statistics + the widest matrix's work."""
+    model = shape.params * weight_bytes
+    statistics = sum(2 * n * n * 8 for n in shape.inputs())  # H_cc and H_oc per distinct input
+    widest = max(shape.inputs())
+    factor = widest * widest * 8  # Cholesky factor, alive next to its H until H is released
+    m, n = max(shape.matrices(), key=lambda s: s[0] * s[1])
+    work = 3 * m * n * 8  # float64 weight, W·L and the factor pair
+    activations = 2 * tokens * shape.hidden * 4
+    return {"model": model, "statistics": statistics, "factor": factor, "work": work,
+            "activations": activations, "total": model + statistics + factor + work + activations}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=256 * 2048, help="calibration tokens of the prediction")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--real", default="compression_speed_real.json",
+                        help="measured real-model rows (benchmarks/results/) to check the model against")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    rates = measure_rates()
+    here = {"f32": rates["f32"], "f64": rates["f64"], "eigh_speedup": 1.0}
+    lines = [
+        "## Extrapolation: `svd-llm` on 7B / 70B shapes (predicted from per-phase cost models)",
+        "",
+        f"Command: `python benchmarks/extrapolate.py {' '.join(sys.argv[1:])}`  ",
+        f"This machine ({machine()}), one thread, CPU seconds: float32 GEMM {rates['f32'] / 1e9:.0f} GFLOP/s, "
+        f"float64 GEMM {rates['f64'] / 1e9:.0f} GFLOP/s, eigh {rates['eigh_c'] * 1e9:.2f} ns·n³. "
+        "Assumed targets (not measured): " + "; ".join(
+            f"{name}: float32 {h['f32'] / 1e12:.0f} TFLOP/s, float64 {h['f64'] / 1e12:.0f} TFLOP/s sustained, "
+            f"eigh {h['eigh_speedup']:.0f}× one core here" for name, h in HARDWARE.items()) + ".",
+        "",
+    ]
+    real = RESULTS / args.real
+    if real.exists():
+        rows = [r for r in json.loads(real.read_text())["rows"] if r["method"] == "svd-llm"
+                and r.get("decomposition_threads") == 1]
+        if rows:
+            r = rows[0]
+            costs = phase_costs(SHAPES[0], r["tokens"], r["seq_len"])
+            predicted = predict_seconds(costs, here, rates["eigh_c"])
+            lines += [f"Check against the measured real run ({SHAPES[0].name}, {r['tokens']:,} tokens, "
+                      f"`{args.real}`): predicted {predicted['total']:.0f} CPU s on one core, measured "
+                      f"{r['cpu_s']:.0f} CPU s (2 threads, shared cores; the model counts the dominant terms "
+                      "only: no norms, attention softmax, hooks or Python overhead).", ""]
+    lines += ["| model | params | hardware | calibration | statistics | whitening | svd | refinement | "
+              "total | peak host memory (float32 / bf16 weights) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in SHAPES[1:]:
+        costs = phase_costs(shape, args.tokens, args.seq_len)
+        mem32, mem16 = peak_bytes(shape, args.tokens, 4), peak_bytes(shape, args.tokens, 2)
+        for name, hw in HARDWARE.items():
+            p = predict_seconds(costs, hw, rates["eigh_c"])
+            cells = " | ".join(_duration(p[k]) for k in ("calibration", "statistics", "whitening", "svd", "refinement",
+                                                         "total"))
+            lines.append(f"| {shape.name} | {shape.params / 1e9:.1f} B | {name} | {cells} | "
+                         f"{mem32['total'] / 2**30:.0f} / {mem16['total'] / 2**30:.0f} GiB |")
+    lines += ["", f"Calibration {args.tokens:,} tokens (sequences of {args.seq_len}). Memory = weights + one "
+              "block's paired float64 statistics + the widest input's Cholesky factor + float64 work copies of "
+              "the largest matrix + two streams of float32 activations; on one GPU with "
+              "`execution_device=\"cuda\"` the host keeps weights and activations and the device holds one "
+              "block, its statistics and the factor. Budget check (the issue's target, weights + one block's "
+              "statistics ≤ 1.2 × weights + statistics): " + "; ".join(
+                  _budget(s, args.tokens) for s in SHAPES[1:]) + "."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        write_section("extrapolation", text)
+
+
+def _budget(shape: Shape, tokens: int) -> str:
+    """Predicted peak against the issue's target 1.2 × weights + one block's statistics (float32 weights),
+    and the calibration tokens at which the activations alone would use the 0.2 × weights of headroom."""
+    p = peak_bytes(shape, tokens)
+    target = 1.2 * p["model"] + p["statistics"]
+    room = 0.2 * p["model"] - p["factor"] - p["work"]
+    return (f"{shape.name} {p['total'] / target:.2f}× the target at {tokens:,} tokens (activations "
+            f"{p['activations'] / 2**30:.0f} GiB; within it up to {max(room, 0) / (2 * shape.hidden * 4):,.0f} tokens)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+if __name__ == "__main__":
+    main()
