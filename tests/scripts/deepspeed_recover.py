@@ -23,7 +23,11 @@ def main(model_dir: str, out_dir: str, stage: int, method: str, resume: bool = F
     loader = DataLoader([{"input_ids": r} for r in ids], batch_size=4)
     module = CausalLMModule(load_compressed(model_dir).train(), learning_rate=1e-3)
     callback = SVDCompression(method=method, ratio=0.5, calibration_batches=2, show_progress=False)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUDeepSpeedStrategy(stage=stage),
+    strategy = CPUDeepSpeedStrategy(stage=stage)
+    # Partition even this tiny model's parameters, as a real model's are (DeepSpeed keeps parameters
+    # below the persistence threshold whole on every rank).
+    strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy,
                         max_steps=5 if resume else 3,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback])
