@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
+from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model, get_method
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
@@ -249,8 +249,9 @@ def test_measured_target_energy_replaces_h_oo():
 def test_reported_error_equals_direct_measurement(method, token_batches):
     """The report's error (refinement objective, dropped singular values or Gram form) is the measured one.
 
-    In block 0 every stream sees the same inputs, so ‖(W′ − W)X‖/‖W X‖ can be computed directly from the
-    dense model's captured activations and the stored compressed module.
+    In block 0 the dense model's captured activations are the calibration inputs of single-stream methods,
+    so ‖(W′ − W)X‖/‖W X‖ is computed directly; paired methods are measured as ‖W′X_c − W X_o‖/‖W X_o‖ with
+    X_c captured from the compressed model itself.
     """
     _check_reported_errors(method, token_batches)
 
@@ -297,14 +298,28 @@ def _check_reported_errors(method, token_batches):
         report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), token_batches)
     by_name = {m.name: m for m in report.modules}
     modules = dict(model.named_modules())
+    # Paired methods fit U·V·X_c to W·X_o, where X_c is what the target receives in the compressed model
+    # (inside block 0 that differs from X_o after q/k/v resp. gate/up are compressed); single-stream
+    # methods measure ‖(W′ − W)X‖ on the inputs they were calibrated on, the dense ones in block 0.
+    paired = get_method(method).refinement != "none" or "refinement" in config.get("method_options", {})
+    compressed_inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [modules[n].register_forward_pre_hook(
+        lambda mod, args, n=n: compressed_inputs.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for n in targets]
+    with torch.no_grad():
+        for batch in token_batches:
+            model(batch)
+    for h in handles:
+        h.remove()
     checked = 0
     for name, dense_module in targets.items():
         if by_name[name].rank is None:
             continue
         x = torch.cat(inputs[name]).double()
+        x_c = torch.cat(compressed_inputs[name]).double() if paired else x
         w = linear_weight(dense_module).detach().double()
         approx = modules[name].dense_weight().detach().double()
-        expected = float(((x @ (approx - w).T).norm() / (x @ w.T).norm()))
+        expected = float(((x_c @ approx.T - x @ w.T).norm() / (x @ w.T).norm()))
         assert by_name[name].relative_error == pytest.approx(expected, rel=1e-3), name
         checked += 1
     assert checked >= 5
