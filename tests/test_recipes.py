@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,10 @@ def _free_port() -> int:
 
 
 def test_zero3_recovery_recipe_then_export(tiny_reference, tmp_path):
-    env = {**os.environ, "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # The installed command, as a user runs it: it lives beside this interpreter (PATH may not say so).
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MASTER_PORT": str(_free_port()), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PATH": path}
     args = ["adasvd", "fit", "--config", str(RECIPES / "recover-zero3.yaml"), "--model.model_path",
             str(tiny_reference), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", *TINY, "--json"]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)

@@ -210,8 +210,11 @@ def test_unsupported_product_dtype_is_refused():
         InputStatistics.empty(4, product_dtype=torch.bfloat16)
 
 
-# svd-llm-v2: a dense planning pass with statistics, then the compression pass; adasvd: paired statistics.
-@pytest.mark.parametrize("method,passes", [("svd-llm-v2", 2), ("adasvd", 1)])
+# svd-llm-v2: a dense planning pass with statistics, then the compression pass; svd-llm: paired statistics.
+# (Not adasvd: adaComp's V-step amplifies the float32 round-off on near-singular staged o_proj statistics —
+# the open defect pinned by test_distributed's strict xfail — which is about the refinement, not about
+# whether the dtype reaches every pass.)
+@pytest.mark.parametrize("method,passes", [("svd-llm-v2", 2), ("svd-llm", 1)])
 def test_statistics_dtype_reaches_every_statistics_pass(method, passes, token_batches, monkeypatch):
     """Every InputStatistics a run creates uses the configured products; the result stays close."""
     import warnings
