@@ -8,7 +8,14 @@ page-faulted in and zero-filled by the kernel again: measured on the inference b
 synthetic Llama at 32 × 512, about 1.8 million minor page faults (≈ 7 GiB) per forward and 20–30 %
 of the latency (``benchmarks/inference.py``, BENCHMARKS.md). Raising the thresholds keeps freed
 blocks in the heap for the next op, as jemalloc / tcmalloc (the usual ``LD_PRELOAD`` advice for CPU
-inference) do. Costs: the process keeps its peak heap instead of returning it to the system.
+inference) do. Costs: the process keeps its peak heap instead of returning it to the system, and
+that heap holds up to about eight freed copies of each large block size before reuse starts. Why:
+torch asks for 64-byte aligned memory (``posix_memalign``); glibc serves that by carving an aligned
+block out of a slightly larger one and caches the small leftover in its per-thread cache (tcache,
+seven entries per size), where it is never coalesced. The leftover pins the freed block away from
+the heap top, and an exact-size hole is too small for the next aligned request of the same size, so
+the heap grows by one block per allocation until the tcache bin is full (measured: 8 × 64 MiB, then
+zero page faults per allocation; ``tests/test_runtime.py``).
 """
 
 from __future__ import annotations
