@@ -224,9 +224,9 @@ def test_statistics_dtype_reaches_every_statistics_pass(method, passes, token_ba
     created: list[torch.dtype] = []
     empty = InputStatistics.empty.__func__
 
-    def recording(cls, width, device="cpu", product_dtype=torch.float64):
+    def recording(cls, width, device="cpu", product_dtype=torch.float64, heldout=False):
         created.append(product_dtype)
-        return empty(cls, width, device, product_dtype)
+        return empty(cls, width, device, product_dtype, heldout)
 
     monkeypatch.setattr(InputStatistics, "empty", classmethod(recording))
     logits, counts = {}, {}

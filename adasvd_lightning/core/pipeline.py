@@ -40,11 +40,13 @@ from .offload import BlockRunner
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
-from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors, optimal_factors
+from .holdout import heldout_rows
+from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, optimal_factors,
+                         validated_steps)
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
-from .whitening import CholeskyWhitening, Whitening
+from .whitening import CholeskyWhitening, Whitening, compute_whitening
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 
@@ -102,11 +104,47 @@ def _factor_replaces_gram(
         return False
     if spec.refinement == "none":
         return True
+    if stats.heldout is not None and stats.heldout.tokens:  # validation fits on H_cc minus the held-out part
+        return False
     return stats.cross_sum is not None and (spec.refinement != "adacomp" or whitening.shift == 0.0)
 
 
 def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
+
+
+def _validated_half_steps(
+    spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
+    energy: float | None, heldout_energy: float | None, up: torch.Tensor, down: torch.Tensor,
+    report: ModuleReport,
+) -> int | None:
+    """The refinement's step count chosen on the held-out sequences (None: nothing held out here).
+
+    Everything that is scored is fitted without the held-out sequences: the start too (the whitened
+    rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
+    held-out text and would be favoured over every step. Then `validated_steps` runs the alternation
+    on the fit split and scores each half-step on the held-out one; the report gets the held-out
+    relative error before refinement and after the chosen steps.
+    """
+    held = stats.heldout
+    if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
+            or stats.gram_sum is None):
+        return None
+    n, n_held = stats.tokens, held.tokens
+    fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
+    fit = RefinementTarget(weight, complement(stats.grams(), n, held.grams(), n_held), kept=kept,
+                           damping=config.damping, target_energy=fit_energy)
+    check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
+    if spec.whitening == "truncation-aware":
+        start = factorize(weight[:, fit.rest], up.shape[1], compute_whitening(fit.h_rr, damping=config.damping),
+                          driver=config.svd_driver)
+        up, down = start.up, start.down
+    best, scores = validated_steps(fit, check, up.to(torch.float64), down.to(torch.float64),
+                                   iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
+                                   v_steps=spec.refinement == "adacomp")
+    report.heldout_error_start = _relative(scores[0], heldout_energy)
+    report.heldout_error = _relative(scores[best], heldout_energy)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,12 +161,14 @@ def _factorize_target(
     whitenings: dict[int, Whitening] | None = None,
     target_energy: float | None = None,
     last_use: bool = False,
+    heldout_energy: float | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
     ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
     so they share one Cholesky factorization instead of computing the identical factor three times.
-    ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`).
+    ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
+    ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
 
@@ -199,9 +239,14 @@ def _factorize_target(
                                                   driver=config.svd_driver)
                 report.refinement_steps = 1
             else:
+                steps = None
+                if spec.validates_refinement:
+                    steps = _validated_half_steps(spec, config, w64.to(torch.float64), input_stats, kept,
+                                                  target_energy, heldout_energy, up, down, report)
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                     v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
+                    max_half_steps=steps,
                 )
                 report.refinement_steps = len(history) - 1
                 value = history[-1]
@@ -245,8 +290,11 @@ def _compress_block(
     ctx: PlanContext,
     runner: BlockRunner,
     report: CompressionReport,
+    heldout: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor] | None:
     """Statistics, factorization and surgery of one block; returns its dense outputs (if computed).
+
+    ``heldout``: per calibration batch, the sequences held out to validate the refinement (paired).
 
     The block's statistics live only inside this call, so at most one block's Gram matrices exist at
     any time (they are the largest float64 data of a run: n² per distinct linear input).
@@ -259,7 +307,7 @@ def _compress_block(
                 original_hidden[b] = runner.run(block, inp, original_hidden[b])
         return original_hidden
     if inputs is not None and targets and paired:
-        _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report)
+        _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report, heldout)
         return original_hidden
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
@@ -311,9 +359,10 @@ def _factor_and_replace(
         if rank_id == owner:
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
+            held_energy = stats.target_energy(name, heldout=True) if stats is not None else None
             last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
-                                                   last_use=last)
+                                                   last_use=last, heldout_energy=held_energy)
             if last:
                 whitenings.pop(id(input_stats), None)
                 stats.release(name)
@@ -379,6 +428,7 @@ def _compress_block_paired(
     ctx: PlanContext,
     runner: BlockRunner,
     report: CompressionReport,
+    heldout: list[torch.Tensor | None] | None = None,
 ) -> None:
     """Paired statistics and factorization of one block, one input stage at a time; advances the dense stream.
 
@@ -409,7 +459,8 @@ def _compress_block_paired(
         for position, stage in enumerate(stages):
             final = position == len(stages) - 1
             stage_targets = {name: targets[name] for name in stage}
-            stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype)
+            stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
+                                    holdout=heldout is not None)
             last = targets[stage[-1]]  # members share one input and run back to back
 
             def stop(module, args, output):
@@ -417,7 +468,7 @@ def _compress_block_paired(
 
             with stats, phase("calibration"):
                 for b, inp in enumerate(inputs):
-                    with stats.masked(inp.mask):
+                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None):
                         use({name: dense[name] for name in replaced})
                         stats.mode = "original"
                         if final:
@@ -442,6 +493,27 @@ def _run_until(runner: BlockRunner, block: nn.Module, inp: BlockInput, module: n
         pass
     finally:
         handle.remove()
+
+
+def _heldout_sequences(calibration: Sequence[Any], spec: MethodSpec, report: CompressionReport,
+                       device: torch.device) -> list[torch.Tensor | None] | None:
+    """Per calibration batch, the sequences held out to validate the refinement (`core.holdout`).
+
+    Counted over all processes; none held out (a tiny calibration set) is said, not silently skipped.
+    """
+    if not spec.validates_refinement:
+        return None
+    rows = [heldout_rows(batch, spec.heldout_fraction) for batch in calibration]
+    counts = [float(sum(int(r.sum()) for r in rows if r is not None)),
+              float(sum(int(r.numel()) for r in rows if r is not None))]
+    held, total = (int(v) for v in all_reduce_sum(counts, device=device))
+    report.heldout_sequences = held
+    if held == 0 or held == total:
+        warnings.warn(f"{spec.name}: none of the {total} calibration sequences could be held out to validate the "
+                      f"refinement (heldout_fraction {spec.heldout_fraction}); every refinement step is taken "
+                      "unvalidated — use more calibration sequences", CompressionWarning, stacklevel=3)
+        return None
+    return rows
 
 
 @torch.no_grad()
@@ -498,11 +570,12 @@ def compress_model(
 
         paired = inputs is not None and spec.refinement != "none" and config.propagation == "compressed"
         original_hidden = [inp.hidden for inp in inputs] if paired else None
+        heldout = _heldout_sequences(calibration, spec, report, inputs[0].hidden.device) if paired else None
         for index, block_name, targets in plan:
             block = blocks[index]
             with runner.resident(block):
                 dense_outputs = _compress_block(model, block, targets, inputs, original_hidden, paired,
-                                                ranks, ctx, runner, report)
+                                                ranks, ctx, runner, report, heldout)
                 if inputs is not None and index + 1 < len(blocks):
                     if config.propagation == "compressed" or dense_outputs is None:
                         with phase("calibration"):
