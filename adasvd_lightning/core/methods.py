@@ -70,8 +70,8 @@ class MethodSpec:
         sensitivity_candidates: candidate retentions probed by module-kl / sensitivity-ppl.
         sensitivity_batches: calibration batches used for the sensitivity probes.
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
-            steps to take (closed-form / adaComp; `core.holdout`, `core.refinement.validated_steps`);
-            0 trusts every step. The held-out sequences still count in every statistic of the final fit.
+            steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
+            whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
     """
 
     name: str
@@ -120,7 +120,7 @@ class MethodSpec:
     @property
     def validates_refinement(self) -> bool:
         """Whether the refinement's step count is chosen on held-out calibration sequences."""
-        return self.refinement in ("closed-form", "adacomp") and self.heldout_fraction > 0.0
+        return self.refinement != "none" and self.heldout_fraction > 0.0
 
     @property
     def needs_calibration(self) -> bool:

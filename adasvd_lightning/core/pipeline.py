@@ -41,8 +41,8 @@ from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
-from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, optimal_factors,
-                         validated_steps)
+from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
+                         optimal_factors, validated_steps)
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
@@ -113,18 +113,15 @@ def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
 
-def _validated_half_steps(
+def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
-    energy: float | None, heldout_energy: float | None, up: torch.Tensor, down: torch.Tensor,
-    report: ModuleReport,
-) -> int | None:
-    """The refinement's step count chosen on the held-out sequences (None: nothing held out here).
+    energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
+) -> tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None:
+    """(fit target, held-out target, start U, start V) for validating a refinement; None: nothing held out.
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
-    held-out text and would be favoured over every step. Then `validated_steps` runs the alternation
-    on the fit split and scores each half-step on the held-out one; the report gets the held-out
-    relative error before refinement and after the chosen steps.
+    held-out text and would be favoured over every step.
     """
     held = stats.heldout
     if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
@@ -135,16 +132,39 @@ def _validated_half_steps(
     fit = RefinementTarget(weight, complement(stats.grams(), n, held.grams(), n_held), kept=kept,
                            damping=config.damping, target_energy=fit_energy)
     check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
-    if spec.whitening == "truncation-aware":
-        start = factorize(weight[:, fit.rest], up.shape[1], compute_whitening(fit.h_rr, damping=config.damping),
+    if spec.whitening == "truncation-aware" or up is None:
+        start = factorize(weight[:, fit.rest], rank, compute_whitening(fit.h_rr, damping=config.damping),
                           driver=config.svd_driver)
         up, down = start.up, start.down
-    best, scores = validated_steps(fit, check, up.to(torch.float64), down.to(torch.float64),
-                                   iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
-                                   v_steps=spec.refinement == "adacomp")
-    report.heldout_error_start = _relative(scores[0], heldout_energy)
-    report.heldout_error = _relative(scores[best], heldout_energy)
+    return fit, check, up.to(torch.float64), down.to(torch.float64)
+
+
+def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport) -> int | None:
+    """The closed-form / adaComp step count chosen on the held-out sequences (`validated_steps`).
+
+    The report gets the held-out relative error before refinement and after the chosen steps.
+    """
+    if holdout is None:
+        return None
+    fit, check, up, down = holdout
+    best, scores = validated_steps(fit, check, up, down, iterations=spec.adacomp_iterations,
+                                   tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp")
+    report.heldout_error_start = _relative(scores[0], check.target_energy)
+    report.heldout_error = _relative(scores[best], check.target_energy)
     return best
+
+
+def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: ModuleReport) -> bool:
+    """Whether the optimal factors, fitted without the held-out sequences, beat the start on them."""
+    if holdout is None:
+        return True
+    fit, check, up, down = holdout
+    start = objective(check, up, down)
+    opt_up, opt_down, _ = optimal_factors(fit, rank, driver=driver)
+    best = min(start, objective(check, opt_up, opt_down))
+    report.heldout_error_start = _relative(start, check.target_energy)
+    report.heldout_error = _relative(best, check.target_energy)
+    return best < start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,15 +254,23 @@ def _factorize_target(
                                       target_energy=target_energy,
                                       whitening_factor=whitening.factor if factored else None,
                                       whitening_shift=whitening.shift if factored else 0.0)
-            if spec.refinement == "optimal":
-                up, down, value = optimal_factors(target, rank if up is None else up.shape[1],
-                                                  driver=config.svd_driver)
+            r = rank if up is None else up.shape[1]
+            holdout = None
+            if spec.validates_refinement:
+                holdout = _holdout_targets(spec, config, w64.to(torch.float64), input_stats, kept, target_energy,
+                                           heldout_energy, r, up, down)
+            if spec.refinement == "optimal" and _optimal_validates(holdout, r, config.svd_driver, report):
+                up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
+            elif spec.refinement == "optimal":  # the held-out sequences prefer the whitened start
+                if up is None:
+                    with phase("svd"):
+                        factors = factorize(w64, r, whitening, compute_dtype=config.torch_compute_dtype,
+                                            driver=config.svd_driver)
+                    up, down = factors.up, factors.down
+                value = objective(target, up.to(torch.float64), down.to(torch.float64))
             else:
-                steps = None
-                if spec.validates_refinement:
-                    steps = _validated_half_steps(spec, config, w64.to(torch.float64), input_stats, kept,
-                                                  target_energy, heldout_energy, up, down, report)
+                steps = _validated_half_steps(spec, holdout, report)
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                     v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
