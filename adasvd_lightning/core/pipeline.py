@@ -537,9 +537,10 @@ def _heldout_sequences(calibration: Sequence[Any], spec: MethodSpec, report: Com
     held, total = (int(v) for v in all_reduce_sum(counts, device=device))
     report.heldout_sequences = held
     if held == 0 or held == total:
-        warnings.warn(f"{spec.name}: none of the {total} calibration sequences could be held out to validate the "
-                      f"refinement (heldout_fraction {spec.heldout_fraction}); every refinement step is taken "
-                      "unvalidated — use more calibration sequences", CompressionWarning, stacklevel=3)
+        warnings.warn(f"{spec.name}: {held} of the {total} calibration sequences were held out "
+                      f"(heldout_fraction {spec.heldout_fraction}), which leaves nothing to validate the refinement "
+                      "on or nothing to fit it to; every refinement step is taken unvalidated — use more "
+                      "calibration sequences", CompressionWarning, stacklevel=3)
         return None
     return rows
 
