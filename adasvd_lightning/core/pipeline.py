@@ -116,12 +116,14 @@ def _relative(squared_error: float, energy: float) -> float:
 def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
+    shared: dict[int, tuple[GramStatistics, Whitening]] | None = None,
 ) -> tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None:
     """(fit target, held-out target, start U, start V) for validating a refinement; None: nothing held out.
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
-    held-out text and would be favoured over every step.
+    held-out text and would be favoured over every step. ``shared`` caches the fit split's Grams and
+    whitening per input (q/k/v, gate/up read the same one) when no column is preserved.
     """
     held = stats.heldout
     if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
@@ -129,13 +131,21 @@ def _holdout_targets(
         return None
     n, n_held = stats.tokens, held.tokens
     fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
-    fit = RefinementTarget(weight, complement(stats.grams(), n, held.grams(), n_held), kept=kept,
-                           damping=config.damping, target_energy=fit_energy)
+    key = id(stats) if shared is not None and not kept.numel() else None
+    if key is not None and key in shared:
+        grams, whitening = shared[key]
+    else:
+        grams, whitening = complement(stats.grams(), n, held.grams(), n_held), None
+    fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy)
     check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
     if spec.whitening == "truncation-aware" or up is None:
-        start = factorize(weight[:, fit.rest], rank, compute_whitening(fit.h_rr, damping=config.damping),
-                          driver=config.svd_driver)
+        with phase("whitening"):
+            whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping)
+        with phase("svd"):
+            start = factorize(weight[:, fit.rest], rank, whitening, driver=config.svd_driver)
         up, down = start.up, start.down
+    if key is not None:
+        shared[key] = (grams, whitening)
     return fit, check, up.to(torch.float64), down.to(torch.float64)
 
 
@@ -182,13 +192,15 @@ def _factorize_target(
     target_energy: float | None = None,
     last_use: bool = False,
     heldout_energy: float | None = None,
+    holdout_cache: dict | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
     ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
     so they share one Cholesky factorization instead of computing the identical factor three times.
     ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
-    ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps).
+    ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps;
+    ``holdout_cache`` shares their fit split's Grams and whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
 
@@ -258,7 +270,7 @@ def _factorize_target(
             holdout = None
             if spec.validates_refinement:
                 holdout = _holdout_targets(spec, config, w64.to(torch.float64), input_stats, kept, target_energy,
-                                           heldout_energy, r, up, down)
+                                           heldout_energy, r, up, down, holdout_cache)
             if spec.refinement == "optimal" and _optimal_validates(holdout, r, config.svd_driver, report):
                 up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
@@ -375,6 +387,7 @@ def _factor_and_replace(
     rank_id, world_size = world()
     index = {name: i for i, name in enumerate(targets)}
     whitenings: dict[int, Whitening] = {}
+    holdout_cache: dict[int, tuple[GramStatistics, Whitening]] = {}
     # A shared input's statistics and whitening are dropped after the last target this rank factors
     # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
     mine = [name for name in names if index[name] % world_size == rank_id]
@@ -390,9 +403,11 @@ def _factor_and_replace(
             held_energy = stats.target_energy(name, heldout=True) if stats is not None else None
             last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
-                                                   last_use=last, heldout_energy=held_energy)
+                                                   last_use=last, heldout_energy=held_energy,
+                                                   holdout_cache=holdout_cache)
             if last:
                 whitenings.pop(id(input_stats), None)
+                holdout_cache.pop(id(input_stats), None)
                 stats.release(name)
             input_stats = None
         ref = next(module.parameters())
