@@ -37,6 +37,13 @@ def _products(state: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _relative_errors(a: dict, b: dict) -> list[float]:
+    """Sorted ‖a − b‖ / ‖b‖ of every weight (factor pairs multiplied out)."""
+    a, b = _products(a), _products(b)
+    assert a.keys() == b.keys()
+    return sorted(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
 def _runs(out: Path, modes: tuple[str, ...], reference: str = "single") -> tuple[dict, dict, dict]:
     """Run the single-process reference and the 2-process modes; check what every strategy must give.
 
@@ -57,6 +64,18 @@ def _runs(out: Path, modes: tuple[str, ...], reference: str = "single") -> tuple
     return single, r0, r1
 
 
+def _assert_exports(out: Path, checkpoint: str, state: dict) -> None:
+    """``adasvd export`` turns the checkpoint into a model folder holding exactly ``state``."""
+    from adasvd_lightning import load_compressed
+    from test_cli import run
+
+    result = run("export", "--checkpoint", str(out / checkpoint), "--out", str(out / "out"))
+    assert result.returncode == 0, result.stderr
+    exported = load_compressed(out / "out").state_dict()
+    assert exported.keys() == state.keys() and any(k.endswith(".up") for k in exported)
+    assert all(torch.equal(exported[k], state[k]) for k in exported)
+
+
 def test_progressive_schedule_under_ddp_matches_one_process_and_resumes(tmp_path):
     single, r0, r1 = _runs(tmp_path, ("ddp", "resume"))
     load = lambda name: torch.load(tmp_path / f"{name}.pt", weights_only=True)  # noqa: E731
@@ -65,9 +84,7 @@ def test_progressive_schedule_under_ddp_matches_one_process_and_resumes(tmp_path
     # that summation order leaves, which Adam's first steps on fresh factors amplify).
     mean = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
     assert len(mean) == 6 and max(abs(a - b) for a, b in zip(mean, single["losses"])) < 1e-3
-    ddp, one = _products(r0["after_stage"]), _products(single["after_stage"])
-    assert ddp.keys() == one.keys()
-    errors = sorted(float((ddp[k] - one[k]).norm() / one[k].norm()) for k in one)
+    errors = _relative_errors(r0["after_stage"], single["after_stage"])
     assert errors[-1] < 1e-2 and errors[len(errors) // 2] < 1e-3, errors[-3:]
     # Training went on and the loss fell; the checkpoint written after the stages resumes (2 ranks).
     assert mean[-1] < mean[0] - 0.3
@@ -79,14 +96,7 @@ def test_progressive_schedule_under_ddp_matches_one_process_and_resumes(tmp_path
     assert all(torch.equal(load("resume-rank0")["state"][k], load("resume-rank1")["state"][k]) for k in r0["state"])
 
     # The DDP checkpoint exports to a model folder holding exactly the trained weights.
-    from adasvd_lightning import load_compressed
-    from test_cli import run
-
-    result = run("export", "--checkpoint", str(tmp_path / "after-stages.ckpt"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    exported = load_compressed(tmp_path / "out").state_dict()
-    assert exported.keys() == r0["state"].keys()
-    assert all(torch.equal(exported[k], r0["state"][k]) for k in exported)
+    _assert_exports(tmp_path, "after-stages.ckpt", r0["state"])
 
 
 def test_progressive_schedule_under_deepspeed_zero2_reinitialises_the_engine_and_resumes(tmp_path):
@@ -99,25 +109,11 @@ def test_progressive_schedule_under_deepspeed_zero2_reinitialises_the_engine_and
     assert max(abs(a - b) for a, b in zip(mean[:3], single["losses"][:3])) < 1e-3
     assert mean[-1] < mean[0] - 0.3
     # The ZeRO checkpoint written after the stages exports to exactly the trained weights.
-    from adasvd_lightning import load_compressed
-    from test_cli import run
-
-    result = run("export", "--checkpoint", str(tmp_path / "zero2.ckpt"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    exported = load_compressed(tmp_path / "out").state_dict()
-    assert exported.keys() == r0["state"].keys()
-    assert all(torch.equal(exported[k], r0["state"][k]) for k in exported)
+    _assert_exports(tmp_path, "zero2.ckpt", r0["state"])
     for name in ("zero2-resume-rank0", "zero2-resume-rank1"):
         resumed = load(name)
         assert resumed["step"] == 8 and resumed["completed"] == [2, 4] and resumed["optimized"]
         assert resumed["reports"] == [] and sum(resumed["losses"]) / 2 < mean[0] - 0.3
-
-
-def _relative_errors(a: dict, b: dict) -> list[float]:
-    """Sorted ‖a − b‖ / ‖b‖ of every weight (factor pairs multiplied out)."""
-    a, b = _products(a), _products(b)
-    assert a.keys() == b.keys()
-    return sorted(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
 
 
 def test_progressive_schedule_under_deepspeed_zero3_gathers_shards_and_matches_one_process(tmp_path):
@@ -150,11 +146,20 @@ def test_progressive_schedule_under_deepspeed_zero3_gathers_shards_and_matches_o
     assert all(torch.equal(load("zero3-resume-sgd-rank0")["state"][k], load("zero3-resume-sgd-rank1")["state"][k])
                for k in r0["state"])
     # …and exports to a model folder holding exactly the trained (gathered) weights.
-    from adasvd_lightning import load_compressed
-    from test_cli import run
+    _assert_exports(tmp_path, "zero3-sgd.ckpt", r0["state"])
 
-    result = run("export", "--checkpoint", str(tmp_path / "zero3-sgd.ckpt"), "--out", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr
-    exported = load_compressed(tmp_path / "out").state_dict()
-    assert exported.keys() == r0["state"].keys()
-    assert all(torch.equal(exported[k], r0["state"][k]) for k in exported)
+
+def test_fit_end_compression_under_deepspeed_zero3_matches_one_process_and_exports(tmp_path):
+    """``at="fit_end"`` under ZeRO-3 runs after Lightning's teardown, with the engine still holding the
+    shards: the stage gathers them, compresses, and rebuilds the engine, so the checkpoint written
+    afterwards holds the factors. Same SGD run and rounding argument as the schedule test above."""
+    for mode in ("single-fitend-sgd", "zero3-fitend-sgd"):
+        _run(tmp_path, mode)
+    single, r0, r1 = (torch.load(tmp_path / f"{name}.pt", weights_only=True)
+                      for name in ("single-fitend-sgd-rank0", "zero3-fitend-sgd-rank0", "zero3-fitend-sgd-rank1"))
+    for r in (r0, r1):
+        assert r["reports"] == single["reports"] and len(r["reports"]) == 1 and r["partitioned"] and r["optimized"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    errors = _relative_errors(r0["state"], single["state"])
+    assert errors[-1] < 1e-4 and errors[len(errors) // 2] < 1e-5, errors[-3:]
+    _assert_exports(tmp_path, "zero3-sgd.ckpt", r0["state"])

@@ -5,7 +5,8 @@ step), ``resume`` (2 processes, continue the ``ddp`` run's checkpoint written af
 ``zero2`` / ``zero2-resume`` and ``zero3`` / ``zero3-resume``: the same two with DeepSpeed ZeRO-2 / ZeRO-3
 (`CPUDeepSpeedStrategy`; ZeRO-3 weights are gathered from their shards before they are recorded).
 A ``-sgd`` suffix (``single-sgd``, ``zero3-sgd``, ``zero3-resume-sgd``) trains with plain SGD instead of
-AdamW (`SGDModule`).
+AdamW (`SGDModule`); ``-fitend`` (``single-fitend-sgd``, ``zero3-fitend-sgd``) compresses once, at the end
+of fit, instead of following the schedule.
 Lightning's subprocess launcher re-runs this file for rank 1. Every rank saves its weights and losses.
 """
 
@@ -81,8 +82,12 @@ def main(out_dir: str, mode: str) -> None:
     kind, resume, sgd = parts[0], "resume" in parts, "sgd" in parts
     model = tiny_model("llama").train()
     module = SGDModule(model) if sgd else CausalLMModule(model, learning_rate=1e-2, warmup_steps=1)
-    callback = SVDCompression(method="svd-llm", at="step", schedule=SCHEDULE, calibration_dataloader=calibration,
-                              show_progress=False)
+    if "fitend" in parts:  # one compression once training ends, instead of the schedule
+        callback = SVDCompression(method="svd-llm", at="fit_end", ratio=0.5, calibration_dataloader=calibration,
+                                  show_progress=False)
+    else:
+        callback = SVDCompression(method="svd-llm", at="step", schedule=SCHEDULE, calibration_dataloader=calibration,
+                                  show_progress=False)
     losses = Losses()
     devices = 1 if kind == "single" else 2
     zero = int(kind[4]) if kind.startswith("zero") else None
