@@ -357,11 +357,11 @@ class SVDCompression(Callback):
         model = self.target_module(pl_module)
         config = dataclasses.replace(self.config, ratio=ratio)
         before = dict(model.named_parameters())
+        batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
         # A running DeepSpeed engine (a step/epoch point, or fit_end) is taken apart first: under
         # ZeRO-3 its hooks would gather and re-partition each module's shards around every forward
         # the calibration runs. It is rebuilt on the compressed model below.
         deepspeed_optimizer = release_engine(trainer.strategy) if has_engine(trainer.strategy) else None
-        batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
         # A live bar only before training starts (Lightning's bar owns the terminal during training).
         live = self.show_progress and trainer.is_global_zero and not during_training
         # ZeRO-3 keeps a shard of each weight per rank: all ranks gather the whole weights for the
