@@ -92,8 +92,10 @@ def main(out_dir: str, mode: str) -> None:
     devices = 1 if kind == "single" else 2
     zero = int(kind[4]) if kind.startswith("zero") else None
     strategy = CPUDeepSpeedStrategy(stage=zero) if zero else "ddp" if devices > 1 else "auto"
-    if zero == 3:  # partition even this tiny model's weights (DeepSpeed keeps small ones whole on every rank)
+    if zero == 3:  # partition even this tiny model's weights (DeepSpeed keeps small ones whole on every rank),
+        # and split each param group into several ZeRO-3 sub-groups, as a large model's are
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        strategy.config["zero_optimization"]["sub_group_size"] = 10_000
     checkpoint = f"{out_dir}/{kind if zero else 'after-stages'}{'-sgd' if sgd else ''}.ckpt"
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=8 if resume else 6, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, losses],
@@ -110,7 +112,8 @@ def main(out_dir: str, mode: str) -> None:
                 "after_first": losses.after_first, "completed": callback.completed,
                 "step": trainer.global_step, "reports": [r.parameters_after for r in callback.reports],
                 "optimized": all(id(p) in params for p in module.model.parameters()),
-                "partitioned": all(p.numel() == 0 for p in module.model.parameters())},
+                "partitioned": all(p.numel() == 0 for p in module.model.parameters()),
+                "groups": sum(len(o) for o in groups)},
                f"{out_dir}/{mode}-rank{trainer.global_rank}.pt")
 
 
