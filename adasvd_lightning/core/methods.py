@@ -69,6 +69,9 @@ class MethodSpec:
         column_min_gain: Duo-SVD keeps a column split only if the error drops by more than this.
         sensitivity_candidates: candidate retentions probed by module-kl / sensitivity-ppl.
         sensitivity_batches: calibration batches used for the sensitivity probes.
+        heldout_fraction: share of the calibration sequences held out to choose how many refinement
+            steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
+            whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
     """
 
     name: str
@@ -84,6 +87,7 @@ class MethodSpec:
     column_min_gain: float = 0.01
     sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sensitivity_batches: int = 2
+    heldout_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         _choice("whitening", self.whitening, WHITENINGS)
@@ -110,6 +114,13 @@ class MethodSpec:
         object.__setattr__(self, "sensitivity_candidates", cands)
         if self.sensitivity_batches < 1:
             raise InvalidInputError("sensitivity_batches must be >= 1")
+        if not 0.0 <= self.heldout_fraction <= 0.5:
+            raise InvalidInputError(f"heldout_fraction must be in [0, 0.5], got {self.heldout_fraction}")
+
+    @property
+    def validates_refinement(self) -> bool:
+        """Whether the refinement's step count is chosen on held-out calibration sequences."""
+        return self.refinement != "none" and self.heldout_fraction > 0.0
 
     @property
     def needs_calibration(self) -> bool:
