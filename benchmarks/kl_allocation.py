@@ -34,7 +34,8 @@ from common import RESULTS, machine, method_config, run_json, write_section  # n
 OUT = RESULTS / "kl_allocation.json"
 
 
-def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int) -> dict:
+def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int,
+        batch_size: int) -> dict:
     """Compress, evaluate, and return the row (runs in a child process)."""
     import torch
 
@@ -47,7 +48,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     torch.manual_seed(0)
     tokenizer = load_tokenizer(Path(model_dir))
     model = load_compressed(Path(model_dir))
-    batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=samples, seq_len=seq_len))
+    batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=samples, seq_len=seq_len,
+                                                             batch_size=batch_size))
     config = method_config(method, ratio)
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -58,7 +60,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     result = evaluate_perplexity(model, test, seq_len=512, batch_size=4, max_windows=eval_windows,
                                  bos_token_id=added_bos_token_id(tokenizer))
     return {
-        "method": method, "ratio": ratio, "samples": samples, "seq_len": seq_len, "seconds": seconds,
+        "method": method, "ratio": ratio, "samples": samples, "seq_len": seq_len, "batch_size": batch_size,
+        "seconds": seconds,
         "phases": getattr(report, "phase_seconds", {}), "perplexity": result.perplexity,
         "achieved_ratio": report.achieved_ratio, "ranks": {m.name: m.rank for m in report.modules},
         "candidates": list(config.spec.sensitivity_candidates),
@@ -103,6 +106,11 @@ def compare(row: dict, ref: dict) -> dict:
     return out
 
 
+def _key(method: str, batch_size: int) -> str:
+    """Row key: the method string, with the calibration batch size when it is not the default 8."""
+    return method if batch_size == 8 else f"{method} @batch{batch_size}"
+
+
 def _load() -> dict:
     return json.loads(OUT.read_text()) if OUT.is_file() else {"rows": {}}
 
@@ -130,11 +138,12 @@ def render(saved: dict, reference: str | None) -> None:
         ratio = f"{r['seconds'] / base['seconds']:.2f}" if base else "–"
         cmp = compare(r, ref) if ref is not None and r is not ref else {}
         rho = (f"{cmp['spearman_all']:.3f} / {cmp['spearman_per_candidate']:.3f}" if "spearman_all" in cmp else "–")
+        calib = f"{r['samples']}×{r['seq_len']} ({r.get('batch_size', 8)}/batch)"
         lines.append(
-            f"| `{key}`{' (reference)' if r is ref else ''} | {r['samples']}×{r['seq_len']} | {r['seconds']:.0f} | "
+            f"| `{key}`{' (reference)' if r is ref else ''} | {calib} | {r['seconds']:.0f} | "
             f"{ratio} | {r['phases'].get('allocation', 0.0):.0f} | {r['perplexity']:.2f} | "
             f"{cmp['ppl_ratio']:.4f} | {rho} | {cmp['same_rank']:.0%} |" if cmp else
-            f"| `{key}`{' (reference)' if r is ref else ''} | {r['samples']}×{r['seq_len']} | {r['seconds']:.0f} | "
+            f"| `{key}`{' (reference)' if r is ref else ''} | {calib} | {r['seconds']:.0f} | "
             f"{ratio} | {r['phases'].get('allocation', 0.0):.0f} | {r['perplexity']:.2f} | – | – | – |")
     write_section("kl-allocation", "\n".join(lines))
 
@@ -147,27 +156,31 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration sequences per batch (a probe batch of the module-KL allocations)")
     parser.add_argument("--reference", help="method string (already measured) the others are compared with")
     parser.add_argument("--render", action="store_true", help="(re)write the BENCHMARKS.md section")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not 0 < args.ratio < 1 or args.samples < 1 or args.seq_len < 2 or args.eval_windows < 1:
-        parser.error("ratio must be in (0, 1); samples, eval windows >= 1; seq-len >= 2")
+    if not 0 < args.ratio < 1 or min(args.samples, args.eval_windows, args.batch_size) < 1 or args.seq_len < 2:
+        parser.error("ratio must be in (0, 1); samples, eval windows, batch size >= 1; seq-len >= 2")
     if not (Path(args.model) / "config.json").is_file():
         parser.exit(2, f"error: no model folder at {args.model} (config.json missing)\n")
     for method in args.methods:
         method_config(method, args.ratio)  # bad presets/options fail before any model work
     if args.one:
-        print(json.dumps(one(args.model, args.one, args.ratio, args.samples, args.seq_len, args.eval_windows)))
+        print(json.dumps(one(args.model, args.one, args.ratio, args.samples, args.seq_len, args.eval_windows,
+                             args.batch_size)))
         return
     script = str(Path(__file__).resolve())
     argv = sys.argv[1:]
     for method in args.methods:
         row = run_json([script, "--model", args.model, "--one", method, "--ratio", str(args.ratio), "--samples",
-                        str(args.samples), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows)])
+                        str(args.samples), "--seq-len", str(args.seq_len), "--eval-windows", str(args.eval_windows),
+                        "--batch-size", str(args.batch_size)])
         row["argv"] = argv
         saved = _load()  # re-read: another invocation may have added rows meanwhile
-        saved["rows"][method] = row
+        saved["rows"][_key(method, args.batch_size)] = row
         saved["machine"] = machine()
         RESULTS.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(saved, indent=1))
