@@ -16,13 +16,15 @@ Perplexity on the embedded test split (README protocol) is written to BENCHMARKS
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_section  # noqa: E402
+from common import RESULTS, ROOT, machine, write_section  # noqa: E402
 
 
 def run(kind: str, method: str, ratio: float, steps: int, lr: float) -> dict:
@@ -73,13 +75,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=5e-4)
     args = parser.parse_args()
+    # The commit the figures belong to (a dirty tree says so: the figures may not be reproducible from it).
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain", "--", "adasvd_lightning", "callbacks") else "")
     rows = [run(kind, args.method, args.ratio, args.steps, args.lr) for kind in ("dense", "one-shot", "progressive")]
     for r in rows:
         print(r)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "progressive.json").write_text(json.dumps({"commit": commit, "args": vars(args), "machine": machine(),
+                                                          "rows": rows}, indent=2) + "\n")
     lines = [
         "## Progressive vs one-shot compression during training (reference model)",
         "",
-        f"Command: `{' '.join(['python benchmarks/progressive.py', *sys.argv[1:]])}`",
+        f"Command: `{' '.join(['python benchmarks/progressive.py', *sys.argv[1:]])}` at commit `{commit}`",
         f"Machine: {machine()}. Method `{args.method}`, final ratio {args.ratio:.0%}, {args.steps} training steps "
         f"of 8 × 256 tokens (AdamW, lr {args.lr}, warm-up + cosine) on the embedded training split; "
         "perplexity on the embedded test split. Progressive = stages at 25/50/75% of the steps.",

@@ -19,9 +19,10 @@ When:
     `OneCycleLR`, transformers' warm-up schedules — continues exactly as without compression.
     Under DDP every rank calibrates on its shard of the calibration data, the statistics are summed
     across ranks, each matrix is decomposed once and broadcast (identical weights everywhere), and the
-    DDP wrapper is rebuilt on the new parameters. Under DeepSpeed ZeRO-1/2 the same, and the engine is
-    re-initialised on the factorized model (every parameter's optimizer state starts fresh there).
-    DeepSpeed ZeRO-3 and FSDP refuse these points for now.
+    DDP wrapper is rebuilt on the new parameters. Under DeepSpeed ZeRO-1/2/3 the same, and the engine
+    is re-initialised on the factorized model (every parameter's optimizer state starts fresh there;
+    `training.deepspeed_engine`); under ZeRO-3 every rank gathers the partitioned weights for the
+    stage, and the new engine partitions the factors. FSDP refuses these points for now.
   * ``at="fit_end"`` — once training ends (compress-after-training).
 
 Checkpoints: the factorized structure (manifest: rank and shape of every factorized module) and the
@@ -54,7 +55,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from adasvd_lightning.core.config import CompressionConfig
-from adasvd_lightning.core.distributed import world
+from adasvd_lightning.core.distributed import gathered_parameters, world
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.optimizers import swap_parameters
 from adasvd_lightning.core.merging import check_min_flop_saving, merge_and_record
@@ -64,6 +65,7 @@ from adasvd_lightning.core.serialization import apply_manifest, build_manifest
 from adasvd_lightning.core.surgery import find_targets, replace_module
 from adasvd_lightning.display import compression_progress
 from adasvd_lightning.training.checkpoints import compression_state, model_of, read_checkpoint, restore_structure
+from adasvd_lightning.training.deepspeed_engine import has_engine, reinitialise_engine, release_engine
 
 __all__ = ["SVDCompression", "POINTS"]
 
@@ -95,33 +97,6 @@ def _read_local(path: str | None) -> dict | None:
     if path is None or not Path(path).expanduser().exists():
         return None
     return read_checkpoint(path)
-
-
-def _reinitialise_deepspeed(trainer: L.Trainer, before: dict, after: dict) -> None:
-    """A new DeepSpeed engine (ZeRO-1/2) over the compressed model, with the user's optimizer and scheduler.
-
-    The engine flattened the user's optimizer's groups into fp32 partitions; its ``bit16_groups``
-    still list each group's model parameters. Those lists go back into the user's optimizer, the new
-    factors join their weights' groups, the old engine releases its gradient hooks, and
-    ``deepspeed.initialize`` runs again as Lightning runs it at the start of fit. The LR schedule
-    continues (same scheduler object), but every parameter's optimizer state starts fresh: the old
-    engine's state lives in flat partitions that no longer match the model.
-    """
-    strategy = trainer.strategy
-    engine = strategy.model
-    zero_optimizer = engine.optimizer
-    optimizer = zero_optimizer.optimizer  # the user's torch optimizer
-    for group, params in zip(optimizer.param_groups, zero_optimizer.bit16_groups):
-        group["params"] = list(params)
-    optimizer.state.clear()
-    swap_parameters([optimizer], before, after)
-    engine.destroy()
-    configs = trainer.lr_scheduler_configs
-    scheduler = configs[0].scheduler if configs else None
-    model, deepspeed_optimizer = strategy._setup_model_and_optimizer(strategy.lightning_module, optimizer, scheduler)
-    strategy.optimizers = [deepspeed_optimizer]
-    model.lr_scheduler = None  # Lightning steps the scheduler itself (as in DeepSpeedStrategy)
-    strategy.model = model
 
 
 def _is_ddp(strategy: Strategy) -> bool:
@@ -356,12 +331,10 @@ class SVDCompression(Callback):
         if self.at not in ("step", "epoch"):
             return
         strategy = trainer.strategy
-        zero3 = isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-        if zero3 or (trainer.world_size > 1 and not (_is_ddp(strategy) or isinstance(strategy, DeepSpeedStrategy))):
-            what = "DeepSpeed ZeRO-3" if zero3 else type(strategy).__name__
+        if trainer.world_size > 1 and not (_is_ddp(strategy) or isinstance(strategy, DeepSpeedStrategy)):
             raise InvalidInputError(
-                f"at={self.at!r} changes the model during training, which {what} does not support yet "
-                "(DDP and DeepSpeed ZeRO-1/2 do); use at='setup' there"
+                f"at={self.at!r} changes the model during training, which {type(strategy).__name__} does not "
+                "support yet (DDP and DeepSpeed ZeRO-1/2/3 do); use at='setup' there"
             )
         self.check_schedule_reached(max_steps=trainer.max_steps, max_epochs=trainer.max_epochs)
 
@@ -384,19 +357,30 @@ class SVDCompression(Callback):
         model = self.target_module(pl_module)
         config = dataclasses.replace(self.config, ratio=ratio)
         before = dict(model.named_parameters())
-        self._prepare_restart(model, config)
         batches = self._draw_batches(trainer) if config.spec.needs_calibration else None
+        # A running DeepSpeed engine (a step/epoch point, or fit_end) is taken apart first: under
+        # ZeRO-3 its hooks would gather and re-partition each module's shards around every forward
+        # the calibration runs. It is rebuilt on the compressed model below.
+        deepspeed_optimizer = release_engine(trainer.strategy) if has_engine(trainer.strategy) else None
         # A live bar only before training starts (Lightning's bar owns the terminal during training).
         live = self.show_progress and trainer.is_global_zero and not during_training
-        with compression_progress(live) as progress:
+        # ZeRO-3 keeps a shard of each weight per rank: all ranks gather the whole weights for the
+        # stage (calibration reads them, decomposition factors them); the untouched ones go back to
+        # their shards afterwards, the new factors stay whole until DeepSpeed partitions them.
+        with gathered_parameters(model), compression_progress(live) as progress:
+            self._prepare_restart(model, config)
             report = compress_model(model, config, batches, progress=progress)
-        if self.merge_unprofitable is not None:
-            merge_and_record(model, report, min_flop_saving=self.merge_unprofitable)
+            if self.merge_unprofitable is not None:
+                merge_and_record(model, report, min_flop_saving=self.merge_unprofitable)
         self.reports.append(report)
         self.completed.append(point)
         self._manifest = build_manifest(model)
-        if during_training:
-            self._swap_into_optimizers(trainer, before, dict(model.named_parameters()))
+        after = dict(model.named_parameters())
+        if deepspeed_optimizer is not None:
+            swap_parameters([deepspeed_optimizer], before, after)
+            reinitialise_engine(trainer, deepspeed_optimizer)
+        elif during_training:
+            self._swap_into_optimizers(trainer, before, after)
         if self.show_progress:  # Lightning's own INFO channel: shown by default, rank 0 only
             rank_zero_info(
                 f"adasvd: compressed {len(report.modules)} matrices with {config.method} at {self.at} {point}: "
@@ -433,12 +417,9 @@ class SVDCompression(Callback):
         See `core.optimizers.swap_parameters` for the group and state rules. Under DDP the wrapper's
         gradient buckets were built over the old parameters, so it is rebuilt on the new ones (its
         constructor also broadcasts rank 0's parameters, which the compression already made equal).
-        Under DeepSpeed the engine is rebuilt instead (`_reinitialise_deepspeed`).
+        (Under DeepSpeed the engine is rebuilt instead: `training.deepspeed_engine`.)
         """
         strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy):
-            _reinitialise_deepspeed(trainer, before, after)
-            return
         swap_parameters(trainer.optimizers, before, after)
         if _is_ddp(strategy) and isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.lightning_module

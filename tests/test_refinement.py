@@ -90,3 +90,85 @@ def test_balance_factors_keeps_the_product():
     bu, bd = balance_factors(up, down)
     assert torch.allclose(bu @ bd, up @ down, atol=1e-9)
     assert torch.allclose(bu.norm(dim=0), bd.norm(dim=1))
+
+
+def test_complement_is_the_grams_of_the_tokens_left():
+    from adasvd_lightning.core.refinement import complement
+
+    _, x_o, x_c, whole = _streams(tokens=300)
+    part = GramStatistics(h_cc=x_c[:, :70] @ x_c[:, :70].T / 70, h_oc=x_o[:, :70] @ x_c[:, :70].T / 70)
+    rest = complement(whole, 300, part, 70)
+    assert torch.allclose(rest.h_cc, x_c[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
+    assert torch.allclose(rest.h_oc, x_o[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
+    with pytest.raises(ValueError, match="nothing to fit"):
+        complement(whole, 300, part, 300)
+
+
+def _split_targets(w, x_o, x_c, held: int, rank: int):
+    """Fit target (first tokens), held-out target (last ``held`` tokens) and the start fitted without them."""
+    fit_o, fit_c, val_o, val_c = x_o[:, :-held], x_c[:, :-held], x_o[:, -held:], x_c[:, -held:]
+
+    def target(xo, xc):
+        n = xo.shape[1]
+        return RefinementTarget(w, GramStatistics(h_cc=xc @ xc.T / n, h_oc=xo @ xc.T / n, h_oo=xo @ xo.T / n))
+
+    fit, val = target(fit_o, fit_c), target(val_o, val_c)
+    start = factorize(w, rank, compute_whitening(fit.h_rr))
+    return fit, val, start
+
+
+def _error_on(w, up, down, x_o, x_c) -> float:
+    return float(torch.linalg.norm(up @ down @ x_c - w @ x_o) / torch.linalg.norm(w @ x_o))
+
+
+def test_validated_steps_take_the_compensation_when_the_drift_is_systematic():
+    """The compressed prefix distorts its inputs by a fixed linear map: compensation generalises, so the
+    held-out sequences choose to take the steps (U-step alone and the alternation)."""
+    from adasvd_lightning.core.refinement import validated_steps
+
+    w, x_o, x_c, _ = _streams(tokens=2000, mismatch=0.4)
+    fit, val, start = _split_targets(w, x_o, x_c, held=500, rank=5)
+    best_u, scores_u = validated_steps(fit, val, start.up, start.down, v_steps=False)
+    assert best_u == 1 and scores_u[1] < 0.9 * scores_u[0]
+    best, scores = validated_steps(fit, val, start.up, start.down, v_steps=True)
+    assert best >= 2 and scores[best] < scores_u[1]
+
+
+def test_validated_steps_refuse_a_compensation_that_does_not_generalise():
+    """The compressed stream's drift is noise in the inputs' own subspace, independent per token, and
+    there are about as many fitted tokens as input features: every step lowers the error on the tokens
+    it was fitted to but raises it on new text. Unvalidated, adaComp ends far worse on fresh tokens
+    than its start; validated on 20 held-out tokens, it keeps the start."""
+    from adasvd_lightning.core.refinement import validated_steps
+
+    g = torch.Generator().manual_seed(0)
+    m, n = 32, 24
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+
+    def stream(count):
+        x_o = mix @ torch.randn(n, count, generator=g, dtype=torch.float64)
+        return x_o, x_o + 0.2 * (mix @ torch.randn(n, count, generator=g, dtype=torch.float64))
+
+    x_o, x_c = stream(28 + 20)
+    fresh_o, fresh_c = stream(4000)
+    fit, val, start = _split_targets(w, x_o, x_c, held=20, rank=8)
+    up, down, history = adacomp(fit, start.up, start.down, iterations=10)
+    assert history[-1] < 0.9 * history[0]  # the fitted tokens: much better
+    start_fresh = _error_on(w, start.up, start.down, fresh_o, fresh_c)
+    assert _error_on(w, up, down, fresh_o, fresh_c) > 1.3 * start_fresh  # new text: much worse
+    best, scores = validated_steps(fit, val, start.up, start.down)
+    assert best == 0 and scores[1] > scores[0]
+    up, down, _ = adacomp(fit, start.up, start.down, iterations=10, max_half_steps=best)
+    assert _error_on(w, up, down, fresh_o, fresh_c) == pytest.approx(start_fresh, rel=1e-9)
+
+
+def test_adacomp_stops_after_max_half_steps():
+    w, _, _, stats = _streams()
+    target = RefinementTarget(w, stats)
+    f = factorize(w, 5, compute_whitening(stats.h_cc))
+    for steps in (0, 1, 3):
+        up, down, history = adacomp(target, f.up, f.down, iterations=10, tolerance=0.0, max_half_steps=steps)
+        assert len(history) - 1 == steps
+    up, down, _ = adacomp(target, f.up, f.down, max_half_steps=0)
+    assert torch.equal(up, f.up.double()) and torch.allclose(down, f.down.double())

@@ -224,9 +224,9 @@ def test_statistics_dtype_reaches_every_statistics_pass(method, passes, token_ba
     created: list[torch.dtype] = []
     empty = InputStatistics.empty.__func__
 
-    def recording(cls, width, device="cpu", product_dtype=torch.float64):
+    def recording(cls, width, device="cpu", product_dtype=torch.float64, heldout=False):
         created.append(product_dtype)
-        return empty(cls, width, device, product_dtype)
+        return empty(cls, width, device, product_dtype, heldout)
 
     monkeypatch.setattr(InputStatistics, "empty", classmethod(recording))
     logits, counts = {}, {}
@@ -243,3 +243,30 @@ def test_statistics_dtype_reaches_every_statistics_pass(method, passes, token_ba
     assert set(counts["float64"]) == {torch.float64} and set(counts["float32"]) == {torch.float32}
     assert _relative(logits["float32"], logits["float64"]) < 1e-4
     assert not torch.equal(logits["float32"], logits["float64"])
+
+
+def test_heldout_sequences_are_summed_apart_and_still_count_in_the_whole():
+    """Paired statistics with held-out rows: the child sums are exactly the held-out sequences' Grams
+    (masked tokens excluded) and energy; the parent still holds every token."""
+    lin = torch.nn.Linear(6, 4)
+    g = torch.Generator().manual_seed(3)
+    xo, xc = torch.randn(5, 7, 6, generator=g), torch.randn(5, 7, 6, generator=g)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[1, 5:] = False  # padding in a held-out row
+    rows = torch.tensor([False, True, False, True, False])
+    with BlockStatistics({"lin": lin}, holdout=True) as stats, torch.no_grad(), stats.masked(mask, rows):
+        stats.mode = "original"
+        lin(xo)
+        stats.mode = "compressed"
+        lin(xc)
+    stats.finalize()
+    s = stats.for_module("lin")
+    held_mask = mask & rows[:, None]
+    ho, hc = xo[held_mask].double(), xc[held_mask].double()
+    assert s.tokens == int(mask.sum()) and s.heldout.tokens == int(held_mask.sum()) == 12
+    assert torch.allclose(s.gram, xc[mask].double().T @ xc[mask].double() / s.tokens)
+    assert torch.allclose(s.heldout.gram, hc.T @ hc / 12)
+    assert torch.allclose(s.heldout.grams().h_oc, ho.T @ hc / 12)
+    w, b = lin.weight.detach().double(), lin.bias.detach().double()
+    expected = float(((xo[held_mask].double() @ w.T + b) - b).square().sum() / 12)
+    assert stats.target_energy("lin", heldout=True) == pytest.approx(expected, rel=1e-6)

@@ -73,6 +73,9 @@ class MethodSpec:
             its backward passes).
         fisher_samples: module-kl-fisher's label draws per sequence (one backward each) for the
             expectation over the model's own predictions in the Fisher information.
+        heldout_fraction: share of the calibration sequences held out to choose how many refinement
+            steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
+            whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
     """
 
     name: str
@@ -89,6 +92,7 @@ class MethodSpec:
     sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sensitivity_batches: int = 2
     fisher_samples: int = 1
+    heldout_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         _choice("whitening", self.whitening, WHITENINGS)
@@ -122,6 +126,13 @@ class MethodSpec:
             # whitenings truncate a different matrix.
             raise InvalidInputError("allocation 'module-kl-fisher' needs whitening 'truncation-aware', got "
                                     f"{self.whitening!r}")
+        if not 0.0 <= self.heldout_fraction <= 0.5:
+            raise InvalidInputError(f"heldout_fraction must be in [0, 0.5], got {self.heldout_fraction}")
+
+    @property
+    def validates_refinement(self) -> bool:
+        """Whether the refinement's step count is chosen on held-out calibration sequences."""
+        return self.refinement != "none" and self.heldout_fraction > 0.0
 
     @property
     def needs_calibration(self) -> bool:

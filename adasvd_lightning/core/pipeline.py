@@ -40,11 +40,13 @@ from .offload import BlockRunner
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
-from .refinement import GramStatistics, RefinementTarget, adacomp, balance_factors, optimal_factors
+from .holdout import heldout_rows
+from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
+                         optimal_factors, validated_steps)
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
-from .whitening import CholeskyWhitening, Whitening
+from .whitening import CholeskyWhitening, Whitening, compute_whitening
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 
@@ -102,11 +104,77 @@ def _factor_replaces_gram(
         return False
     if spec.refinement == "none":
         return True
+    if stats.heldout is not None and stats.heldout.tokens:  # validation fits on H_cc minus the held-out part
+        return False
     return stats.cross_sum is not None and (spec.refinement != "adacomp" or whitening.shift == 0.0)
 
 
 def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
+
+
+def _holdout_targets(
+    spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
+    energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
+    shared: dict[int, tuple[GramStatistics, Whitening]] | None = None,
+) -> tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None:
+    """(fit target, held-out target, start U, start V) for validating a refinement; None: nothing held out.
+
+    Everything that is scored is fitted without the held-out sequences: the start too (the whitened
+    rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
+    held-out text and would be favoured over every step. ``shared`` caches the fit split's Grams and
+    whitening per input (q/k/v, gate/up read the same one) when no column is preserved.
+    """
+    held = stats.heldout
+    if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
+            or stats.gram_sum is None):
+        return None
+    n, n_held = stats.tokens, held.tokens
+    fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
+    key = id(stats) if shared is not None and not kept.numel() else None
+    if key is not None and key in shared:
+        grams, whitening = shared[key]
+    else:
+        grams, whitening = complement(stats.grams(), n, held.grams(), n_held), None
+    fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy)
+    check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
+    if spec.whitening == "truncation-aware" or up is None:
+        with phase("whitening"):
+            whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping)
+        with phase("svd"):
+            start = factorize(weight[:, fit.rest], rank, whitening, driver=config.svd_driver)
+        up, down = start.up, start.down
+    if key is not None:
+        shared[key] = (grams, whitening)
+    return fit, check, up.to(torch.float64), down.to(torch.float64)
+
+
+def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport) -> int | None:
+    """The closed-form / adaComp step count chosen on the held-out sequences (`validated_steps`).
+
+    The report gets the held-out relative error before refinement and after the chosen steps.
+    """
+    if holdout is None:
+        return None
+    fit, check, up, down = holdout
+    best, scores = validated_steps(fit, check, up, down, iterations=spec.adacomp_iterations,
+                                   tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp")
+    report.heldout_error_start = _relative(scores[0], check.target_energy)
+    report.heldout_error = _relative(scores[best], check.target_energy)
+    return best
+
+
+def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: ModuleReport) -> bool:
+    """Whether the optimal factors, fitted without the held-out sequences, beat the start on them."""
+    if holdout is None:
+        return True
+    fit, check, up, down = holdout
+    start = objective(check, up, down)
+    opt_up, opt_down, _ = optimal_factors(fit, rank, driver=driver)
+    best = min(start, objective(check, opt_up, opt_down))
+    report.heldout_error_start = _relative(start, check.target_energy)
+    report.heldout_error = _relative(best, check.target_energy)
+    return best < start
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,12 +191,16 @@ def _factorize_target(
     whitenings: dict[int, Whitening] | None = None,
     target_energy: float | None = None,
     last_use: bool = False,
+    heldout_energy: float | None = None,
+    holdout_cache: dict | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
     ``whitenings`` caches the whitening per statistics object: q/k/v (and gate/up) read the same input,
     so they share one Cholesky factorization instead of computing the identical factor three times.
-    ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`).
+    ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
+    ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps;
+    ``holdout_cache`` shares their fit split's Grams and whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
 
@@ -194,14 +266,27 @@ def _factorize_target(
                                       target_energy=target_energy,
                                       whitening_factor=whitening.factor if factored else None,
                                       whitening_shift=whitening.shift if factored else 0.0)
-            if spec.refinement == "optimal":
-                up, down, value = optimal_factors(target, rank if up is None else up.shape[1],
-                                                  driver=config.svd_driver)
+            r = rank if up is None else up.shape[1]
+            holdout = None
+            if spec.validates_refinement:
+                holdout = _holdout_targets(spec, config, w64.to(torch.float64), input_stats, kept, target_energy,
+                                           heldout_energy, r, up, down, holdout_cache)
+            if spec.refinement == "optimal" and _optimal_validates(holdout, r, config.svd_driver, report):
+                up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
+            elif spec.refinement == "optimal":  # the held-out sequences prefer the whitened start
+                if up is None:
+                    with phase("svd"):
+                        factors = factorize(w64, r, whitening, compute_dtype=config.torch_compute_dtype,
+                                            driver=config.svd_driver)
+                    up, down = factors.up, factors.down
+                value = objective(target, up.to(torch.float64), down.to(torch.float64))
             else:
+                steps = _validated_half_steps(spec, holdout, report)
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                     v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
+                    max_half_steps=steps,
                 )
                 report.refinement_steps = len(history) - 1
                 value = history[-1]
@@ -245,8 +330,11 @@ def _compress_block(
     ctx: PlanContext,
     runner: BlockRunner,
     report: CompressionReport,
+    heldout: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor] | None:
     """Statistics, factorization and surgery of one block; returns its dense outputs (if computed).
+
+    ``heldout``: per calibration batch, the sequences held out to validate the refinement (paired).
 
     The block's statistics live only inside this call, so at most one block's Gram matrices exist at
     any time (they are the largest float64 data of a run: n² per distinct linear input).
@@ -259,7 +347,7 @@ def _compress_block(
                 original_hidden[b] = runner.run(block, inp, original_hidden[b])
         return original_hidden
     if inputs is not None and targets and paired:
-        _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report)
+        _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report, heldout)
         return original_hidden
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
@@ -299,6 +387,7 @@ def _factor_and_replace(
     rank_id, world_size = world()
     index = {name: i for i, name in enumerate(targets)}
     whitenings: dict[int, Whitening] = {}
+    holdout_cache: dict[int, tuple[GramStatistics, Whitening]] = {}
     # A shared input's statistics and whitening are dropped after the last target this rank factors
     # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
     mine = [name for name in names if index[name] % world_size == rank_id]
@@ -311,11 +400,14 @@ def _factor_and_replace(
         if rank_id == owner:
             input_stats = stats.for_module(name) if stats is not None else None
             energy = stats.target_energy(name) if stats is not None else None
+            held_energy = stats.target_energy(name, heldout=True) if stats is not None else None
             last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
-                                                   last_use=last)
+                                                   last_use=last, heldout_energy=held_energy,
+                                                   holdout_cache=holdout_cache)
             if last:
                 whitenings.pop(id(input_stats), None)
+                holdout_cache.pop(id(input_stats), None)
                 stats.release(name)
             input_stats = None
         ref = next(module.parameters())
@@ -379,6 +471,7 @@ def _compress_block_paired(
     ctx: PlanContext,
     runner: BlockRunner,
     report: CompressionReport,
+    heldout: list[torch.Tensor | None] | None = None,
 ) -> None:
     """Paired statistics and factorization of one block, one input stage at a time; advances the dense stream.
 
@@ -409,7 +502,8 @@ def _compress_block_paired(
         for position, stage in enumerate(stages):
             final = position == len(stages) - 1
             stage_targets = {name: targets[name] for name in stage}
-            stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype)
+            stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
+                                    holdout=heldout is not None)
             last = targets[stage[-1]]  # members share one input and run back to back
 
             def stop(module, args, output):
@@ -417,7 +511,7 @@ def _compress_block_paired(
 
             with stats, phase("calibration"):
                 for b, inp in enumerate(inputs):
-                    with stats.masked(inp.mask):
+                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None):
                         use({name: dense[name] for name in replaced})
                         stats.mode = "original"
                         if final:
@@ -442,6 +536,28 @@ def _run_until(runner: BlockRunner, block: nn.Module, inp: BlockInput, module: n
         pass
     finally:
         handle.remove()
+
+
+def _heldout_sequences(calibration: Sequence[Any], spec: MethodSpec, report: CompressionReport,
+                       device: torch.device) -> list[torch.Tensor | None] | None:
+    """Per calibration batch, the sequences held out to validate the refinement (`core.holdout`).
+
+    Counted over all processes; none held out (a tiny calibration set) is said, not silently skipped.
+    """
+    if not spec.validates_refinement:
+        return None
+    rows = [heldout_rows(batch, spec.heldout_fraction) for batch in calibration]
+    counts = [float(sum(int(r.sum()) for r in rows if r is not None)),
+              float(sum(int(r.numel()) for r in rows if r is not None))]
+    held, total = (int(v) for v in all_reduce_sum(counts, device=device))
+    report.heldout_sequences = held
+    if held == 0 or held == total:
+        warnings.warn(f"{spec.name}: {held} of the {total} calibration sequences were held out "
+                      f"(heldout_fraction {spec.heldout_fraction}), which leaves nothing to validate the refinement "
+                      "on or nothing to fit it to; every refinement step is taken unvalidated — use more "
+                      "calibration sequences", CompressionWarning, stacklevel=3)
+        return None
+    return rows
 
 
 @torch.no_grad()
@@ -498,11 +614,12 @@ def compress_model(
 
         paired = inputs is not None and spec.refinement != "none" and config.propagation == "compressed"
         original_hidden = [inp.hidden for inp in inputs] if paired else None
+        heldout = _heldout_sequences(calibration, spec, report, inputs[0].hidden.device) if paired else None
         for index, block_name, targets in plan:
             block = blocks[index]
             with runner.resident(block):
                 dense_outputs = _compress_block(model, block, targets, inputs, original_hidden, paired,
-                                                ranks, ctx, runner, report)
+                                                ranks, ctx, runner, report, heldout)
                 if inputs is not None and index + 1 < len(blocks):
                     if config.propagation == "compressed" or dense_outputs is None:
                         with phase("calibration"):

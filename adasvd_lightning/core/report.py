@@ -23,6 +23,10 @@ class ModuleReport:
     relative_error: float | None = None
     whitening: str | None = None
     refinement_steps: int = 0
+    # Held-out validation of the refinement (``heldout_fraction``): relative output error on the held-out
+    # sequences at the start (no refinement) and after the chosen number of steps, fitted without them.
+    heldout_error_start: float | None = None
+    heldout_error: float | None = None
     skipped: str | None = None
 
 
@@ -35,6 +39,7 @@ class CompressionReport:
     parameters_after: int = 0
     seconds: float = 0.0
     calibration_tokens: int = 0
+    heldout_sequences: int = 0  # calibration sequences held out to validate the refinement's steps
     budget_parameters: int = 0  # weights the target linears may keep: ⌊(1 − c)·Σ m·n⌋
     allocation: dict = field(default_factory=dict)  # strategy diagnostics (importances, …)
     # Exclusive wall seconds per pipeline phase (:mod:`.profiling`): where the time of ``seconds`` went.

@@ -14,6 +14,12 @@ states with ``mode = "original"`` (inputs are stashed, one batch at a time), the
 compressed model's hidden states with ``mode = "compressed"``; each compressed-stream input is paired
 with its stashed original and H_cc = X_cᵀX_c and H_oc = X_oᵀX_c are accumulated.
 
+Held-out sequences (paired mode, ``holdout=True``): the pipeline marks some calibration sequences as
+held out (`core.holdout`, set per batch with `BlockStatistics.masked`). Their tokens count in every
+statistic as usual *and* are also summed separately (``InputStatistics.heldout``, their own target
+energy), so the refinement can fit on the rest (all minus held-out) and validate on them, then refit on
+everything with the number of steps that validated best (`core.refinement.validated_steps`).
+
 Product precision: each token chunk's products are formed in ``product_dtype`` (float64 by default;
 float32 GEMMs run ~2× faster on CPU and 32–64× on consumer GPUs) and always *added* into float64 running
 sums, so only the per-chunk rounding differs (see `CompressionConfig.statistics_dtype`).
@@ -126,6 +132,7 @@ class InputStatistics:
     normalized: bool = False  # True after `finalize`: the *_sum fields hold means
     lower_only: bool = False  # gram_sum holds only its block lower triangle (see `accumulate_gram`)
     product_dtype: torch.dtype = torch.float64  # per-chunk products; the sums are float64 regardless
+    heldout: "InputStatistics | None" = None  # the held-out sequences' share of these sums (paired)
 
     def finalize(self) -> None:
         """Turn the sums into means in place (once accumulation and any all-reduce are done).
@@ -135,6 +142,8 @@ class InputStatistics:
         for a paired MLP input of width 11008 that is ~3 GB of transient copies. In place, none.
         """
         self._mirror()
+        if self.heldout is not None:
+            self.heldout.finalize()
         if self.normalized or self.tokens == 0:  # no tokens: `gram` raises when it is read
             return
         for t in (self.gram_sum, self.abs_sum, self.cross_sum):
@@ -144,13 +153,21 @@ class InputStatistics:
 
     @classmethod
     def empty(cls, width: int, device: torch.device | str = "cpu",
-              product_dtype: torch.dtype = torch.float64) -> "InputStatistics":
-        """Zero sums of width n; ``product_dtype`` (float64 or float32) forms each chunk's products."""
+              product_dtype: torch.dtype = torch.float64, heldout: bool = False) -> "InputStatistics":
+        """Zero sums of width n; ``product_dtype`` (float64 or float32) forms each chunk's products.
+
+        ``heldout``: also zero paired sums for the held-out sequences, created up front so that every
+        process of a distributed run all-reduces the same tensors (some may hold out nothing).
+        """
         if product_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"product_dtype must be torch.float64 or torch.float32, got {product_dtype}")
         zeros = dict(dtype=torch.float64, device=device)
+        child = None
+        if heldout:
+            child = cls(gram_sum=torch.zeros(width, width, **zeros), abs_sum=torch.zeros(width, **zeros),
+                        cross_sum=torch.zeros(width, width, **zeros), product_dtype=product_dtype)
         return cls(gram_sum=torch.zeros(width, width, **zeros), abs_sum=torch.zeros(width, **zeros),
-                   product_dtype=product_dtype)
+                   product_dtype=product_dtype, heldout=child)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a (tokens × n) batch into float64 sums (float32 sums drift over millions of tokens)."""
@@ -231,6 +248,13 @@ class InputStatistics:
         return self.abs_sum if self.normalized else self.abs_sum / self.tokens
 
 
+def _add_energy(energy: dict[str, torch.Tensor], counts: dict[str, int], name: str, y: torch.Tensor) -> None:
+    """energy[name] += Σ‖y‖² over the rows of y: row sums in y's dtype (m terms), the total in float64."""
+    value = y.float().square().sum(dim=-1).to(torch.float64).sum()
+    energy[name] = energy[name] + value if name in energy else value
+    counts[name] = counts.get(name, 0) + y.shape[0]
+
+
 class BlockStatistics:
     """Forward-pre-hooks on a block's target linears that stream their input statistics.
 
@@ -243,10 +267,16 @@ class BlockStatistics:
         h = stats.for_module("model.layers.0.self_attn.q_proj").gram
     """
 
-    def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64,
+                 holdout: bool = False) -> None:
         self.targets = targets
         self.product_dtype = product_dtype  # see `InputStatistics.product_dtype`
+        self.holdout = holdout  # paired mode: also sum the held-out sequences separately
         self.token_mask: torch.Tensor | None = None
+        self.heldout_rows: torch.Tensor | None = None  # B bools for the current batch (see `masked`)
+        self._stash_heldout: dict[str, torch.Tensor] = {}
+        self._energy_heldout: dict[str, torch.Tensor] = {}
+        self._energy_heldout_tokens: dict[str, int] = {}
         self.mode = "single"  # "single" | "original" (stash) | "compressed" (pair with the stash)
         self._stash: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, str] = {}  # module name -> group leader name
@@ -276,12 +306,14 @@ class BlockStatistics:
         self._handles.clear()
 
     @contextmanager
-    def masked(self, mask: torch.Tensor | None) -> Iterator[None]:
-        previous, self.token_mask = self.token_mask, mask
+    def masked(self, mask: torch.Tensor | None, heldout_rows: torch.Tensor | None = None) -> Iterator[None]:
+        """Token mask (B×T) and held-out sequences (B bools) of the batch about to run."""
+        previous = self.token_mask, self.heldout_rows
+        self.token_mask, self.heldout_rows = mask, heldout_rows
         try:
             yield
         finally:
-            self.token_mask = previous
+            self.token_mask, self.heldout_rows = previous
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -294,10 +326,16 @@ class BlockStatistics:
                 return  # another module with the same input already counts these tokens
             with phase("statistics"):
                 tokens = self._select_tokens(x)
+                held = self._heldout_tokens(x)
                 if self.mode == "original":
                     self._stash[name] = tokens.detach()
+                    if held is not None:
+                        self._stash_heldout[name] = held.detach()
                 elif self.mode == "compressed":
-                    self._stats_for(name, x).add_pair(self._stash.pop(name), tokens)
+                    stats = self._stats_for(name, x)
+                    stats.add_pair(self._stash.pop(name), tokens)
+                    if held is not None and name in self._stash_heldout:
+                        stats.heldout.add_pair(self._stash_heldout.pop(name), held)
                 else:
                     self._stats_for(name, x).add(tokens)
 
@@ -313,13 +351,11 @@ class BlockStatistics:
                 bias = linear_bias(module)
                 if bias is not None:
                     y = y - bias.detach()
-                # Row sums in the output dtype (m terms), the running total in float64.
-                energy = y.float().square().sum(dim=-1).to(torch.float64).sum()
-                if name in self._energy:
-                    self._energy[name] += energy
-                else:
-                    self._energy[name] = energy
-                self._energy_tokens[name] = self._energy_tokens.get(name, 0) + y.shape[0]
+                _add_energy(self._energy, self._energy_tokens, name, y)
+                held = self._heldout_tokens(output.detach())
+                if held is not None:
+                    _add_energy(self._energy_heldout, self._energy_heldout_tokens, name,
+                                held - bias.detach() if bias is not None else held)
 
         return hook
 
@@ -339,14 +375,25 @@ class BlockStatistics:
 
     def _stats_for(self, name: str, x: torch.Tensor) -> InputStatistics:
         if name not in self._stats:
-            self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype)
+            self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
+                                                      heldout=self.holdout)
         return self._stats[name]
 
-    def _select_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _select_tokens(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         mask = self.token_mask
+        if rows is not None:  # a subset of the batch's sequences
+            x = x[rows]
+            mask = mask[rows.to(mask.device)] if mask is not None else None
         if mask is not None and x.ndim >= 2 and tuple(mask.shape) == tuple(x.shape[:-1]):
             return x[mask.to(device=x.device).bool()]
         return x.reshape(-1, x.shape[-1])
+
+    def _heldout_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The held-out sequences' tokens of a B×T×n tensor (None: holding out is off or none here)."""
+        rows = self.heldout_rows
+        if not self.holdout or rows is None or x.ndim != 3 or x.shape[0] != rows.shape[0] or not bool(rows.any()):
+            return None
+        return self._select_tokens(x, rows.to(x.device))
 
     def all_reduce(self) -> None:
         """Sum the statistics over ranks of a process group (no-op without one)."""
@@ -355,23 +402,28 @@ class BlockStatistics:
         from .distributed import all_reduce_sum, is_distributed
 
         all_reduce_statistics(self._stats)
-        if is_distributed() and self._energy:
-            names = sorted(self._energy)  # same order on every rank
-            device = self._energy[names[0]].device
-            local = [float(self._energy[n]) for n in names] + [float(self._energy_tokens[n]) for n in names]
+        all_reduce_statistics({name: s.heldout for name, s in self._stats.items() if s.heldout is not None})
+        if not is_distributed() or not self._energy:
+            return
+        names = sorted(self._energy)  # same order on every rank
+        device = self._energy[names[0]].device
+        for energy, tokens in ((self._energy, self._energy_tokens), (self._energy_heldout, self._energy_heldout_tokens)):
+            # Every rank reduces every name (a rank may have held out nothing).
+            local = [float(energy.get(n, 0.0)) for n in names] + [float(tokens.get(n, 0)) for n in names]
             sums = all_reduce_sum(local, device=device)
             for i, n in enumerate(names):
-                self._energy[n] = torch.tensor(sums[i], dtype=torch.float64, device=device)
-                self._energy_tokens[n] = int(sums[len(names) + i])
+                energy[n] = torch.tensor(sums[i], dtype=torch.float64, device=device)
+                tokens[n] = int(sums[len(names) + i])
 
     def finalize(self) -> None:
         """Sums → means in place for every input (after `all_reduce`; see `InputStatistics.finalize`)."""
         for stats in self._stats.values():
             stats.finalize()
         if not self._energy_normalized:
-            for name, tokens in self._energy_tokens.items():
-                if tokens:
-                    self._energy[name] = self._energy[name] / tokens
+            for energy, counts in ((self._energy, self._energy_tokens), (self._energy_heldout, self._energy_heldout_tokens)):
+                for name, tokens in counts.items():
+                    if tokens:
+                        energy[name] = energy[name] / tokens
             self._energy_normalized = True
 
     # -- results -----------------------------------------------------------------------------------
@@ -389,16 +441,18 @@ class BlockStatistics:
         """Free the statistics of ``name``'s input group (its last reader is done with them)."""
         self._stats.pop(self.leader(name), None)
 
-    def target_energy(self, name: str) -> float | None:
+    def target_energy(self, name: str, heldout: bool = False) -> float | None:
         """Mean ‖W x‖² per token of a target's dense output (bias removed), or None if never observed.
 
         In paired mode this is over the dense model's stream (‖W X_o‖²: refinement's ‖Y‖² and the
-        denominator of the relative output error). Read after `finalize`.
+        denominator of the relative output error); ``heldout``: over the held-out sequences only.
+        Read after `finalize`.
         """
-        if name not in self._energy or not self._energy_tokens.get(name):
+        energy, counts = (self._energy_heldout, self._energy_heldout_tokens) if heldout else (self._energy, self._energy_tokens)
+        if name not in energy or not counts.get(name):
             return None
-        value = self._energy[name]
-        return float(value if self._energy_normalized else value / self._energy_tokens[name])
+        value = energy[name]
+        return float(value if self._energy_normalized else value / counts[name])
 
     def groups(self) -> dict[str, list[str]]:
         """Leader name → all module names sharing its input (for reports and tests)."""
