@@ -90,7 +90,8 @@ def test_method_options_override_and_validate():
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"allocation": "magic"})
 
 
-@pytest.mark.parametrize("allocation", ["uniform", "adacr", "grouped-loss", "module-kl", "sensitivity-ppl"])
+@pytest.mark.parametrize("allocation", ["uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher",
+                                        "sensitivity-ppl"])
 @pytest.mark.parametrize("form", ["low-rank", "column-preserving"])
 def test_every_allocation_and_form_composes(allocation, form):
     model = tiny_model("qwen2")
@@ -104,5 +105,5 @@ def test_every_allocation_and_form_composes(allocation, form):
         for m in report.modules:
             dense, rank_cost = m.out_features * m.in_features, m.out_features + m.in_features
             assert abs(m.params_after - m.bias_params - 0.5 * dense) <= rank_cost
-    elif allocation in ("module-kl", "sensitivity-ppl"):
+    elif allocation in ("module-kl", "module-kl-fisher", "sensitivity-ppl"):
         assert len(report.allocation["sensitivity"]) == len(report.modules)

@@ -14,6 +14,8 @@ All of them return desired per-matrix *retentions* (or ranks) that
 * ``module-kl`` / ``sensitivity-ppl`` (Duo-SVD / ASVD) — a measured cost table (KL or perplexity
   increase when one module alone moves to each candidate retention) and a multiple-choice knapsack
   solved exactly by dynamic programming under the parameter budget.
+* ``module-kl-fisher`` — the same table and knapsack, with the KL costs estimated to second order from
+  the output Fisher diagonal and the whitened spectrum instead of measured (:mod:`.fisher`).
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ class CompressionConfig:
             activations where they are (typically host memory) and moves one decoder block at a time
             there for its statistics, factorization and propagation, so the device only ever holds one
             block. Results equal the in-place run up to the device's arithmetic. The allocation
-            probes of ``module-kl`` / ``sensitivity-ppl`` run the whole model and stay where it is.
+            probes of ``module-kl`` / ``sensitivity-ppl`` and the backward pass of ``module-kl-fisher``
+            run the whole model and stay where it is.
         svd_driver: how truncated SVDs are computed (:mod:`.linalg`). ``"auto"`` (default) and
             ``"gram"`` take the eigen-decomposition of the smaller Gram matrix when that is accurate for
             the kept rank (float64) and LAPACK's SVD otherwise; ``"svd"`` always uses LAPACK's SVD (the

@@ -24,7 +24,7 @@ from torch import nn
 
 from .lowrank import FactorizedLinear, module_from_entry
 
-__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_statistics", "share_module", "shutdown",
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_tensor", "all_reduce_statistics", "share_module", "shutdown",
            "gathered_parameters"]
 
 
@@ -44,6 +44,13 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks, in place (returned for chaining); no-op without a process group."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
 
 
 def all_reduce_statistics(stats: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ pipeline, statistics, rank arithmetic and module surgery, so comparisons isolate
   ``none`` (plain SVD), ``activation-scale`` (ASVD: input channels scaled by (mean |x_j|)^α),
   ``truncation-aware`` (SVD-LLM: Cholesky of H = XXᵀ with a fallback chain).
 * allocation — how the parameter budget is split between matrices (:mod:`.allocation`):
-  ``uniform``, ``adacr`` (AdaSVD), ``grouped-loss`` (SVD-LLM V2), ``module-kl`` (Duo-SVD),
-  ``sensitivity-ppl`` (ASVD-style).
+  ``uniform``, ``adacr`` (AdaSVD), ``grouped-loss`` (SVD-LLM V2), ``module-kl`` (Duo-SVD, exact
+  probes), ``module-kl-fisher`` (its second-order estimate, :mod:`.fisher`), ``sensitivity-ppl`` (ASVD-style).
 * form — ``low-rank`` or ``column-preserving`` (Duo-SVD, :mod:`.columns`).
 * refinement — ``none``, ``closed-form`` (SVD-LLM's U update), ``adacomp`` (AdaSVD's alternating U/Vᵀ
   refinement), ``optimal`` (the limit of that alternation in closed form: the rank-r minimiser of the
@@ -45,7 +45,7 @@ from .whitening import DiagonalWhitening, IdentityWhitening, Whitening, compute_
 __all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "FORMS", "REFINEMENTS"]
 
 WHITENINGS = ("none", "activation-scale", "truncation-aware")
-ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "sensitivity-ppl")
+ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher", "sensitivity-ppl")
 FORMS = ("low-rank", "column-preserving")
 REFINEMENTS = ("none", "closed-form", "adacomp", "optimal")
 
@@ -67,8 +67,12 @@ class MethodSpec:
         adacr_min_retention: adaCR's minimum retention ratio mrr as a fraction of the target retention
             trr (mrr = adacr_min_retention · trr); the paper's value is not public.
         column_min_gain: Duo-SVD keeps a column split only if the error drops by more than this.
-        sensitivity_candidates: candidate retentions probed by module-kl / sensitivity-ppl.
-        sensitivity_batches: calibration batches used for the sensitivity probes.
+        sensitivity_candidates: candidate retentions probed by module-kl / sensitivity-ppl (or estimated
+            by module-kl-fisher).
+        sensitivity_batches: calibration batches used for the sensitivity probes (module-kl-fisher: for
+            its backward passes).
+        fisher_samples: module-kl-fisher's label draws per sequence (one backward each) for the
+            expectation over the model's own predictions in the Fisher information.
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -87,6 +91,7 @@ class MethodSpec:
     column_min_gain: float = 0.01
     sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sensitivity_batches: int = 2
+    fisher_samples: int = 1
     heldout_fraction: float = 0.25
 
     def __post_init__(self) -> None:
@@ -114,6 +119,13 @@ class MethodSpec:
         object.__setattr__(self, "sensitivity_candidates", cands)
         if self.sensitivity_batches < 1:
             raise InvalidInputError("sensitivity_batches must be >= 1")
+        if self.fisher_samples < 1:
+            raise InvalidInputError("fisher_samples must be >= 1")
+        if self.allocation == "module-kl-fisher" and self.whitening != "truncation-aware":
+            # The closed form reads (W − W′)H(W − W′)ᵀ off the SVD of W·L with L Lᵀ = H; other
+            # whitenings truncate a different matrix.
+            raise InvalidInputError("allocation 'module-kl-fisher' needs whitening 'truncation-aware', got "
+                                    f"{self.whitening!r}")
         if not 0.0 <= self.heldout_fraction <= 0.5:
             raise InvalidInputError(f"heldout_fraction must be in [0, 0.5], got {self.heldout_fraction}")
 

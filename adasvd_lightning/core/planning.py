@@ -2,8 +2,9 @@
 
 The strategies themselves are pure functions in :mod:`.allocation`; this module runs the model to feed
 them — one dense pass over the blocks for block importances (adaCR) or whitened spectra (grouped-loss),
-and per-module output-sensitivity probes (module-kl / sensitivity-ppl) — and rounds the result to ranks
-that meet the parameter budget (:mod:`.budget`).
+per-module output-sensitivity probes (module-kl / sensitivity-ppl), or one backward pass for their
+second-order estimate (module-kl-fisher, :mod:`.fisher`) — and rounds the result to ranks that meet the
+parameter budget (:mod:`.budget`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, n
 from .config import CompressionConfig
 from .distributed import all_reduce_sum
 from .factorization import LowRankFactors, saves_parameters
+from .fisher import output_fisher, truncation_kl
 from .linalg import singular_values, thin_svd
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
@@ -269,6 +271,13 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     finally:
         for name, module in modules.items():
             replace_module(model, name, module)
+    return _knapsack_retentions(ctx, options, option_ranks), {
+        "sensitivity_baseline": baseline, "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
+
+
+def _knapsack_retentions(ctx: PlanContext, options: list[list[tuple[int, float]]],
+                         option_ranks: list[list[int | None]]) -> dict[str, float]:
+    """Retentions from a per-module cost table (one row per ``ctx.shapes`` entry) under the budget."""
     budget = budget_for_ratio(ctx.shapes, ctx.config.ratio)
     picked = knapsack(options, budget)
     # Candidate retentions are coarse (0.1 steps): spread what the knapsack left unspent evenly over the
@@ -280,7 +289,52 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     for s, k, ranks in zip(ctx.shapes, picked, option_ranks):
         rank = ranks[k]
         retentions[s.name] = 1.0 if rank is None else rank * s.rank_params / s.dense_params + spare
-    return retentions, {"sensitivity_baseline": baseline, "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
+    return retentions
+
+
+def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
+    """``module-kl-fisher``: the module-KL cost table estimated to second order (:mod:`.fisher`).
+
+    One backward pass per probe sequence over the dense model gives every target's output Fisher
+    diagonal; one dense pass with statistics gives each target's whitened SVD (up to the largest rank
+    the table needs), from which every candidate's cost is a cumulative sum. Costs are relative to the
+    module's uniform-rank baseline, as in the exact probes' table (a constant per module, so the
+    knapsack's choice does not depend on it), and go through the same knapsack.
+    """
+    batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
+    modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
+    fisher, tokens = output_fisher(ctx.model, ctx.blocks[0], modules, batches, samples=ctx.spec.fisher_samples)
+    shape_of = {s.name: s for s in ctx.shapes}
+    uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
+                               budget_for_ratio(ctx.shapes, ctx.config.ratio))
+    rows: dict[str, tuple[list[tuple[int, float]], list[int | None]]] = {}
+    baseline_total = 0.0
+
+    def usable(shape: MatrixShape, rank: int | None) -> int | None:
+        return rank if rank is not None and saves_parameters(shape.out_features, shape.in_features, rank) else None
+
+    def visit(index, targets, hidden, outputs, stats):
+        nonlocal baseline_total
+        for name, module in targets.items():
+            shape = shape_of[name]
+            ranks = [usable(shape, _candidate_rank(shape, rho)) for rho in ctx.spec.sensitivity_candidates]
+            base = usable(shape, uniform[name])
+            top = max((r for r in ranks + [base] if r is not None), default=0)
+            costs = [0.0] * (len(ranks) + 1)
+            if top:
+                a = _whitened(ctx, module, stats, name)[1]
+                u, s, _ = thin_svd(a, top, driver=ctx.config.svd_driver)
+                costs = truncation_kl(fisher[name], tokens, a, u, s, ranks + [base])
+                del a, u, s
+            baseline_total += costs[-1]
+            rows[name] = ([(rank_cost(shape, r), c - costs[-1]) for r, c in zip(ranks, costs)], ranks)
+
+    _dense_pass(ctx, visit, statistics=True)
+    options = [rows[s.name][0] for s in ctx.shapes]
+    option_ranks = [rows[s.name][1] for s in ctx.shapes]
+    return _knapsack_retentions(ctx, options, option_ranks), {
+        "fisher_baseline_kl": baseline_total, "fisher_tokens": tokens,
+        "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
 
 
 def plan_ranks(ctx: PlanContext) -> tuple[dict[str, int | None], dict]:
@@ -293,6 +347,8 @@ def plan_ranks(ctx: PlanContext) -> tuple[dict[str, int | None], dict]:
         retentions, info = _allocate_adacr(ctx)
     elif allocation == "grouped-loss":
         retentions, info = _allocate_grouped_loss(ctx)
+    elif allocation == "module-kl-fisher":
+        retentions, info = _allocate_fisher(ctx)
     else:
         retentions, info = _allocate_sensitivity(ctx)
     ranks = ranks_for_budget(ctx.shapes, retentions, budget_for_ratio(ctx.shapes, ctx.config.ratio))

@@ -1,0 +1,211 @@
+"""The second-order (Fisher) estimate of module-KL costs: formula, statistics, agreement with exact probes."""
+
+import copy
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adasvd_lightning import CompressionConfig, compress_model
+from adasvd_lightning.core.calibration import model_forward
+from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.fisher import output_fisher, sequences, truncation_kl
+from adasvd_lightning.core.linalg import thin_svd
+from adasvd_lightning.core.methods import MethodSpec
+from adasvd_lightning.core.planning import _sensitivity_metric
+from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_weight, replace_module
+from adasvd_lightning.core.whitening import compute_whitening
+from conftest import tiny_model
+
+
+def _spearman(a, b) -> float:
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def test_cumulative_sum_equals_direct_error_diagonal():
+    """½ Σ_i F_i ((W − W′) H (W − W′)ᵀ)_ii / T from the whitened spectrum = the direct product, every rank."""
+    g = torch.Generator().manual_seed(3)
+    m, n, tokens = 24, 40, 300
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    h = x.T @ x / tokens
+    fisher = torch.rand(m, generator=g, dtype=torch.float64) * tokens
+    whitening = compute_whitening(h, damping=0.0)
+    a = whitening.whiten(w)
+    u, s, vh = thin_svd(a, m, driver="svd")
+    ranks = [1, 5, 12, 23, None]
+    got = truncation_kl(fisher, tokens, a, u, s, ranks)
+    for rank, value in zip(ranks, got):
+        if rank is None:
+            assert value == 0.0
+            continue
+        w_r = whitening.unwhiten((u[:, :rank] * s[:rank]) @ vh[:rank])
+        e = w - w_r
+        direct = 0.5 * float((fisher / tokens) @ ((e @ h) * e).sum(1))
+        assert value == pytest.approx(direct, rel=1e-9)
+    assert got[:-1] == sorted(got[:-1], reverse=True)  # more rank, less cost
+    with pytest.raises(ValueError, match="singular vectors"):
+        truncation_kl(fisher, tokens, a, u[:, :4], s, [5])
+
+
+def _peaked_llama():
+    """Tiny float64 Llama with a confident head: KLs of 1e-5…1 that float32 round-off cannot blur."""
+    model = tiny_model("llama").double()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    return model
+
+
+def test_fisher_estimate_matches_exact_kl_of_each_truncation(token_batches):
+    """Per module and rank, the estimate ≈ the measured KL(dense ‖ dense with that module truncated)."""
+    model = _peaked_llama()
+    plan = find_targets(model)
+    _, blocks = find_decoder_blocks(model)
+    modules = {name: module for _, _, targets in plan for name, module in targets.items()}
+    fisher, tokens = output_fisher(model, blocks[0], modules, token_batches, samples=2)
+    assert tokens == 8 * 32
+    grams: dict[str, torch.Tensor] = {}
+
+    def keep_input(name):
+        def hook(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            grams[name] = grams.get(name, 0) + x.T @ x
+        return hook
+
+    handles = [module.register_forward_hook(keep_input(name)) for name, module in modules.items()]
+    with torch.no_grad():
+        reference = [torch.log_softmax(model_forward(model, b).logits.float(), -1) for b in token_batches]
+    for h in handles:
+        h.remove()
+    exact, estimate = [], []
+    for name, module in modules.items():
+        whitening = compute_whitening(grams[name] / tokens, damping=0.0)
+        w = linear_weight(module).detach()
+        a = whitening.whiten(w)
+        u, s, vh = thin_svd(a, min(a.shape))
+        for rank in (2, 8, 24):
+            estimate.append(truncation_kl(fisher[name], tokens, a, u, s, [rank])[0])
+            truncated = copy.deepcopy(module)
+            with torch.no_grad():
+                truncated.weight.copy_(whitening.unwhiten((u[:, :rank] * s[:rank]) @ vh[:rank]))
+            replace_module(model, name, truncated)
+            with torch.no_grad():
+                exact.append(_sensitivity_metric(model, token_batches, reference, "module-kl"))
+            replace_module(model, name, module)
+    ratios = torch.tensor(estimate) / torch.tensor(exact)
+    assert min(exact) > 1e-6  # well above the float32 log-softmax's resolution
+    assert _spearman(exact, estimate) > 0.98
+    assert 0.8 < float(ratios.median()) < 1.25
+    assert float(ratios.min()) > 0.25 and float(ratios.max()) < 2.0
+
+
+def test_fisher_statistics_ignore_batching_and_padding(token_batches):
+    """Labels are drawn per sequence from its own seed: the sums do not depend on how sequences are batched;
+    padded positions add neither tokens nor gradient."""
+    model = tiny_model("llama")
+    plan = find_targets(model)
+    _, blocks = find_decoder_blocks(model)
+    modules = {name: module for _, _, targets in plan for name, module in targets.items()}
+    params = {n: p.requires_grad for n, p in model.named_parameters()}
+    by_batch, tokens = output_fisher(model, blocks[0], modules, token_batches)
+    rows = torch.cat(token_batches)
+    regrouped, tokens2 = output_fisher(model, blocks[0], modules, [rows[:3], rows[3:]])
+    assert tokens == tokens2 == rows.numel()
+    for name in modules:
+        torch.testing.assert_close(by_batch[name], regrouped[name], rtol=1e-9, atol=0)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient computed or kept
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == params
+    assert len(sequences({"input_ids": rows, "attention_mask": torch.ones_like(rows)})) == rows.shape[0]
+
+    # Right padding: the real tokens see the same context, so the statistics are those of the unpadded rows.
+    short = rows[:2, :20]
+    padded = {"input_ids": torch.cat([short, torch.zeros(2, 12, dtype=short.dtype)], 1),
+              "attention_mask": torch.cat([torch.ones(2, 20), torch.zeros(2, 12)], 1).long()}
+    plain, t_plain = output_fisher(model, blocks[0], modules, [short], samples=3)
+    masked, t_masked = output_fisher(model, blocks[0], modules, [padded], samples=3)
+    assert t_plain == t_masked == 40
+    for name in modules:
+        assert float(masked[name].sum()) > 0
+        torch.testing.assert_close(masked[name], plain[name], rtol=1e-4, atol=1e-12)
+
+
+def _compress(allocation: str, batches, family="gpt2", **options):
+    model = tiny_model(family)
+    options = {"allocation": allocation, "sensitivity_candidates": [0.2, 0.4, 0.6, 0.8, 1.0], **options}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress_model(model, CompressionConfig(method="svd-llm-w", ratio=0.4, method_options=options),
+                                batches)
+    return report
+
+
+def test_fisher_allocation_agrees_with_exact_probes(token_batches):
+    """Same table layout as the probes, costs ranked alike, the budget met."""
+    exact = _compress("module-kl", token_batches)
+    fisher = _compress("module-kl-fisher", token_batches)
+    assert fisher.allocation["sensitivity"].keys() == exact.allocation["sensitivity"].keys()
+    xs, ys = [], []
+    for name, row in exact.allocation["sensitivity"].items():
+        est = fisher.allocation["sensitivity"][name]
+        assert len(est) == len(row) == 5
+        xs += row[:-1]
+        ys += est[:-1]
+    assert _spearman(xs, ys) > 0.95
+    assert fisher.achieved_ratio == pytest.approx(exact.achieved_ratio, abs=0.01)
+    assert fisher.achieved_ratio >= 0.4 - 1e-9
+    assert fisher.allocation["fisher_tokens"] == 8 * 32
+
+
+def test_fisher_allocation_needs_truncation_aware_whitening():
+    with pytest.raises(InvalidInputError, match="truncation-aware"):
+        MethodSpec("x", whitening="activation-scale", allocation="module-kl-fisher")
+    with pytest.raises(InvalidInputError, match="fisher_samples"):
+        MethodSpec("x", allocation="module-kl-fisher", fisher_samples=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batches():
+    g = torch.Generator().manual_seed(11)
+    return list(torch.randint(0, 128, (16, 32), generator=g).split(4))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model("llama")
+        plan = find_targets(model)
+        _, blocks = find_decoder_blocks(model)
+        modules = {name: module for _, _, targets in plan for name, module in targets.items()}
+        fisher, tokens = output_fisher(model, blocks[0], modules, _batches()[rank::world])
+        torch.save({"fisher": fisher, "tokens": tokens}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fisher_statistics_are_summed_over_ranks(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    model = tiny_model("llama")
+    _, blocks = find_decoder_blocks(model)
+    modules = {name: module for _, _, targets in find_targets(model) for name, module in targets.items()}
+    single, tokens = output_fisher(model, blocks[0], modules, _batches())
+    assert r0["tokens"] == r1["tokens"] == tokens == 16 * 32
+    for name in modules:
+        assert torch.equal(r0["fisher"][name], r1["fisher"][name])
+        torch.testing.assert_close(r0["fisher"][name], single[name], rtol=1e-6, atol=0)
