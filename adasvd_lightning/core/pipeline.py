@@ -122,7 +122,8 @@ def _holdout_targets(
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
-    held-out text and would be favoured over every step. ``shared`` caches the fit split's Grams and
+    held-out text and would be favoured over every step (with another whitening than the truncation-
+    aware one, the given start is scored as it is). ``shared`` caches the fit split's Grams and
     whitening per input (q/k/v, gate/up read the same one) when no column is preserved.
     """
     held = stats.heldout
