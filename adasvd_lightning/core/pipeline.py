@@ -141,7 +141,8 @@ def _holdout_targets(
     check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
     if spec.whitening == "truncation-aware" or up is None:
         with phase("whitening"):
-            whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping)
+            whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping,
+                                                       product_dtype=stats.product_dtype)
         with phase("svd"):
             start = factorize(weight[:, fit.rest], rank, whitening, driver=config.svd_driver)
         up, down = start.up, start.down
