@@ -248,6 +248,12 @@ class InputStatistics:
             return GramStatistics.single_stream(h)
         return GramStatistics(h_cc=h, h_oc=self._cross_mean())
 
+    def release_heldout(self) -> None:
+        """Free the held-out sequences' sums once the refinement has been validated on them (they are
+        in the whole already): two n×n float64 matrices less while the whole data is factorized."""
+        self.merge_heldout()
+        self.heldout = None
+
     def _cross_mean(self) -> torch.Tensor:
         self.merge_heldout()
         return self.cross_sum if self.normalized else self.cross_sum / self.tokens
