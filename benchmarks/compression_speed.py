@@ -188,16 +188,16 @@ def one(spec: dict) -> dict:
 
     import transformers  # noqa: F401  (imported before the baseline below, as loading would)
 
-    from adasvd_lightning import compress_model
+    from adasvd_lightning import compress_model, load_compressed, load_tokenizer
     from adasvd_lightning.core.surgery import find_targets, linear_shape
+    from adasvd_lightning.display import quiet_libraries
+    from adasvd_lightning.training.reference import resolve_model
+    from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
-    rss_imports = _rss()  # the interpreter and libraries: not the model's memory
+    # The interpreter and libraries (their code pages count in RSS), not the model's memory; the
+    # tokenizer and calibration text of a model folder come after it.
+    rss_imports = _rss()
     if spec["model"] != "synthetic":  # "reference" or a model folder
-        from adasvd_lightning import load_compressed, load_tokenizer
-        from adasvd_lightning.display import quiet_libraries
-        from adasvd_lightning.training.reference import resolve_model
-        from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
-
         quiet_libraries()
         path = resolve_model(spec["model"], show_progress=False)
         model = load_compressed(path)
