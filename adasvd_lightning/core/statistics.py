@@ -22,9 +22,10 @@ held-out) and validate on them, then refit on everything with the number of step
 (`core.refinement.validated_steps`). Summing them apart rather than twice (into the whole *and* their
 own sums) forms each token's Gram products once: with a quarter held out, a fifth less statistics work.
 
-Product precision: each token chunk's products are formed in ``product_dtype`` (float64 by default;
-float32 GEMMs run ~2× faster on CPU and 32–64× on consumer GPUs) and always *added* into float64 running
-sums, so only the per-chunk rounding differs (see `CompressionConfig.statistics_dtype`).
+Product precision: each token chunk's products are formed in ``product_dtype`` (the pipeline passes
+`CompressionConfig.statistics_dtype`, float32 by default; this class alone defaults to float64, the
+reference; float32 GEMMs run ~2× faster on CPU and 32–64× on consumer GPUs) and always *added* into
+float64 running sums, so only the per-chunk rounding differs (see `CompressionConfig.statistics_dtype`).
 
 Target energy: every target's output is also observed (forward hook) in ``"single"`` and ``"original"``
 mode, and Σ‖W x‖² (bias removed) is accumulated per module in float64. That is the denominator of every
