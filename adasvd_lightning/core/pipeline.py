@@ -41,6 +41,7 @@ from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
+from .residual import find_residual_writers
 from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
                          optimal_factors, validated_steps)
 from .report import CompressionReport, ModuleReport
@@ -194,6 +195,7 @@ def _factorize_target(
     last_use: bool = False,
     heldout_energy: float | None = None,
     holdout_cache: dict | None = None,
+    compensate: bool = True,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
@@ -204,6 +206,9 @@ def _factorize_target(
     ``holdout_cache`` shares their fit split's Grams and whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
+    ``compensate=False`` (paired statistics, a target that does not write into the residual stream,
+    `core.residual`): the refinement takes no step — the whitened fit to its own compressed input —
+    and the report still measures it against the dense outputs.
 
     The report's relative output error is read off numbers the factorization already has whenever
     they are exact for the stored module (float32/float64 factors): the final refinement objective
@@ -269,10 +274,12 @@ def _factorize_target(
                                       whitening_shift=whitening.shift if factored else 0.0)
             r = rank if up is None else up.shape[1]
             holdout = None
-            if spec.validates_refinement:
+            report.compensated = compensate
+            if spec.validates_refinement and compensate:
                 holdout = _holdout_targets(spec, config, w64.to(torch.float64), input_stats, kept, target_energy,
                                            heldout_energy, r, up, down, holdout_cache)
-            if spec.refinement == "optimal" and _optimal_validates(holdout, r, config.svd_driver, report):
+            if spec.refinement == "optimal" and compensate and _optimal_validates(holdout, r, config.svd_driver,
+                                                                                 report):
                 up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
             elif spec.refinement == "optimal":  # the held-out sequences prefer the whitened start
@@ -283,7 +290,7 @@ def _factorize_target(
                     up, down = factors.up, factors.down
                 value = objective(target, up.to(torch.float64), down.to(torch.float64))
             else:
-                steps = _validated_half_steps(spec, holdout, report)
+                steps = _validated_half_steps(spec, holdout, report) if compensate else 0
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                     v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
@@ -375,9 +382,12 @@ def _factor_and_replace(
     ranks: dict[str, int | None],
     ctx: PlanContext,
     report: CompressionReport,
+    compensated: set[str] | None = None,
 ) -> dict[str, nn.Module]:
     """Factor ``names`` (a subset of the block's ``targets``, in order) and swap the results in.
 
+    ``compensated``: with paired statistics, the targets whose refinement may chase the dense outputs
+    (the residual writers, `core.residual`); the others keep their start. None: every target.
     Returns name → new module for the targets that were factorized (the others stay dense).
     """
     if stats is not None:
@@ -405,7 +415,8 @@ def _factor_and_replace(
             last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
                                                    last_use=last, heldout_energy=held_energy,
-                                                   holdout_cache=holdout_cache)
+                                                   holdout_cache=holdout_cache,
+                                                   compensate=compensated is None or name in compensated)
             if last:
                 whitenings.pop(id(input_stats), None)
                 holdout_cache.pop(id(input_stats), None)
@@ -492,6 +503,13 @@ def _compress_block_paired(
     stage, which runs to the end of the block to advance the dense stream.
     """
     stages = input_stages(block, targets, inputs[0], runner)
+    writers = find_residual_writers(block, targets, original_hidden[0],
+                                    lambda: runner.run(block, inputs[0], original_hidden[0]))
+    if not writers:
+        warnings.warn("a decoder block has no target whose output is added to the residual stream (post-norm or "
+                      "parallel block?): its targets are fitted without compensation", CompressionWarning,
+                      stacklevel=4)
+    sources = {name: block.get_submodule(w.source) if w.source else None for name, w in writers.items()}
     dense = dict(targets)
     replaced: dict[str, nn.Module] = {}
 
@@ -504,7 +522,8 @@ def _compress_block_paired(
             final = position == len(stages) - 1
             stage_targets = {name: targets[name] for name in stage}
             stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
-                                    holdout=heldout is not None)
+                                    holdout=heldout is not None,
+                                    residual_sources={n: sources[n] for n in stage if n in sources})
             last = targets[stage[-1]]  # members share one input and run back to back
 
             def stop(module, args, output):
@@ -512,7 +531,7 @@ def _compress_block_paired(
 
             with stats, phase("calibration"):
                 for b, inp in enumerate(inputs):
-                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None):
+                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None, original_hidden[b]):
                         use({name: dense[name] for name in replaced})
                         stats.mode = "original"
                         if final:
@@ -522,7 +541,8 @@ def _compress_block_paired(
                         use(replaced)
                         stats.mode = "compressed"
                         _run_until(runner, block, inp, last, stop)
-            replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report))
+            replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report,
+                                                compensated=set(writers)))
     finally:
         use(replaced)  # whatever happened, the block holds the factors computed so far
 

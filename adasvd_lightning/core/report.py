@@ -27,6 +27,9 @@ class ModuleReport:
     # sequences at the start (no refinement) and after the chosen number of steps, fitted without them.
     heldout_error_start: float | None = None
     heldout_error: float | None = None
+    # Paired refinement: whether the target was fitted to the dense outputs (a residual writer,
+    # `core.residual`; its errors are then weighted by the residual's scale) or kept its start.
+    compensated: bool | None = None
     skipped: str | None = None
 
 
