@@ -29,9 +29,11 @@ readers see.
 
 Detection is numerical and architecture-free: on one dense batch, a target writes into the residual
 stream when some residual point after it equals a residual point before it plus the target's output
-(the points are the block's input and output and the inputs of its normalisation modules). Blocks
-where no target passes (post-norm sandwiches, parallel attention/MLP) get no compensation at all —
-the caller warns — which is the whitening-only fit.
+(the points are the block's input and output and the inputs of its normalisation modules). That holds
+for pre-norm blocks (Llama, Mistral, Qwen, OPT, GPT-2) and for the original post-norm block, where the
+normalisation reads the sum. Blocks where no target passes — a normalisation between the target and the
+addition (Gemma-2's sandwich norms), parallel attention and MLP (GPT-J, Phi-2) — get no compensation at
+all, which is the whitening-only fit, and the caller warns.
 """
 
 from __future__ import annotations
@@ -132,9 +134,11 @@ def find_residual_writers(block: nn.Module, targets: dict[str, nn.Module], hidde
     for name, (order, _, y) in outputs.items():
         if name in shared:
             continue
+        # The block's input first (no hook needed to read it), then the latest residual points.
         befores = [p for p in points if p[0] < order and p[1] != "<output>"]
+        befores = befores[:1] + befores[:0:-1]
         afters = [p for p in points if p[0] > order]
-        for _, source, before in reversed(befores):
+        for _, source, before in befores:
             if any(_added(after, before, y) for _, _, after in afters):
                 writers[name] = ResidualWriter(name=name, source=source)
                 break
