@@ -386,7 +386,7 @@ def one_shot_settings(config: Any) -> dict:
         "propagation": args.get("propagation", "compressed"),
         "execution_device": args.get("execution_device"),
         "svd_driver": args.get("svd_driver", "auto"),
-        "statistics_dtype": args.get("statistics_dtype", "float64"),
+        "statistics_dtype": args.get("statistics_dtype", "float32"),
         "merge_unprofitable": args.get("merge_unprofitable"),
         "text": str(files[0]) if files[0] is not None else None,
         "samples": _get(data, "calibration_samples", 64),

@@ -142,9 +142,10 @@ def _block_statistics_bytes(model, paired: bool) -> int:
     return (3 * h * h + i * i) * 8 * (2 if paired else 1)
 
 
-def _decomposition_seconds(shapes: dict[tuple[int, int], int], threads: int | None) -> dict:
+def _decomposition_seconds(shapes: dict[tuple[int, int], int], threads: int | None, lapack_svd: bool = True) -> dict:
     """One float64 decomposition per matrix: LAPACK SVD and the Gram-eigh path, timed once per shape,
-    with the run's decomposition thread count."""
+    with the run's decomposition thread count (``lapack_svd=False``: the Gram path only — LAPACK's SVD
+    of a 4096 × 11008 matrix alone takes minutes on one core and is never the faster one)."""
     import torch
 
     from adasvd_lightning.core.linalg import decomposition_threads, thin_svd
@@ -155,14 +156,28 @@ def _decomposition_seconds(shapes: dict[tuple[int, int], int], threads: int | No
         rank = max(1, int(0.6 * m * n / (m + n)))
         with decomposition_threads(threads):
             t0 = time.perf_counter()
-            thin_svd(a, rank, driver="svd")
+            if lapack_svd:
+                thin_svd(a, rank, driver="svd")
             t1 = time.perf_counter()
             thin_svd(a, rank, driver="gram")
             t2 = time.perf_counter()
-        lapack += (t1 - t0) * count
+        lapack += (t1 - t0) * count if lapack_svd else float("inf")
         fast += (t2 - t1) * count
         del a
     return {"lapack": lapack, "gram": fast}
+
+
+def _decoder_forward_seconds(model, batches) -> float:
+    """One forward of the decoder stack alone over the calibration batches: what a compression run
+    has to run per stream (it never runs the LM head, ~20 % of SmolLM2's forward)."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for b in batches:
+            decoder(**b) if isinstance(b, dict) else decoder(b)
+        return time.perf_counter() - t0
 
 
 def one(spec: dict) -> dict:
@@ -171,15 +186,18 @@ def one(spec: dict) -> dict:
 
     import torch
 
-    from adasvd_lightning import compress_model
+    import transformers  # noqa: F401  (imported before the baseline below, as loading would)
+
+    from adasvd_lightning import compress_model, load_compressed, load_tokenizer
     from adasvd_lightning.core.surgery import find_targets, linear_shape
+    from adasvd_lightning.display import quiet_libraries
+    from adasvd_lightning.training.reference import resolve_model
+    from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
+    # The interpreter and libraries (their code pages count in RSS), not the model's memory; the
+    # tokenizer and calibration text of a model folder come after it.
+    rss_imports = _rss()
     if spec["model"] != "synthetic":  # "reference" or a model folder
-        from adasvd_lightning import load_compressed, load_tokenizer
-        from adasvd_lightning.display import quiet_libraries
-        from adasvd_lightning.training.reference import resolve_model
-        from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
-
         quiet_libraries()
         path = resolve_model(spec["model"], show_progress=False)
         model = load_compressed(path)
@@ -204,6 +222,7 @@ def one(spec: dict) -> dict:
             model(**b) if isinstance(b, dict) else model(b)
         forward_s = time.perf_counter() - t0
 
+    dense_decoder_s = _decoder_forward_seconds(model, batches)
     config = method_config(spec["method"], spec["ratio"], **spec.get("config", {}))
     with warnings.catch_warnings(), _PeakSampler() as sampler:
         warnings.simplefilter("ignore")
@@ -211,9 +230,11 @@ def one(spec: dict) -> dict:
         report = compress_model(model, config, batches)
         cpu_s = time.process_time() - cpu0
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    decomposition = _decomposition_seconds(shapes, config.decomposition_threads)
+    compressed_decoder_s = _decoder_forward_seconds(model, batches)
+    decomposition = _decomposition_seconds(shapes, config.decomposition_threads, spec.get("lapack_svd", True))
     paired = config.spec.refinement != "none" and config.propagation == "compressed"
     hidden = model.config.hidden_size
+    best_decomposition = min(decomposition["lapack"], decomposition["gram"])
     return {
         **{k: spec[k] for k in ("model", "method", "ratio", "samples", "seq_len")},
         "statistics_dtype": config.statistics_dtype,
@@ -221,9 +242,16 @@ def one(spec: dict) -> dict:
         "decomposition_threads": config.decomposition_threads,
         "seconds": report.seconds, "cpu_s": cpu_s, "phases": getattr(report, "phase_seconds", {}),
         "forward_s": forward_s, "svd_lapack_s": decomposition["lapack"], "svd_gram_s": decomposition["gram"],
-        "unavoidable_s": forward_s + min(decomposition["lapack"], decomposition["gram"]),
+        "unavoidable_s": forward_s + best_decomposition,
+        # Issue 17's definition: the streams the method needs (the dense decoder stream; plus the
+        # compressed stream when it fits against the dense outputs) + one decomposition per target.
+        "dense_decoder_s": dense_decoder_s, "compressed_decoder_s": compressed_decoder_s,
+        "unavoidable_streams_s": dense_decoder_s + (compressed_decoder_s if paired else 0.0) + best_decomposition,
+        "paired": paired,
+        "rss_budget_mb": 1.2 * model_bytes / 2**20 + _block_statistics_bytes(model, paired) / 2**20,
         "model_mb": model_bytes / 2**20, "stats_mb": _block_statistics_bytes(model, paired) / 2**20,
         "activations_mb": tokens * hidden * 4 / 2**20,
+        "rss_imports_mb": rss_imports / 2**20,
         "rss_start_mb": sampler.start / 2**20, "rss_peak_mb": sampler.peak / 2**20,
         "extra_mb": (sampler.peak - sampler.start) / 2**20, "maxrss_mb": maxrss / 2**20,
         "peak_phase": sampler.peak_phase,
@@ -235,19 +263,24 @@ def one(spec: dict) -> dict:
 
 def _grid(args) -> list[dict]:
     runs: list[dict] = []
-    options = {"config": {"statistics_dtype": args.statistics_dtype}}
+    dtypes = args.statistics_dtype or [None]  # None: CompressionConfig's default
+    options = {"config": {"statistics_dtype": dtypes[0]} if dtypes[0] else {}}
     base = dict(model="synthetic", ratio=args.ratio, samples=args.samples, seq_len=args.seq_len, **options)
+    if not args.lapack_svd:
+        base["lapack_svd"] = False
 
     def add(**kw):
         spec = {**base, **kw}
-        if spec not in runs:
+        same = {k: v for k, v in spec.items() if k != "sweep"}
+        if all({k: v for k, v in run.items() if k != "sweep"} != same for run in runs):
             runs.append(spec)
 
     if args.model:
         for method in args.presets:
-            for threads in args.decomposition_threads:
-                add(model=args.model, method=method, sweep="model",
-                    config={**options["config"], "decomposition_threads": threads})
+            for dtype in dtypes:
+                for threads in args.decomposition_threads:
+                    add(model=args.model, method=method, sweep="model",
+                        config={**({"statistics_dtype": dtype} if dtype else {}), "decomposition_threads": threads})
         return runs
 
     for hidden in args.hidden:
@@ -320,12 +353,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64",
-                        help="CompressionConfig.statistics_dtype of every run (precision of the Gram products)")
+    parser.add_argument("--statistics-dtype", nargs="+", choices=["float64", "float32"], default=None,
+                        help="CompressionConfig.statistics_dtype (precision of the Gram products; default: the "
+                             "config's); with --model, each preset runs once per value, in this one invocation")
     parser.add_argument("--no-reference", dest="reference", action="store_false")
     parser.add_argument("--model", help="a model folder: run only this model (the presets × --decomposition-threads)")
     parser.add_argument("--decomposition-threads", nargs="+", type=_threads, default=[1],
                         help="CompressionConfig.decomposition_threads values to run (a number or 'none' = torch's)")
+    parser.add_argument("--no-lapack-svd", dest="lapack_svd", action="store_false",
+                        help="time only the Gram-eigh decomposition for the unavoidable part (LAPACK's SVD of "
+                             "7B-width matrices takes minutes per shape on one core and is never the faster)")
     parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -360,9 +397,13 @@ def main() -> None:
         row["sweep"] = sweep
         rows.append(row)
         print(f"{sweep:>9} {row['model']:>9} h{row['hidden']}×{row['blocks']} {row['method']:>10} "
+              f"[{row['statistics_dtype']} stats, {row.get('decomposition_threads') or 'torch'} decomposition threads] "
               f"{row['tokens']:>6} tok: {row['seconds']:7.1f}s (×{row['seconds'] / row['unavoidable_s']:.1f} of "
               f"{row['unavoidable_s']:.1f}s unavoidable)  extra {row['extra_mb']:6.0f} MB at {row.get('peak_phase')} "
-              f"(allocated {row.get('allocated_extra_mb') or 0:.0f} MB)  [{_phase_cell(row)}]", flush=True)
+              f"(allocated {row.get('allocated_extra_mb') or 0:.0f} MB)  [{_phase_cell(row)}]  "
+              f"streams-unavoidable {row['unavoidable_streams_s']:.1f}s (×{row['seconds'] / row['unavoidable_streams_s']:.2f}); "
+              f"peak RSS − imports {row['rss_peak_mb'] - row['rss_imports_mb']:.0f} MB vs 1.2×model+stats "
+              f"{row['rss_budget_mb']:.0f} MB", flush=True)
         if not args.quick:  # rows so far, so an interrupted long run keeps what it measured
             print(f"ROW {json.dumps(row)}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
@@ -429,10 +470,12 @@ def _render_model(rows: list[dict], args, argv: list[str], wall: float | None, m
         + " | RSS start / peak MB | process max RSS MB | (peak − start) / model |",
         "|---|---|---|---|---|" + "---|" * len(PHASES) + "---|---|---|",
     ]
+    several_dtypes = len({r.get("statistics_dtype") for r in rows}) > 1
     for r in rows:
         phases = " | ".join(f"{r['phases'].get(p, 0.0):.1f}" for p in PHASES)
+        preset = f"{r['method']} [{r['statistics_dtype']} stats]" if several_dtypes else r["method"]
         lines.append(
-            f"| {r['method']} | {r.get('decomposition_threads') or 'torch'} | {r['seconds']:.0f} | "
+            f"| {preset} | {r.get('decomposition_threads') or 'torch'} | {r['seconds']:.0f} | "
             f"{r.get('cpu_s', float('nan')):.0f} | {r['seconds'] / r['unavoidable_s']:.1f} | {phases} | "
             f"{r['rss_start_mb']:.0f} / {r['rss_peak_mb']:.0f} | {r['maxrss_mb']:.0f} | "
             f"{r['extra_mb'] / r['model_mb']:.2f} |"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
 
 
-def one(method: str, ratio: float, samples: int, seq_len: int, statistics_dtype: str = "float64") -> dict:
+def one(method: str, ratio: float, samples: int, seq_len: int, statistics_dtype: str) -> dict:
     """Compress the reference model with one preset and evaluate it (runs in a child process).
 
     ``method`` may carry method options after the preset, as in the CLI's ``--method-option``:
@@ -72,6 +72,7 @@ def one(method: str, ratio: float, samples: int, seq_len: int, statistics_dtype:
 
 
 def main() -> None:
+    from adasvd_lightning import CompressionConfig
     from adasvd_lightning.core.methods import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6, 0.8])
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default="float64",
+    parser.add_argument("--statistics-dtype", choices=["float64", "float32"], default=CompressionConfig.statistics_dtype,
                         help="CompressionConfig.statistics_dtype of every run (precision of the Gram products)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "RATIO"), help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and benchmarks/results/ alone")

@@ -109,7 +109,7 @@ def prepare_smollm2() -> Path:
 
 
 def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int,
-        eval_seq_len: int) -> dict:
+        eval_seq_len: int, statistics_dtype: str) -> dict:
     """Compress the model with one preset and evaluate it (runs in a child process)."""
     import torch
 
@@ -123,7 +123,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     tokenizer = load_tokenizer(Path(model_dir))
     model = load_compressed(Path(model_dir))
     test = tokenize_text(tokenizer, read_text(embedded_corpus_path("test")))
-    row: dict = {"method": method, "ratio": ratio, "samples": samples, "seq_len": seq_len}
+    row: dict = {"method": method, "ratio": ratio, "samples": samples, "seq_len": seq_len,
+                 "statistics_dtype": statistics_dtype}
     if method == "dense":
         row.update(seconds=0.0, achieved_ratio=0.0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     else:
@@ -131,8 +132,9 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = compress_model(model, method_config(method, ratio), batches)
+            report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype), batches)
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio,
+                   phase_seconds=dict(report.phase_seconds),
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = evaluate_perplexity(model, test, seq_len=eval_seq_len, batch_size=4, max_windows=eval_windows,
                                  bos_token_id=added_bos_token_id(tokenizer))
@@ -141,6 +143,7 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
 
 
 def main() -> None:
+    from adasvd_lightning import CompressionConfig
     from adasvd_lightning.core.methods import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -152,18 +155,26 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--statistics-dtype", nargs="+", choices=("float64", "float32"), default=None,
+                        help="precision of the calibration Gram products (CompressionConfig.statistics_dtype); "
+                             "several values run each method with each, in this one invocation (default: the "
+                             "config's default)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results alone")
+    parser.add_argument("--out", help="write the rows to benchmarks/results/OUT (JSON) and leave BENCHMARKS.md and "
+                                      "real_models.json alone (for side experiments next to the main table)")
     args = parser.parse_args()
     if any(not 0 < r < 1 for r in args.ratios) or min(args.samples) < 1 or args.seq_len < 2 \
             or args.eval_windows < 1 or args.eval_seq_len < 2:
         parser.error("ratios must be in (0, 1); samples, windows >= 1; sequence lengths >= 2")
     for method in args.methods:
         method_config(method, 0.5)  # unknown presets/options fail here, before any model work
+    default_dtype = CompressionConfig.statistics_dtype
+    dtypes = args.statistics_dtype or [default_dtype]
     if args.one:
         model_dir, method, ratio = args.one
         print(json.dumps(one(model_dir, method, float(ratio), args.samples[0], args.seq_len, args.eval_windows,
-                             args.eval_seq_len)))
+                             args.eval_seq_len, dtypes[0])))
         return
 
     if args.model:
@@ -176,27 +187,37 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     evaluation = ["--eval-windows", str(args.eval_windows), "--eval-seq-len", str(args.eval_seq_len)]
 
-    def child(method: str, ratio: float, samples: int) -> dict:
+    def child(method: str, ratio: float, samples: int, dtype: str) -> dict:
         return run_json([script, "--one", str(model_dir), method, str(ratio), "--samples", str(samples),
-                         "--seq-len", str(args.seq_len), *evaluation])
+                         "--seq-len", str(args.seq_len), "--statistics-dtype", dtype, *evaluation])
 
-    dense = child("dense", 0.0, args.samples[0])
+    def label(row: dict) -> str:
+        """The method name, with the statistics precision when it is not the config's default."""
+        dtype = row["statistics_dtype"]
+        return row["method"] if dtype == default_dtype else f"{row['method']} [{dtype} stats]"
+
+    dense = child("dense", 0.0, args.samples[0], dtypes[0])
     print(f"{'dense':>11}: ppl {dense['perplexity']:.2f}", flush=True)
     rows = []
     for samples in args.samples:
         for ratio in args.ratios:
             for method in args.methods:
-                row = child(method, ratio, samples)
-                row["delta"] = row["perplexity"] / dense["perplexity"] - 1
-                rows.append(row)
-                print(f"{method:>11} {ratio:.0%} {samples}×{args.seq_len}: ppl {row['perplexity']:10.2f}  "
-                      f"Δ {row['delta']:+9.2%}  {row['seconds']:6.1f}s  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+                for dtype in dtypes:
+                    row = child(method, ratio, samples, dtype)
+                    row["delta"] = row["perplexity"] / dense["perplexity"] - 1
+                    rows.append(row)
+                    statistics = row["phase_seconds"].get("statistics", 0.0)
+                    print(f"{label(row):>11} {ratio:.0%} {samples}×{args.seq_len}: ppl {row['perplexity']:10.2f}  "
+                          f"Δ {row['delta']:+9.2%}  {row['seconds']:6.1f}s (statistics {statistics:.1f}s)  "
+                          f"peak {row['peak_rss_mb']:.0f} MB", flush=True)
     if args.no_write:
         return
     name = Path(model_dir).name
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_models.json").write_text(json.dumps(
+    (RESULTS / (args.out or "real_models.json")).write_text(json.dumps(
         {"model": name, "dense": dense, "rows": rows, "machine": machine(), "argv": sys.argv[1:]}, indent=2))
+    if args.out:
+        return
     lines = [
         f"## Quality on a real model: {name}",
         "",
@@ -216,7 +237,7 @@ def main() -> None:
             best = min(r["perplexity"] for r in subset)
             for r in subset:
                 ppl = f"**{r['perplexity']:.2f}**" if r["perplexity"] == best else f"{r['perplexity']:.2f}"
-                lines.append(f"| {ratio:.0%} | {samples}×{args.seq_len} | {r['method']} | {ppl} | {r['delta']:+.1%} | "
+                lines.append(f"| {ratio:.0%} | {samples}×{args.seq_len} | {label(r)} | {ppl} | {r['delta']:+.1%} | "
                              f"{r['achieved_ratio']:.2%} | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} |")
     write_section("real-models", "\n".join(lines))
 

@@ -130,7 +130,7 @@ class SVDCompression(Callback):
         execution_device: move one decoder block at a time to this device for compression while the
             model stays where it is (``CompressionConfig.execution_device``); default: in place.
         svd_driver: ``"auto"`` (default), ``"gram"`` or ``"svd"`` (``CompressionConfig.svd_driver``).
-        statistics_dtype: ``"float64"`` (default) or ``"float32"`` Gram products of the calibration
+        statistics_dtype: ``"float32"`` (default) or ``"float64"`` Gram products of the calibration
             statistics (``CompressionConfig.statistics_dtype``; the sums stay float64).
         decomposition_threads: CPU threads of each eigh/SVD/Cholesky (default 1; ``None`` = torch's;
             ``CompressionConfig.decomposition_threads``).
@@ -161,7 +161,7 @@ class SVDCompression(Callback):
         restart: str = "factors",
         execution_device: str | None = None,
         svd_driver: str = "auto",
-        statistics_dtype: str = "float64",
+        statistics_dtype: str = "float32",
         decomposition_threads: int | None = 1,
         merge_unprofitable: float | None = None,
         show_progress: bool = True,

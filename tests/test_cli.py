@@ -102,7 +102,7 @@ def test_bad_input_exits_2_with_one_line(args, message, tiny_reference, tmp_path
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags,expected", [([], "float64"), (["--statistics-dtype", "float32"], "float32")])
+@pytest.mark.parametrize("flags,expected", [([], "float32"), (["--statistics-dtype", "float64"], "float64")])
 def test_statistics_dtype_flag_reaches_the_config(flags, expected):
     from adasvd_lightning.cli import build_parser, compression_config
 

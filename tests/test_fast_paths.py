@@ -268,13 +268,17 @@ def test_reported_error_with_singular_statistics_and_released_gram(method, monke
     few = [torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))]  # 80 tokens < 128
     # Unvalidated: validating the refinement keeps H_cc for the fit split (and one of these two
     # sequences would be held out), while this test is about the paths that free it.
-    report = _check_reported_errors(method, few, heldout_fraction=0.0)
+    # adaComp's V-steps amplify the float32 products' rounding in H's null space (0.5 % on o_proj's
+    # reported error here; the open V-step defect noted in test_statistics); the identities checked
+    # are exact in float64.
+    dtype = "float64" if method == "adasvd" else "float32"
+    report = _check_reported_errors(method, few, statistics_dtype=dtype, heldout_fraction=0.0)
     assert "damped-cholesky" in {m.whitening for m in report.modules}
     # adaComp's V-steps need H with a damped factor, so it keeps those; everything else frees H per input.
     assert len(released) >= (2 if method == "adasvd" else 6)
 
 
-def _check_reported_errors(method, token_batches, **options):
+def _check_reported_errors(method, token_batches, statistics_dtype: str | None = None, **options):
     import copy
 
     from adasvd_lightning.core.surgery import find_targets, linear_weight
@@ -297,7 +301,8 @@ def _check_reported_errors(method, token_batches, **options):
         method, config = method.removesuffix("+optimal"), {"method_options": {"refinement": "optimal", **options}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompressionWarning)
-        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), token_batches)
+        dtype = {"statistics_dtype": statistics_dtype} if statistics_dtype else {}
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config, **dtype), token_batches)
     by_name = {m.name: m for m in report.modules}
     modules = dict(model.named_modules())
     # Paired methods fit U·V·X_c to W·X_o, where X_c is what the target receives in the compressed model

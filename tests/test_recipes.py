@@ -226,9 +226,9 @@ def test_compress_recipe_and_flag_set_the_statistics_dtype(tmp_path):
     from adasvd_lightning.lightning_cli import one_shot_settings, parse_recipe
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(_merge(BASE, _callback(statistics_dtype="float32"))).replace("MODEL", "reference"))
+    path.write_text(yaml.safe_dump(_merge(BASE, _callback(statistics_dtype="float64"))).replace("MODEL", "reference"))
     recipe = one_shot_settings(parse_recipe(path))
-    for flags, expected in [([], "float32"), (["--statistics-dtype", "float64"], "float64")]:
+    for flags, expected in [([], "float64"), (["--statistics-dtype", "float32"], "float32")]:
         args = build_parser().parse_args(["compress", "--recipe", str(path), *flags, "--out", "OUT"])
         assert compression_config(args, recipe).statistics_dtype == expected
 

@@ -97,11 +97,15 @@ def test_complement_is_the_grams_of_the_tokens_left():
 
     _, x_o, x_c, whole = _streams(tokens=300)
     part = GramStatistics(h_cc=x_c[:, :70] @ x_c[:, :70].T / 70, h_oc=x_o[:, :70] @ x_c[:, :70].T / 70)
-    rest = complement(whole, 300, part, 70)
-    assert torch.allclose(rest.h_cc, x_c[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
-    assert torch.allclose(rest.h_oc, x_o[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
-    with pytest.raises(ValueError, match="nothing to fit"):
-        complement(whole, 300, part, 300)
+    before = GramStatistics(h_cc=whole.h_cc.clone(), h_oc=whole.h_oc.clone())
+    with complement(whole, 300, part, 70) as rest:
+        assert rest.h_cc is whole.h_cc and rest.h_oc is whole.h_oc  # in place: no n×n copies
+        assert torch.allclose(rest.h_cc, x_c[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
+        assert torch.allclose(rest.h_oc, x_o[:, 70:] @ x_c[:, 70:].T / 230, atol=1e-12)
+    torch.testing.assert_close(whole.h_cc, before.h_cc, rtol=1e-14, atol=1e-14)  # restored on exit
+    torch.testing.assert_close(whole.h_oc, before.h_oc, rtol=1e-14, atol=1e-14)
+    with pytest.raises(ValueError, match="nothing to fit"), complement(whole, 300, part, 300):
+        pass
 
 
 def _split_targets(w, x_o, x_c, held: int, rank: int):

@@ -126,3 +126,36 @@ def test_symmetrization_without_temporaries_matches_the_average():
     assert _symmetric(exact).data_ptr() == exact.data_ptr()  # passed through: no n×n copy
     f32 = _symmetric(before.float(), block=8)
     torch.testing.assert_close(f32, 0.5 * (before + before.T), rtol=0, atol=1e-6)
+
+
+def _float32_rounded_singular_gram(n: int = 200) -> torch.Tensor:
+    """A singular Gram (one outlier channel, half the channels never excited) plus a symmetric
+    perturbation of float32 products' rounding level, ~eps32·‖H‖, which puts eigenvalues of about
+    −3e-4 into the null space: far below ‖H‖ = 1e4 but above the default damping shift
+    (1e-6 · mean diag ≈ 5e-5, the outlier keeping the mean diagonal small against ‖H‖)."""
+    g = torch.Generator().manual_seed(0)
+    diagonal = torch.cat([torch.tensor([1e4]), torch.ones(n // 2 - 1), torch.zeros(n - n // 2)]).double()
+    noise = torch.randn(n, n, generator=g, dtype=torch.float64)
+    noise = (noise + noise.T) / (2 * float(torch.linalg.matrix_norm(noise + noise.T, ord=2) / 2))
+    return torch.diag(diagonal) + noise * 0.5 * torch.finfo(torch.float32).eps * 1e4
+
+
+def test_damping_covers_the_rounding_of_float32_products():
+    """Gram products formed in float32 leave null-space eigenvalues at ±eps32·‖H‖. The damped retry
+    shifts at least that far (`rounding_shift`), so it stays a damped Cholesky — exact V H Vᵀ through
+    the recorded shift, and no eigen-decomposition (several times slower on real models) — while
+    float64 products keep the configured damping."""
+    h = _float32_rounded_singular_gram()
+    assert float(torch.linalg.eigvalsh(h)[0]) < -1e-6 * float(h.diagonal().mean())  # the failing regime
+    assert isinstance(compute_whitening(h), EigenWhitening)  # float64 rounding assumed: the shift is too small
+    w = compute_whitening(h, product_dtype=torch.float32)
+    assert isinstance(w, CholeskyWhitening) and w.kind == "damped-cholesky"
+    assert w.shift == pytest.approx(torch.finfo(torch.float32).eps * float(h.abs().sum(dim=1).max()))
+    assert w.shift < 1e-6 * float(torch.linalg.eigvalsh(h)[-1]) * 10  # at rounding level, not a real damping
+    n = h.shape[0]
+    torch.testing.assert_close(w.factor @ w.factor.T, h + w.shift * torch.eye(n, dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+    # float64 products: the configured relative damping, bit for bit as before.
+    singular = torch.diag(torch.tensor([4.0, 1.0, 1.0, -1e-12], dtype=torch.float64))
+    plain = compute_whitening(singular)
+    assert plain.kind == "damped-cholesky" and plain.shift == 1e-6 * float(singular.diagonal().mean())

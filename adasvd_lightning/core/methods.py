@@ -182,7 +182,7 @@ class MethodSpec:
             scale = stats.mean_abs.clamp_min(1e-8).pow(self.asvd_alpha)
             return DiagonalWhitening(scale=scale if columns is None else scale[columns])
         gram = stats.gram if columns is None else stats.gram[columns][:, columns]
-        return compute_whitening(gram, damping=damping)
+        return compute_whitening(gram, damping=damping, product_dtype=stats.product_dtype)
 
 
 PRESETS: dict[str, MethodSpec] = {

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -114,41 +115,59 @@ def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
 
+@contextmanager
 def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
-    shared: dict[int, tuple[GramStatistics, Whitening]] | None = None,
-) -> tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None:
-    """(fit target, held-out target, start U, start V) for validating a refinement; None: nothing held out.
+    shared: dict[int, Whitening] | None = None,
+) -> Iterator[tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None]:
+    """(fit target, held-out target, start U, start V) for validating a refinement, for the ``with``
+    body; None: nothing held out.
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
     held-out text and would be favoured over every step (with another whitening than the truncation-
-    aware one, the given start is scored as it is). ``shared`` caches the fit split's Grams and
-    whitening per input (q/k/v, gate/up read the same one) when no column is preserved.
+    aware one, the given start is scored as it is). H_fit is ``stats``' own Grams turned into the fit
+    split in place for the body (`complement`), so the whole statistics must not be read inside it.
+    ``shared`` caches the fit split's whitening per input (q/k/v, gate/up read the same one) when no
+    column is preserved.
     """
     held = stats.heldout
     if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
             or stats.gram_sum is None):
-        return None
+        yield None
+        return
     n, n_held = stats.tokens, held.tokens
     fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
     key = id(stats) if shared is not None and not kept.numel() else None
-    if key is not None and key in shared:
-        grams, whitening = shared[key]
-    else:
-        grams, whitening = complement(stats.grams(), n, held.grams(), n_held), None
-    fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy)
-    check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping, target_energy=heldout_energy)
-    if spec.whitening == "truncation-aware" or up is None:
-        with phase("whitening"):
-            whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping)
-        with phase("svd"):
-            start = factorize(weight[:, fit.rest], rank, whitening, driver=config.svd_driver)
-        up, down = start.up, start.down
-    if key is not None:
-        shared[key] = (grams, whitening)
-    return fit, check, up.to(torch.float64), down.to(torch.float64)
+    whitening = shared.get(key) if key is not None else None
+    with complement(stats.grams(), n, held.grams(), n_held) as grams:
+        fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy)
+        check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping,
+                                 target_energy=heldout_energy)
+        if spec.whitening == "truncation-aware" or up is None:
+            with phase("whitening"):
+                whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping,
+                                                           product_dtype=stats.product_dtype)
+            with phase("svd"):
+                start = factorize(weight[:, fit.rest], rank, whitening, driver=config.svd_driver)
+            up, down = start.up, start.down
+        if key is not None:
+            shared[key] = whitening
+        yield fit, check, up.to(torch.float64), down.to(torch.float64)
+
+
+def _validate_refinement(
+    spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
+    energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None,
+    down: torch.Tensor | None, shared: dict[int, Whitening] | None, report: ModuleReport,
+) -> tuple[int | None, bool]:
+    """(validated half-step count, whether the optimal factors validate) on the held-out sequences."""
+    with phase("refinement", absorb=True), _holdout_targets(spec, config, weight.to(torch.float64), stats, kept, energy,
+                                                            heldout_energy, rank, up, down, shared) as holdout:
+        if spec.refinement == "optimal":
+            return None, _optimal_validates(holdout, rank, config.svd_driver, report)
+        return _validated_half_steps(spec, holdout, report), True
 
 
 def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport) -> int | None:
@@ -203,7 +222,7 @@ def _factorize_target(
     so they share one Cholesky factorization instead of computing the identical factor three times.
     ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
     ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps;
-    ``holdout_cache`` shares their fit split's Grams and whitening like ``whitenings``).
+    ``holdout_cache`` shares their fit split's whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
     ``compensate=False`` (paired statistics, a target that does not write into the residual stream,
@@ -235,6 +254,21 @@ def _factorize_target(
     weight = linear_weight(module).detach()
     w64 = weight.to(config.torch_compute_dtype)
     key = id(input_stats)
+    # Validation first when it does not need the whole-data factors (the truncation-aware start is
+    # refitted on the fit split anyway): then the fit split's factor and the held-out sums are gone
+    # before the whole data's factor exists — at the widest input one n×n float64 matrix less at the
+    # peak, three once H_cc can be released (`_factor_replaces_gram`).
+    validated: tuple[int | None, bool] | None = None
+    kept = torch.empty(0, dtype=torch.long)
+    early = spec.whitening == "truncation-aware" and spec.form == "low-rank"
+    if spec.validates_refinement and input_stats is not None and (early or not compensate):
+        if compensate:
+            validated = _validate_refinement(spec, config, w64, input_stats, kept, target_energy, heldout_energy,
+                                             rank, None, None, holdout_cache, report)
+        if last_use:
+            if holdout_cache is not None:
+                holdout_cache.pop(key, None)
+            input_stats.release_heldout()
     with phase("whitening"):
         if whitenings is not None and key in whitenings:
             whitening = whitenings[key]
@@ -252,7 +286,6 @@ def _factorize_target(
             factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype,
                                 driver=config.svd_driver)
     up, down = (factors.up, factors.down) if factors is not None else (None, None)
-    kept = torch.empty(0, dtype=torch.long)
     split = None
     if spec.form == "column-preserving" and input_stats is not None:
         with phase("columns", absorb=True):
@@ -273,13 +306,14 @@ def _factorize_target(
                                       whitening_factor=whitening.factor if factored else None,
                                       whitening_shift=whitening.shift if factored else 0.0)
             r = rank if up is None else up.shape[1]
-            holdout = None
+            steps, optimal_validates = validated or (None, True)
             report.compensated = compensate
-            if spec.validates_refinement and compensate:
-                holdout = _holdout_targets(spec, config, w64.to(torch.float64), input_stats, kept, target_energy,
-                                           heldout_energy, r, up, down, holdout_cache)
-            if spec.refinement == "optimal" and compensate and _optimal_validates(holdout, r, config.svd_driver,
-                                                                                 report):
+            if not compensate:  # not a residual writer: keep the start
+                steps, optimal_validates = 0, False
+            elif spec.validates_refinement and validated is None:
+                steps, optimal_validates = _validate_refinement(spec, config, w64, input_stats, kept, target_energy,
+                                                                heldout_energy, r, up, down, holdout_cache, report)
+            if spec.refinement == "optimal" and optimal_validates:
                 up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
             elif spec.refinement == "optimal":  # the held-out sequences prefer the whitened start
@@ -290,7 +324,6 @@ def _factorize_target(
                     up, down = factors.up, factors.down
                 value = objective(target, up.to(torch.float64), down.to(torch.float64))
             else:
-                steps = _validated_half_steps(spec, holdout, report) if compensate else 0
                 up, down, history = adacomp(
                     target, up, down, iterations=spec.adacomp_iterations, tolerance=spec.adacomp_tolerance,
                     v_steps=spec.refinement == "adacomp", whitened_down=factors.whitened_down if factored else None,
@@ -398,7 +431,7 @@ def _factor_and_replace(
     rank_id, world_size = world()
     index = {name: i for i, name in enumerate(targets)}
     whitenings: dict[int, Whitening] = {}
-    holdout_cache: dict[int, tuple[GramStatistics, Whitening]] = {}
+    holdout_cache: dict[int, Whitening] = {}
     # A shared input's statistics and whitening are dropped after the last target this rank factors
     # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
     mine = [name for name in names if index[name] % world_size == rank_id]

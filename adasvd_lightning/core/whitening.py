@@ -30,6 +30,7 @@ __all__ = [
     "CholeskyWhitening",
     "EigenWhitening",
     "compute_whitening",
+    "rounding_shift",
     "shifted_cholesky",
 ]
 
@@ -161,20 +162,44 @@ def shifted_cholesky(h: torch.Tensor, shift: float) -> tuple[torch.Tensor, torch
         diagonal.copy_(saved)
 
 
+def _max_abs_row_sum(h: torch.Tensor, rows: int = 1024) -> float:
+    """‖H‖_∞ (an upper bound of ‖H‖₂ for symmetric H), in row blocks: no n×n temporary."""
+    return max(float(h[i : i + rows].abs().sum(dim=1).max()) for i in range(0, h.shape[0], rows))
+
+
+def rounding_shift(h: torch.Tensor, product_dtype: torch.dtype) -> float:
+    """The diagonal shift that covers the rounding of a Gram matrix whose products were formed in
+    ``product_dtype``: eps(product_dtype)·‖H‖_∞.
+
+    A Gram matrix of fewer tokens than features is singular; its null space's eigenvalues are zero up
+    to the products' rounding, ±eps·‖H‖₂ — about 1e-16 relative in float64 but 1e-7 in float32, larger
+    than the default damping (1e-6 of the *mean* diagonal, which outlier channels put orders of
+    magnitude below ‖H‖₂). Below that level H carries no information, so a damped Cholesky must shift at
+    least that far; otherwise it fails and the run falls back to the eigen-decomposition (several
+    times slower, and it disables refinement in whitened coordinates). For float64 products the bound
+    is ~1e-10 of the default shift or less, so it changes nothing there.
+    """
+    return torch.finfo(product_dtype).eps * _max_abs_row_sum(h)
+
+
 def compute_whitening(
     gram: torch.Tensor,
     *,
     damping: float = 1e-6,
     eigen_floor: float = 1e-10,
+    product_dtype: torch.dtype = torch.float64,
 ) -> Whitening:
     """Return a whitening S with S Sᵀ ≈ ``gram``, falling back instead of failing.
 
     Args:
         gram: symmetric n×n Gram matrix (any float dtype; promoted to float64 — Cholesky of a
             near-singular matrix in float32 loses most of its digits).
-        damping: relative damping for the second attempt: H + damping·mean(diag H)·I.
+        damping: relative damping for the second attempt: H + max(damping·mean(diag H),
+            `rounding_shift`)·I.
         eigen_floor: last resort floors eigenvalues at ``eigen_floor``·max(eigenvalue) (and at a tiny
             absolute value for an all-zero H) so every direction stays invertible.
+        product_dtype: precision the Gram's per-chunk products were formed in
+            (`CompressionConfig.statistics_dtype`); sets the damped attempt's smallest shift.
 
     The returned object's ``kind`` says which route succeeded, so callers can report it.
     """
@@ -192,9 +217,10 @@ def compute_whitening(
     del factor  # garbage: free it before a retry allocates the next n×n factor
     scale = float(h.diagonal().mean().clamp_min(0.0))
     if damping > 0 and scale > 0:
-        factor, info = shifted_cholesky(h, damping * scale)
+        shift = max(damping * scale, rounding_shift(h, product_dtype))
+        factor, info = shifted_cholesky(h, shift)
         if int(info) == 0:
-            return CholeskyWhitening(factor=factor, damping=damping, kind="damped-cholesky", shift=damping * scale)
+            return CholeskyWhitening(factor=factor, damping=shift / scale, kind="damped-cholesky", shift=shift)
 
     with lapack_threads():
         eigenvalues, eigenvectors = torch.linalg.eigh(h)
