@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -225,9 +226,9 @@ def _factorize_target(
     ``holdout_cache`` shares their fit split's whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
-    ``compensate=False`` (paired statistics, a target that does not write into the residual stream,
-    `core.residual`): the refinement takes no step — the whitened fit to its own compressed input —
-    and the report still measures it against the dense outputs.
+    ``compensate=False`` (a target that does not write into the residual stream, `core.residual`): no
+    refinement — the whitened fit to its own compressed input, whose single-stream statistics the
+    pipeline collected — and the report measures it on that input, ‖(W′ − W)X_c‖.
 
     The report's relative output error is read off numbers the factorization already has whenever
     they are exact for the stored module (float32/float64 factors): the final refinement objective
@@ -254,17 +255,20 @@ def _factorize_target(
     weight = linear_weight(module).detach()
     w64 = weight.to(config.torch_compute_dtype)
     key = id(input_stats)
+    if spec.refinement != "none" and input_stats is not None:
+        report.compensated = compensate
+        if not compensate:  # not a residual writer: the whitened fit to its own input, no refinement
+            spec = dataclasses.replace(spec, refinement="none")
     # Validation first when it does not need the whole-data factors (the truncation-aware start is
     # refitted on the fit split anyway): then the fit split's factor and the held-out sums are gone
     # before the whole data's factor exists — at the widest input one n×n float64 matrix less at the
     # peak, three once H_cc can be released (`_factor_replaces_gram`).
     validated: tuple[int | None, bool] | None = None
     kept = torch.empty(0, dtype=torch.long)
-    early = spec.whitening == "truncation-aware" and spec.form == "low-rank"
-    if spec.validates_refinement and input_stats is not None and (early or not compensate):
-        if compensate:
-            validated = _validate_refinement(spec, config, w64, input_stats, kept, target_energy, heldout_energy,
-                                             rank, None, None, holdout_cache, report)
+    if (spec.validates_refinement and spec.whitening == "truncation-aware" and spec.form == "low-rank"
+            and input_stats is not None):
+        validated = _validate_refinement(spec, config, w64, input_stats, kept, target_energy, heldout_energy, rank,
+                                         None, None, holdout_cache, report)
         if last_use:
             if holdout_cache is not None:
                 holdout_cache.pop(key, None)
@@ -307,10 +311,7 @@ def _factorize_target(
                                       whitening_shift=whitening.shift if factored else 0.0)
             r = rank if up is None else up.shape[1]
             steps, optimal_validates = validated or (None, True)
-            report.compensated = compensate
-            if not compensate:  # not a residual writer: keep the start
-                steps, optimal_validates = 0, False
-            elif spec.validates_refinement and validated is None:
+            if spec.validates_refinement and validated is None:
                 steps, optimal_validates = _validate_refinement(spec, config, w64, input_stats, kept, target_energy,
                                                                 heldout_energy, r, up, down, holdout_cache, report)
             if spec.refinement == "optimal" and optimal_validates:
@@ -554,8 +555,11 @@ def _compress_block_paired(
         for position, stage in enumerate(stages):
             final = position == len(stages) - 1
             stage_targets = {name: targets[name] for name in stage}
+            # Only residual writers chase the dense outputs: a stage without one needs no dense pass
+            # (except the last, which advances the dense stream) and no cross statistics.
+            paired_stage = any(name in writers for name in stage)
             stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
-                                    holdout=heldout is not None,
+                                    holdout=heldout is not None and paired_stage,
                                     residual_sources={n: sources[n] for n in stage if n in sources})
             last = targets[stage[-1]]  # members share one input and run back to back
 
@@ -564,15 +568,17 @@ def _compress_block_paired(
 
             with stats, phase("calibration"):
                 for b, inp in enumerate(inputs):
-                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None, original_hidden[b]):
-                        use({name: dense[name] for name in replaced})
-                        stats.mode = "original"
-                        if final:
-                            original_hidden[b] = runner.run(block, inp, original_hidden[b])
-                        else:
-                            _run_until(runner, block, inp, last, stop, original_hidden[b])
-                        use(replaced)
-                        stats.mode = "compressed"
+                    with stats.masked(inp.mask, heldout[b] if heldout is not None and paired_stage else None,
+                                      original_hidden[b]):
+                        if paired_stage or final:
+                            use({name: dense[name] for name in replaced})
+                            stats.mode = "original" if paired_stage else "idle"
+                            if final:
+                                original_hidden[b] = runner.run(block, inp, original_hidden[b])
+                            else:
+                                _run_until(runner, block, inp, last, stop, original_hidden[b])
+                            use(replaced)
+                        stats.mode = "compressed" if paired_stage else "single"
                         _run_until(runner, block, inp, last, stop)
             replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report,
                                                 compensated=set(writers)))

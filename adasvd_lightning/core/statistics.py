@@ -326,7 +326,9 @@ class BlockStatistics:
         self._stash_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout_tokens: dict[str, int] = {}
-        self.mode = "single"  # "single" | "original" (stash) | "compressed" (pair with the stash)
+        # "single" | "original" (stash) | "compressed" (pair with the stash) | "idle" (a pass that must
+        # not count, e.g. the dense stream advancing through a stage that is not paired)
+        self.mode = "single"
         self._stash: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, str] = {}  # module name -> group leader name
         self._stats: dict[str, InputStatistics] = {}
@@ -389,7 +391,7 @@ class BlockStatistics:
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or self.mode == "idle":
                 return
             if not self._grouping_done:
                 self._assign_group(name, x)
@@ -428,7 +430,7 @@ class BlockStatistics:
     def _make_output_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
             # The dense targets' outputs: on the compressed stream ("compressed") they are not targets.
-            if self.mode == "compressed" or not isinstance(output, torch.Tensor):
+            if self.mode in ("compressed", "idle") or not isinstance(output, torch.Tensor):
                 return
             with phase("statistics"):
                 weights = self._writer_weights(name, output.detach()) if self.mode == "original" else None
