@@ -45,6 +45,32 @@ def tiny_model(family: str, seed: int = 0):
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
+def writer_token_weights(model, batches) -> dict[str, torch.Tensor]:
+    """For a Llama-style model: each residual writer's per-token weight 1 / ms(dense residual after its
+    addition) over ``batches`` (tokens × 1, float64) — o_proj: the post-attention norm's input,
+    down_proj: the block's output — as the compensating refinements weight them (`core.residual`)."""
+    from adasvd_lightning.core.residual import residual_weights
+
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name, t):
+        t = t[0] if isinstance(t, tuple) else t
+        seen.setdefault(name, []).append(t.detach().reshape(-1, t.shape[-1]))
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a, n=f"{prefix}.self_attn.o_proj": keep(n, a[0])))
+        handles.append(layer.register_forward_hook(lambda m, a, o, n=f"{prefix}.mlp.down_proj": keep(n, o)))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for h in handles:
+        h.remove()
+    return {n: residual_weights(torch.cat(v)) for n, v in seen.items()}
+
+
 @pytest.fixture
 def token_batches():
     generator = torch.Generator().manual_seed(1)

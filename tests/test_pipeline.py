@@ -7,7 +7,7 @@ from torch import nn
 from adasvd_lightning import CompressionConfig, CompressionWarning, LowRankLinear, compress_model, count_parameters
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.factorization import rank_for_ratio
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_model, writer_token_weights
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -196,7 +196,9 @@ def test_compensation_is_fitted_to_the_inputs_the_compressed_model_produces(meth
     alone at 40 %): all of a block's statistics were collected before any of its targets was replaced,
     so o_proj, gate/up and down_proj were compensated for inputs that never occur, and their reported
     (fitted) errors understated the real ones. Here, replaying the calibration batches through the dense
-    and the compressed model, every target's measured ‖W′x_c − W x_o‖ / ‖W x_o‖ equals its report.
+    and the compressed model, every target's measured ‖W′x_c − W x_o‖ / ‖W x_o‖ equals its report —
+    for the compensated residual writers with each token weighted by 1 / ms(dense residual after the
+    addition), as they are fitted (`core.residual`).
     """
     # float64 models: the comparison is about which inputs were fitted, not about float32 storage.
     dense = tiny_model("llama", seed=3).double()
@@ -205,9 +207,13 @@ def test_compensation_is_fitted_to_the_inputs_the_compressed_model_produces(meth
     names = [m.name for m in report.modules if m.rank is not None]
     assert len(names) == 14
     x_o, x_c = _target_inputs(dense, names, token_batches), _target_inputs(model, names, token_batches)
+    weights = writer_token_weights(dense, token_batches)
+    assert sum(m.compensated for m in report.modules) == 4
     for m in report.modules:
-        w = dense.get_submodule(m.name).weight.double()
-        approx = model.get_submodule(m.name).dense_weight().double()
-        y = x_o[m.name] @ w.T
-        measured = float((x_c[m.name] @ approx.T - y).norm() / y.norm())
+        w = dense.get_submodule(m.name).weight.detach().double()
+        approx = model.get_submodule(m.name).dense_weight().detach().double()
+        # Targets that are not compensated were fitted to (and report on) their own compressed input.
+        y = (x_o[m.name] if m.compensated else x_c[m.name]) @ w.T
+        weight = weights[m.name] if m.compensated else torch.ones(len(y), 1, dtype=torch.float64)
+        measured = float(((x_c[m.name] @ approx.T - y).square() * weight).sum() / (y.square() * weight).sum()) ** 0.5
         assert m.relative_error == pytest.approx(measured, rel=1e-6, abs=1e-9), m.name

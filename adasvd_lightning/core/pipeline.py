@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
+from .residual import find_residual_writers
 from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
                          optimal_factors, validated_steps)
 from .report import CompressionReport, ModuleReport
@@ -213,6 +215,7 @@ def _factorize_target(
     last_use: bool = False,
     heldout_energy: float | None = None,
     holdout_cache: dict | None = None,
+    compensate: bool = True,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
@@ -223,6 +226,9 @@ def _factorize_target(
     ``holdout_cache`` shares their fit split's whitening like ``whitenings``).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
+    ``compensate=False`` (a target that does not write into the residual stream, `core.residual`): no
+    refinement — the whitened fit to its own compressed input, whose single-stream statistics the
+    pipeline collected — and the report measures it on that input, ‖(W′ − W)X_c‖.
 
     The report's relative output error is read off numbers the factorization already has whenever
     they are exact for the stored module (float32/float64 factors): the final refinement objective
@@ -249,6 +255,10 @@ def _factorize_target(
     weight = linear_weight(module).detach()
     w64 = weight.to(config.torch_compute_dtype)
     key = id(input_stats)
+    if spec.refinement != "none" and input_stats is not None:
+        report.compensated = compensate
+        if not compensate:  # not a residual writer: the whitened fit to its own input, no refinement
+            spec = dataclasses.replace(spec, refinement="none")
     # Validation first when it does not need the whole-data factors (the truncation-aware start is
     # refitted on the fit split anyway): then the fit split's factor and the held-out sums are gone
     # before the whole data's factor exists — at the widest input one n×n float64 matrix less at the
@@ -406,9 +416,12 @@ def _factor_and_replace(
     ranks: dict[str, int | None],
     ctx: PlanContext,
     report: CompressionReport,
+    compensated: set[str] | None = None,
 ) -> dict[str, nn.Module]:
     """Factor ``names`` (a subset of the block's ``targets``, in order) and swap the results in.
 
+    ``compensated``: with paired statistics, the targets whose refinement may chase the dense outputs
+    (the residual writers, `core.residual`); the others keep their start. None: every target.
     Returns name → new module for the targets that were factorized (the others stay dense).
     """
     if stats is not None:
@@ -436,7 +449,8 @@ def _factor_and_replace(
             last = stats is not None and last_use.get(stats.leader(name)) == name
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
                                                    last_use=last, heldout_energy=held_energy,
-                                                   holdout_cache=holdout_cache)
+                                                   holdout_cache=holdout_cache,
+                                                   compensate=compensated is None or name in compensated)
             if last:
                 whitenings.pop(id(input_stats), None)
                 holdout_cache.pop(id(input_stats), None)
@@ -523,6 +537,13 @@ def _compress_block_paired(
     stage, which runs to the end of the block to advance the dense stream.
     """
     stages = input_stages(block, targets, inputs[0], runner)
+    writers = find_residual_writers(block, targets, original_hidden[0],
+                                    lambda: runner.run(block, inputs[0], original_hidden[0]))
+    if not writers:
+        warnings.warn("a decoder block has no target whose output is added to the residual stream (normalised before "
+                      "the addition, or parallel attention and MLP?): its targets are fitted without compensation", CompressionWarning,
+                      stacklevel=4)
+    sources = {name: block.get_submodule(w.source) if w.source else None for name, w in writers.items()}
     dense = dict(targets)
     replaced: dict[str, nn.Module] = {}
 
@@ -534,8 +555,12 @@ def _compress_block_paired(
         for position, stage in enumerate(stages):
             final = position == len(stages) - 1
             stage_targets = {name: targets[name] for name in stage}
+            # Only residual writers chase the dense outputs: a stage without one needs no dense pass
+            # (except the last, which advances the dense stream) and no cross statistics.
+            paired_stage = any(name in writers for name in stage)
             stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
-                                    holdout=heldout is not None)
+                                    holdout=heldout is not None and paired_stage,
+                                    residual_sources={n: sources[n] for n in stage if n in sources})
             last = targets[stage[-1]]  # members share one input and run back to back
 
             def stop(module, args, output):
@@ -543,17 +568,20 @@ def _compress_block_paired(
 
             with stats, phase("calibration"):
                 for b, inp in enumerate(inputs):
-                    with stats.masked(inp.mask, heldout[b] if heldout is not None else None):
-                        use({name: dense[name] for name in replaced})
-                        stats.mode = "original"
-                        if final:
-                            original_hidden[b] = runner.run(block, inp, original_hidden[b])
-                        else:
-                            _run_until(runner, block, inp, last, stop, original_hidden[b])
-                        use(replaced)
-                        stats.mode = "compressed"
+                    with stats.masked(inp.mask, heldout[b] if heldout is not None and paired_stage else None,
+                                      original_hidden[b]):
+                        if paired_stage or final:
+                            use({name: dense[name] for name in replaced})
+                            stats.mode = "original" if paired_stage else "idle"
+                            if final:
+                                original_hidden[b] = runner.run(block, inp, original_hidden[b])
+                            else:
+                                _run_until(runner, block, inp, last, stop, original_hidden[b])
+                            use(replaced)
+                        stats.mode = "compressed" if paired_stage else "single"
                         _run_until(runner, block, inp, last, stop)
-            replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report))
+            replaced.update(_factor_and_replace(model, targets, stage, stats, ranks, ctx, report,
+                                                compensated=set(writers)))
     finally:
         use(replaced)  # whatever happened, the block holds the factors computed so far
 

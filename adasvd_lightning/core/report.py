@@ -19,7 +19,8 @@ class ModuleReport:
     bias_params: int = 0  # biases are kept as they are; ratios are over the weight matrices
     rank: int | None = None
     kept_columns: int = 0  # input columns preserved dense (column-preserving form)
-    # ‖W′X_c − W X_o‖_F / ‖W X_o‖_F on the calibration data (X_c = X_o without paired statistics)
+    # ‖W′X_c − W X_o‖_F / ‖W X_o‖_F on the calibration data (X_c = X_o without paired statistics; a
+    # target that is not compensated measures ‖(W′ − W)X_c‖ on its own compressed input X_c)
     relative_error: float | None = None
     whitening: str | None = None
     refinement_steps: int = 0
@@ -27,6 +28,9 @@ class ModuleReport:
     # sequences at the start (no refinement) and after the chosen number of steps, fitted without them.
     heldout_error_start: float | None = None
     heldout_error: float | None = None
+    # Paired refinement: whether the target was fitted to the dense outputs (a residual writer,
+    # `core.residual`; its errors are then weighted by the residual's scale) or kept its start.
+    compensated: bool | None = None
     skipped: str | None = None
 
 

@@ -310,8 +310,16 @@ class BlockStatistics:
     """
 
     def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64,
-                 holdout: bool = False) -> None:
+                 holdout: bool = False, residual_sources: dict[str, nn.Module | None] | None = None) -> None:
         self.targets = targets
+        # Paired mode: residual writers (`core.residual`) → the norm module whose input is the residual
+        # before their addition (None: the block's input, `residual_input`). Their tokens are weighted
+        # by 1 / ms(residual after the addition) of the dense stream, in every sum they enter.
+        self.residual_sources = dict(residual_sources or {})
+        self.residual_input: torch.Tensor | None = None  # the dense stream's block input of this batch
+        self._residual_before: dict[int, torch.Tensor] = {}  # id(norm) -> its input in the dense pass
+        self._weights: dict[str, torch.Tensor] = {}  # writer -> √weight per selected token (dense pass)
+        self._weights_heldout: dict[str, torch.Tensor] = {}
         self.product_dtype = product_dtype  # see `InputStatistics.product_dtype`
         self.holdout = holdout  # paired mode: also sum the held-out sequences separately
         self.token_mask: torch.Tensor | None = None
@@ -319,7 +327,9 @@ class BlockStatistics:
         self._stash_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout_tokens: dict[str, int] = {}
-        self.mode = "single"  # "single" | "original" (stash) | "compressed" (pair with the stash)
+        # "single" | "original" (stash) | "compressed" (pair with the stash) | "idle" (a pass that must
+        # not count, e.g. the dense stream advancing through a stage that is not paired)
+        self.mode = "single"
         self._stash: dict[str, torch.Tensor] = {}
         self._group_of: dict[str, str] = {}  # module name -> group leader name
         self._stats: dict[str, InputStatistics] = {}
@@ -337,6 +347,8 @@ class BlockStatistics:
         for name, module in self.targets.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
             self._handles.append(module.register_forward_hook(self._make_output_hook(name)))
+        for norm in {id(m): m for m in self.residual_sources.values() if m is not None}.values():
+            self._handles.append(norm.register_forward_pre_hook(self._make_residual_hook()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -348,19 +360,39 @@ class BlockStatistics:
         self._handles.clear()
 
     @contextmanager
-    def masked(self, mask: torch.Tensor | None, heldout_rows: torch.Tensor | None = None) -> Iterator[None]:
-        """Token mask (B×T) and held-out sequences (B bools) of the batch about to run."""
-        previous = self.token_mask, self.heldout_rows
-        self.token_mask, self.heldout_rows = mask, heldout_rows
+    def masked(self, mask: torch.Tensor | None, heldout_rows: torch.Tensor | None = None,
+               residual_input: torch.Tensor | None = None) -> Iterator[None]:
+        """Token mask (B×T), held-out sequences (B bools) and dense block input of the batch about to run."""
+        previous = self.token_mask, self.heldout_rows, self.residual_input
+        self.token_mask, self.heldout_rows, self.residual_input = mask, heldout_rows, residual_input
         try:
             yield
         finally:
-            self.token_mask, self.heldout_rows = previous
+            self.token_mask, self.heldout_rows, self.residual_input = previous
+
+    def _make_residual_hook(self):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self.mode == "original" and args and isinstance(args[0], torch.Tensor):
+                self._residual_before[id(module)] = args[0].detach()
+        return hook
+
+    def _writer_weights(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
+        """√(1 / ms(r_after)) per token (B×T×1) of a residual writer's dense output, or None."""
+        from .residual import residual_weights
+
+        if name not in self.residual_sources:
+            return None
+        source = self.residual_sources[name]
+        before = self.residual_input if source is None else self._residual_before.get(id(source))
+        if before is None or before.numel() != output.numel():
+            raise RuntimeError(f"{name}: the residual stream before its output was not observed")
+        before = before.reshape(output.shape).to(output.device, torch.float64)
+        return residual_weights(before + output.to(torch.float64)).sqrt()
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or self.mode == "idle":
                 return
             if not self._grouping_done:
                 self._assign_group(name, x)
@@ -377,9 +409,17 @@ class BlockStatistics:
                         self._stash_heldout[name] = held.detach()
                 elif self.mode == "compressed":
                     stats = self._stats_for(name, x)
-                    stats.add_pair(self._stash.pop(name), tokens)
+                    original = self._stash.pop(name)
+                    if name in self._weights:  # a residual writer: both streams on the residual's scale
+                        w = self._weights.pop(name).to(tokens.device, tokens.dtype)
+                        original, tokens = original * w, tokens * w
+                    stats.add_pair(original, tokens)
                     if held is not None and name in self._stash_heldout:
-                        stats.heldout.add_pair(self._stash_heldout.pop(name), held)
+                        original = self._stash_heldout.pop(name)
+                        if name in self._weights_heldout:
+                            w = self._weights_heldout.pop(name).to(held.device, held.dtype)
+                            original, held = original * w, held * w
+                        stats.heldout.add_pair(original, held)
                 else:
                     stats = self._stats_for(name, x)
                     stats.add(tokens)
@@ -391,18 +431,30 @@ class BlockStatistics:
     def _make_output_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output) -> None:
             # The dense targets' outputs: on the compressed stream ("compressed") they are not targets.
-            if self.mode == "compressed" or not isinstance(output, torch.Tensor):
+            if self.mode in ("compressed", "idle") or not isinstance(output, torch.Tensor):
                 return
             with phase("statistics"):
+                weights = self._writer_weights(name, output.detach()) if self.mode == "original" else None
                 y = self._select_tokens(output.detach())
                 bias = linear_bias(module)
                 if bias is not None:
                     y = y - bias.detach()
+                held_weights = None
+                if weights is not None:
+                    y = y * self._select_tokens(weights).to(y.dtype)
+                    # The inputs' sums take the held-out rows apart (see `_make_hook`): so do their weights.
+                    held_weights = self._heldout_tokens(weights)
+                    rest = None if held_weights is None else ~self.heldout_rows.to(weights.device)
+                    self._weights[name] = self._select_tokens(weights, rest)
+                    if held_weights is not None:
+                        self._weights_heldout[name] = held_weights
                 _add_energy(self._energy, self._energy_tokens, name, y)
                 held = self._heldout_tokens(output.detach())
                 if held is not None:
-                    _add_energy(self._energy_heldout, self._energy_heldout_tokens, name,
-                                held - bias.detach() if bias is not None else held)
+                    held = held - bias.detach() if bias is not None else held
+                    if held_weights is not None:
+                        held = held * held_weights.to(held.dtype)
+                    _add_energy(self._energy_heldout, self._energy_heldout_tokens, name, held)
 
         return hook
 
