@@ -61,9 +61,7 @@ class ResidualWriter:
 
 def is_norm(module: nn.Module) -> bool:
     """A normalisation layer (torch's, or a model family's ``*Norm`` class such as ``LlamaRMSNorm``)."""
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__ == "RMSNorm":
-        return True
-    return type(module).__name__.endswith("Norm")
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith("Norm")
 
 
 def residual_weights(residual: torch.Tensor) -> torch.Tensor:
