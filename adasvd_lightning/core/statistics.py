@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .profiling import phase
+from .residual import residual_weights
 from .surgery import linear_bias
 
 __all__ = ["InputStatistics", "BlockStatistics", "accumulate_gram", "accumulate_cross", "mirror_lower"]
@@ -378,8 +379,6 @@ class BlockStatistics:
 
     def _writer_weights(self, name: str, output: torch.Tensor) -> torch.Tensor | None:
         """√(1 / ms(r_after)) per token (B×T×1) of a residual writer's dense output, or None."""
-        from .residual import residual_weights
-
         if name not in self.residual_sources:
             return None
         source = self.residual_sources[name]
