@@ -178,3 +178,18 @@ def test_an_unweighted_compensation_spends_itself_on_the_sink_tokens():
     w_start, w_step = fit(weight)
     assert ordinary_error(w_step) < ordinary_error(w_start) < 0.85 * ordinary_error(start)
     assert ordinary_error(w_step) < 0.8 * ordinary_error(step)
+
+
+def test_targets_that_are_not_writers_keep_the_whitened_fit_to_their_own_input(token_batches):
+    """svd-llm's q/k/v of the first block read the same inputs as svd-llm-w's (the embeddings, before any
+    compression) and take no step: the same factors, and the same reported error, as whitening alone."""
+    models = {m: tiny_model("llama") for m in ("svd-llm", "svd-llm-w")}
+    reports = {m: {r.name: r for r in compress_model(model, CompressionConfig(method=m, ratio=0.4), token_batches).modules}
+               for m, model in models.items()}
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}"
+        paired, single = (models[m].get_submodule(name).dense_weight().detach() for m in ("svd-llm", "svd-llm-w"))
+        torch.testing.assert_close(paired, single, rtol=1e-5, atol=1e-6)
+        assert reports["svd-llm"][name].compensated is False and reports["svd-llm"][name].refinement_steps == 0
+        assert reports["svd-llm"][name].relative_error == pytest.approx(reports["svd-llm-w"][name].relative_error, rel=1e-5)
+    assert reports["svd-llm"]["model.layers.0.self_attn.o_proj"].compensated is True
