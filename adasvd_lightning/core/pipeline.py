@@ -540,9 +540,9 @@ def _compress_block_paired(
     writers = find_residual_writers(block, targets, original_hidden[0],
                                     lambda: runner.run(block, inputs[0], original_hidden[0]))
     if not writers:
-        warnings.warn("a decoder block has no target whose output is added to the residual stream (normalised before "
-                      "the addition, or parallel attention and MLP?): its targets are fitted without compensation", CompressionWarning,
-                      stacklevel=4)
+        warnings.warn("a decoder block has no target whose output is added to the residual stream (normalised "
+                      "before the addition, or parallel attention and MLP?): its targets are fitted without "
+                      "compensation", CompressionWarning, stacklevel=4)
     sources = {name: block.get_submodule(w.source) if w.source else None for name, w in writers.items()}
     dense = dict(targets)
     replaced: dict[str, nn.Module] = {}
