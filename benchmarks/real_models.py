@@ -17,7 +17,7 @@ float32 ``LlamaForCausalLM`` and saved once as a plain safetensors folder under
 folder). ``--model DIR`` runs the same grid on any local Hugging Face checkpoint folder instead.
 
 Protocol (stated in the written table): calibration = ``--samples`` random windows × ``--seq-len``
-tokens of the embedded training split (seed 0); evaluation = the first ``--eval-windows`` windows ×
+tokens of the embedded training split (``--seeds``, default 0); evaluation = the first ``--eval-windows`` windows ×
 ``--eval-seq-len`` tokens of the embedded test split; both follow the README's perplexity protocol (BOS
 where the tokenizer adds one). Δ = ppl / ppl_dense − 1. Every (method, ratio, samples) runs in its own
 process, so its seconds and peak resident memory are its own.
@@ -109,7 +109,7 @@ def prepare_smollm2() -> Path:
 
 
 def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int,
-        eval_seq_len: int, statistics_dtype: str) -> dict:
+        eval_seq_len: int, statistics_dtype: str, seed: int = 0) -> dict:
     """Compress the model with one preset and evaluate it (runs in a child process)."""
     import torch
 
@@ -124,11 +124,12 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     model = load_compressed(Path(model_dir))
     test = tokenize_text(tokenizer, read_text(embedded_corpus_path("test")))
     row: dict = {"method": method, "ratio": ratio, "samples": samples, "seq_len": seq_len,
-                 "statistics_dtype": statistics_dtype}
+                 "statistics_dtype": statistics_dtype, "seed": seed}
     if method == "dense":
         row.update(seconds=0.0, achieved_ratio=0.0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     else:
-        batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=samples, seq_len=seq_len))
+        batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=samples, seq_len=seq_len,
+                                                                     seed=seed))
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -153,6 +154,9 @@ def main() -> None:
     parser.add_argument("--samples", nargs="+", type=int, default=[32],
                         help="calibration windows; several values show how quality grows with calibration")
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="seeds of the calibration windows' draw; several values show how much a preset's "
+                             "quality depends on which text it is calibrated on")
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--statistics-dtype", nargs="+", choices=("float64", "float32"), default=None,
@@ -174,7 +178,7 @@ def main() -> None:
     if args.one:
         model_dir, method, ratio = args.one
         print(json.dumps(one(model_dir, method, float(ratio), args.samples[0], args.seq_len, args.eval_windows,
-                             args.eval_seq_len, dtypes[0])))
+                             args.eval_seq_len, dtypes[0], args.seeds[0])))
         return
 
     if args.model:
@@ -187,14 +191,16 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     evaluation = ["--eval-windows", str(args.eval_windows), "--eval-seq-len", str(args.eval_seq_len)]
 
-    def child(method: str, ratio: float, samples: int, dtype: str) -> dict:
+    def child(method: str, ratio: float, samples: int, dtype: str, seed: int = 0) -> dict:
         return run_json([script, "--one", str(model_dir), method, str(ratio), "--samples", str(samples),
-                         "--seq-len", str(args.seq_len), "--statistics-dtype", dtype, *evaluation])
+                         "--seq-len", str(args.seq_len), "--statistics-dtype", dtype, "--seeds", str(seed),
+                         *evaluation])
 
     def label(row: dict) -> str:
-        """The method name, with the statistics precision when it is not the config's default."""
+        """The method name, with the statistics precision and seed when they are not the defaults."""
         dtype = row["statistics_dtype"]
-        return row["method"] if dtype == default_dtype else f"{row['method']} [{dtype} stats]"
+        name = row["method"] if dtype == default_dtype else f"{row['method']} [{dtype} stats]"
+        return name if row["seed"] == 0 else f"{name} [seed {row['seed']}]"
 
     dense = child("dense", 0.0, args.samples[0], dtypes[0])
     print(f"{'dense':>11}: ppl {dense['perplexity']:.2f}", flush=True)
@@ -202,8 +208,8 @@ def main() -> None:
     for samples in args.samples:
         for ratio in args.ratios:
             for method in args.methods:
-                for dtype in dtypes:
-                    row = child(method, ratio, samples, dtype)
+                for dtype, seed in [(d, s) for d in dtypes for s in args.seeds]:
+                    row = child(method, ratio, samples, dtype, seed)
                     row["delta"] = row["perplexity"] / dense["perplexity"] - 1
                     rows.append(row)
                     statistics = row["phase_seconds"].get("statistics", 0.0)
@@ -223,7 +229,7 @@ def main() -> None:
         "",
         f"Command: `{' '.join(['python benchmarks/real_models.py', *sys.argv[1:]])}`",
         f"Machine: {machine()}. Calibration: {' / '.join(map(str, args.samples))} random windows × {args.seq_len} "
-        f"tokens of the embedded training split (seed 0). Evaluation: the first {dense['tokens'] // (args.eval_seq_len - 1)} "
+        f"tokens of the embedded training split (seed {' / '.join(map(str, args.seeds))}). Evaluation: the first {dense['tokens'] // (args.eval_seq_len - 1)} "
         f"windows × {args.eval_seq_len} tokens of the embedded test split ({dense['tokens']:,} predicted tokens; BOS "
         f"where the tokenizer adds one). Dense perplexity: **{dense['perplexity']:.2f}**. Δ = ppl / ppl_dense − 1. "
         "Seconds = compression wall time; peak = the process's peak resident memory.",
