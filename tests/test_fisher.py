@@ -16,7 +16,7 @@ from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.fisher import output_fisher, sequences, truncation_kl
 from adasvd_lightning.core.linalg import thin_svd
 from adasvd_lightning.core.methods import MethodSpec
-from adasvd_lightning.core.planning import _sensitivity_metric
+from adasvd_lightning.core.planning import _sensitivity_metric, probed_candidates, probed_row
 from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_weight, replace_module
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
@@ -149,7 +149,7 @@ def _compress(allocation: str, batches, family="gpt2", **options):
 def test_fisher_allocation_agrees_with_exact_probes(token_batches):
     """Same table layout as the probes, costs ranked alike, the budget met."""
     exact = _compress("module-kl", token_batches)
-    fisher = _compress("module-kl-fisher", token_batches)
+    fisher = _compress("module-kl-fisher", token_batches, fisher_scale="none")
     assert fisher.allocation["sensitivity"].keys() == exact.allocation["sensitivity"].keys()
     xs, ys = [], []
     for name, row in exact.allocation["sensitivity"].items():
@@ -163,11 +163,49 @@ def test_fisher_allocation_agrees_with_exact_probes(token_batches):
     assert fisher.allocation["fisher_tokens"] == 8 * 32
 
 
+def test_probed_row_scales_each_side_of_the_baseline_to_its_probe():
+    estimate = [4.0, 2.0, 1.0, 0.0, -1.0, -2.0]  # lowest retention first; 0 = the baseline rank
+    assert probed_candidates(estimate) == {0, 5}
+    measured = [12.0, None, None, None, None, -1.0]
+    row = probed_row(estimate, measured)
+    assert row == [12.0, 6.0, 3.0, 0.0, -0.5, -1.0]  # ×3 below the baseline, ×0.5 above; probes kept
+    # A probe that found the other direction (restoring rank raises the KL) flattens its side to zero.
+    assert probed_row(estimate, [8.0, None, None, None, None, 0.3]) == [8.0, 4.0, 2.0, 0.0, 0.0, 0.3]
+    assert probed_candidates([0.0, 0.0]) == set()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_probed_fisher_measures_two_candidates_per_module_and_ranks_closer_to_the_probes(token_batches, family):
+    """``fisher_scale="probed"``: the probed entries are the exact probes' own values (same baseline, same
+    candidate modules), two per module; scaling the estimate to them ranks the whole table closer to the
+    exhaustive probes than the estimate alone — on the tiny Llama the estimate alone misses the costs'
+    scale across modules (the truncated context amplifies some modules' costs more than others')."""
+    exact = _compress("module-kl", token_batches, family=family)
+    bare = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="none")
+    probed = _compress("module-kl-fisher", token_batches, family=family)
+    table, reference = probed.allocation["sensitivity"], exact.allocation["sensitivity"]
+    assert table.keys() == reference.keys()
+    matched = 0
+    for name, row in table.items():
+        for i in probed_candidates(probed.allocation["fisher_estimate"][name]):
+            assert row[i] == pytest.approx(reference[name][i], rel=1e-6, abs=1e-9)
+            matched += 1
+    assert matched == probed.allocation["sensitivity_probes"] == 2 * len(table)
+    xs = [v for row in reference.values() for v in row]
+    probed_rho = _spearman(xs, [v for row in table.values() for v in row])
+    bare_rho = _spearman(xs, [v for row in bare.allocation["sensitivity"].values() for v in row])
+    assert probed_rho > 0.95
+    assert probed_rho > bare_rho
+    assert probed.achieved_ratio >= 0.4 - 1e-9
+
+
 def test_fisher_allocation_needs_truncation_aware_whitening():
     with pytest.raises(InvalidInputError, match="truncation-aware"):
         MethodSpec("x", whitening="activation-scale", allocation="module-kl-fisher")
     with pytest.raises(InvalidInputError, match="fisher_samples"):
         MethodSpec("x", allocation="module-kl-fisher", fisher_samples=0)
+    with pytest.raises(InvalidInputError, match="fisher_scale"):
+        MethodSpec("x", allocation="module-kl-fisher", fisher_scale="exact")
 
 
 def _free_port() -> int:

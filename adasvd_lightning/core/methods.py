@@ -48,6 +48,7 @@ WHITENINGS = ("none", "activation-scale", "truncation-aware")
 ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher", "sensitivity-ppl")
 FORMS = ("low-rank", "column-preserving")
 REFINEMENTS = ("none", "closed-form", "adacomp", "optimal")
+FISHER_SCALES = ("probed", "none")
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -73,6 +74,9 @@ class MethodSpec:
             its backward passes).
         fisher_samples: module-kl-fisher's label draws per sequence (one backward each) for the
             expectation over the model's own predictions in the Fisher information.
+        fisher_scale: ``probed`` — module-kl-fisher measures each module's KL at two candidates (its
+            lowest and highest retention, with the other targets at their uniform baseline, as the
+            exact probes do) and scales the estimate's two sides to them; ``none`` — the estimate alone.
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -92,6 +96,7 @@ class MethodSpec:
     sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sensitivity_batches: int = 2
     fisher_samples: int = 1
+    fisher_scale: str = "probed"
     heldout_fraction: float = 0.25
 
     def __post_init__(self) -> None:
@@ -121,6 +126,7 @@ class MethodSpec:
             raise InvalidInputError("sensitivity_batches must be >= 1")
         if self.fisher_samples < 1:
             raise InvalidInputError("fisher_samples must be >= 1")
+        _choice("fisher_scale", self.fisher_scale, FISHER_SCALES)
         if self.allocation == "module-kl-fisher" and self.whitening != "truncation-aware":
             # The closed form reads (W − W′)H(W − W′)ᵀ off the SVD of W·L with L Lᵀ = H; other
             # whitenings truncate a different matrix.

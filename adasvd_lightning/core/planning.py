@@ -182,7 +182,8 @@ def _candidate_rank(shape: MatrixShape, rho: float) -> int | None:
     return None if rank is not None and rank > shape.max_useful_rank else rank
 
 
-def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
+def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int] | None = None
+                          ) -> tuple[dict[str, float], dict]:
     """Duo-SVD module-level allocation: per-module cost table at candidate retentions + knapsack.
 
     Memory-bounded: the probes need every module at its uniform-rank baseline plus, for the module being
@@ -193,8 +194,13 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     statistics and one module's SVD are alive. The numbers are the same as with a full cache: the
     same statistics, the same decompositions, the same probe order. Probes of block i replay the
     baseline prefix's cached output (:mod:`.replay`) and compute only blocks i… and the head.
+
+    With ``fisher`` (output Fisher sums and their token count, `output_fisher`) only two candidates per
+    module are probed — the lowest retention and the highest — and the rest of the row is the Fisher
+    estimate (:func:`.fisher.truncation_kl`) scaled to them, one scale for the candidates below the
+    baseline rank and one for those above (`probed_row`).
     """
-    kind = ctx.spec.allocation
+    kind = ctx.spec.allocation if fisher is None else "module-kl"
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
     model = ctx.model
     whiten = ctx.spec.whitening != "none"
@@ -227,6 +233,8 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
 
     options: list[list[tuple[int, float]]] = []
     option_ranks: list[list[int | None]] = []
+    estimates: dict[str, list[float]] = {}
+    probes = 0
     done = 0
     try:
         for s in ctx.shapes:
@@ -247,19 +255,38 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
                 shape = shape_of[name]
                 cached = None
                 ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
-                top = max((r for r in ranks if usable(shape, r)), default=0)
+                base = uniform[name] if usable(shape, uniform[name]) else None
+                top = max((r for r in ranks + [base] if usable(shape, r)), default=0)
+                probe_at = range(len(ranks))
+                if fisher is not None:
+                    estimate = [0.0] * (len(ranks) + 1)
+                    if top:
+                        cached = _whitened_svd(ctx, module, stats, name, top)
+                        whitening, u, _ = cached[1]
+                        a = whitening.whiten(linear_weight(module).detach().to(torch.float64))
+                        estimate = truncation_kl(fisher[0][name], fisher[1], a, u, cached[0],
+                                                 [r if usable(shape, r) else None for r in ranks] + [base])
+                        del a
+                    estimate = [e - estimate[-1] for e in estimate[:-1]]
+                    estimates[name] = estimate
+                    probe_at = probed_candidates(estimate)
                 row, row_ranks = [], []
-                for rank in ranks:
-                    if usable(shape, rank):
-                        cached = cached or _whitened_svd(ctx, module, stats, name, top)
-                        candidate = _lowrank_module(module, _factors_at(cached, rank))
-                    else:
-                        candidate = module
-                    replace_module(model, name, candidate)
-                    with replay.active():
-                        value = _sensitivity_metric(model, batches, reference, kind, replay)
-                    row.append((rank_cost(shape, rank), value - baseline))
+                for i, rank in enumerate(ranks):
+                    value = None
+                    if i in probe_at:
+                        if usable(shape, rank):
+                            cached = cached or _whitened_svd(ctx, module, stats, name, top)
+                            candidate = _lowrank_module(module, _factors_at(cached, rank))
+                        else:
+                            candidate = module
+                        replace_module(model, name, candidate)
+                        with replay.active():
+                            value = _sensitivity_metric(model, batches, reference, kind, replay) - baseline
+                        probes += 1
+                    row.append((rank_cost(shape, rank), value))
                     row_ranks.append(rank)
+                if fisher is not None:
+                    row = list(zip([c for c, _ in row], probed_row(estimates[name], [v for _, v in row])))
                 replace_module(model, name, base_modules[name])
                 del cached
                 options.append(row)
@@ -271,8 +298,47 @@ def _allocate_sensitivity(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     finally:
         for name, module in modules.items():
             replace_module(model, name, module)
-    return _knapsack_retentions(ctx, options, option_ranks), {
-        "sensitivity_baseline": baseline, "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
+    info = {"sensitivity_baseline": baseline, "sensitivity_probes": probes,
+            "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
+    if fisher is not None:
+        info.update(fisher_tokens=fisher[1], fisher_estimate=estimates)
+    return _knapsack_retentions(ctx, options, option_ranks), info
+
+
+def probed_candidates(estimate: Sequence[float]) -> set[int]:
+    """The candidates `_allocate_sensitivity` probes for a Fisher-estimated row: the first and the last
+    whose estimate is not zero (zero = the baseline rank itself, or a candidate that cannot be used)."""
+    moving = [i for i, e in enumerate(estimate) if e != 0.0]
+    return {moving[0], moving[-1]} if moving else set()
+
+
+def probed_row(estimate: Sequence[float], measured: Sequence[float | None]) -> list[float]:
+    """A module's cost row from its Fisher estimate and the probes measured at some of its candidates.
+
+    The estimate gets the row's shape right — it follows the module's own whitened spectrum — but not its
+    size: the probes measure each module with every other target already truncated, and that context
+    amplifies some modules' costs several times more than others' (the dense-model expansion cannot see
+    it). So each side of the baseline is scaled to the probe measured on it: the candidates that truncate
+    further (estimate > 0) by measured/estimated at the lowest, those that restore rank (estimate < 0) at
+    the highest. A ratio of opposite sign (the probe found the other direction helps) scales that side to
+    zero, which is what the measured point says at its own candidate. Probed candidates keep their
+    measured value.
+    """
+    scales = {}
+    for side in (1.0, -1.0):
+        pairs = [(e, m) for e, m in zip(estimate, measured) if m is not None and e * side > 0]
+        if pairs:
+            e, m = pairs[0] if side > 0 else pairs[-1]
+            scales[side] = max(m / e, 0.0)
+    row = []
+    for e, m in zip(estimate, measured):
+        if m is not None:
+            row.append(m)
+        elif e == 0.0:
+            row.append(0.0)
+        else:
+            row.append(e * scales.get(1.0 if e > 0 else -1.0, 1.0))
+    return row
 
 
 def _knapsack_retentions(ctx: PlanContext, options: list[list[tuple[int, float]]],
@@ -295,6 +361,9 @@ def _knapsack_retentions(ctx: PlanContext, options: list[list[tuple[int, float]]
 def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     """``module-kl-fisher``: the module-KL cost table estimated to second order (:mod:`.fisher`).
 
+    With ``fisher_scale="probed"`` (the default) the estimate gives each row's shape and two exact probes
+    per module its size (`_allocate_sensitivity`, `probed_row`); with ``"none"`` the estimate alone:
+
     One backward pass per probe sequence over the dense model gives every target's output Fisher
     diagonal; one dense pass with statistics gives each target's whitened SVD (up to the largest rank
     the table needs), from which every candidate's cost is a cumulative sum. Costs are relative to the
@@ -304,6 +373,8 @@ def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
     modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
     fisher, tokens = output_fisher(ctx.model, ctx.blocks[0], modules, batches, samples=ctx.spec.fisher_samples)
+    if ctx.spec.fisher_scale == "probed":
+        return _allocate_sensitivity(ctx, (fisher, tokens))
     shape_of = {s.name: s for s in ctx.shapes}
     uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
                                budget_for_ratio(ctx.shapes, ctx.config.ratio))
