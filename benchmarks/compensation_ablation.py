@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--compensate", nargs="+", default=["auto", ""],
                         help="regular expressions of the targets that may chase the dense outputs ('auto': the rule)")
     parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the calibration windows (seed 1 draws the drift windows too: with it the "
+                             "drift columns are measured on calibration text; the perplexity never is)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -62,7 +65,8 @@ def main() -> None:
 
     path = Path(args.model)
     tokenizer = load_tokenizer(path)
-    calibration = calibration_batches(tokenizer, CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len))
+    calibration = calibration_batches(tokenizer, CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len,
+                                                                             seed=args.seed))
     held = calibration_batches(tokenizer, CalibrationSpec(None, samples=8, seq_len=args.seq_len, seed=1))
     held_ids = torch.cat([b["input_ids"] if isinstance(b, dict) else b for b in held])
     test = tokenize_text(tokenizer, read_text(embedded_corpus_path("test")))
