@@ -156,11 +156,13 @@ def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: lis
         if replay is not None:
             replay.batch = i
         out = model_forward(model, batch)
-        logits = (out.logits if hasattr(out, "logits") else out).float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1)
+        del out  # the logits: at a 49k vocabulary, 0.4 GB per 8 × 256 batch
         if kind == "module-kl":
             ref = reference[i]
-            total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
+            # One sequence's vocabulary-sized temporaries at a time, not the batch's (three of them).
+            for row, row_ref in zip(logp, ref):
+                total += float((row_ref.exp() * (row_ref - row)).sum(-1).double().sum())
             count += ref.shape[0] * ref.shape[1]
         else:
             ids = normalise_batch(batch)
