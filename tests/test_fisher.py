@@ -182,7 +182,7 @@ def test_probed_fisher_measures_two_candidates_per_module_and_ranks_closer_to_th
     scale across modules (the truncated context amplifies some modules' costs more than others')."""
     exact = _compress("module-kl", token_batches, family=family)
     bare = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="none")
-    probed = _compress("module-kl-fisher", token_batches, family=family)
+    probed = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="probed")
     table, reference = probed.allocation["sensitivity"], exact.allocation["sensitivity"]
     assert table.keys() == reference.keys()
     matched = 0

@@ -25,13 +25,16 @@ Presets (see the README's method table for sources and knobs):
 | `svd-llm-w`  | truncation-aware  | uniform       | low-rank          | none        |
 | `svd-llm-v2` | truncation-aware  | grouped-loss  | low-rank          | none        |
 | `adasvd`     | truncation-aware  | adacr         | low-rank          | adacomp     |
-| `duo-svd`    | truncation-aware  | module-kl-fisher | column-preserving | none     |
-| `adasvd-duo` | truncation-aware  | module-kl-fisher | column-preserving | closed-form |
+| `duo-svd`    | truncation-aware  | module-kl     | column-preserving | none        |
+| `adasvd-duo` | truncation-aware  | module-kl     | column-preserving | closed-form |
 
-The module-KL presets estimate their cost table (Fisher shape, two exact probes per module for its size:
-``fisher_scale="probed"``) instead of probing every candidate: on the reference model that is within
-2 % of the exhaustive probes' perplexity at 20–60 % in a third of the time, and the exhaustive probes
-(``allocation=module-kl``) are modules × candidates suffix forwards — hours on a 30-block model on CPU.
+The module-KL presets probe every candidate of every module (``module-kl``): modules × candidates
+suffix forwards, about 5 hours for SmolLM2-135M (210 targets) on one CPU core. ``allocation=
+module-kl-fisher`` estimates the table instead, in minutes (BENCHMARKS.md, "Module-KL allocation: two
+probes per module"). It is not the presets' default: alone it misses the probes by 5–8 % on the
+reference model; scaled by two probes per module (``fisher_scale=probed``) it is within 2 % there but
+worse than the estimate alone on SmolLM2-135M (95.25 vs 63.56 at 40 %), where the exhaustive probes
+have not been measured.
 """
 
 from __future__ import annotations
@@ -79,9 +82,10 @@ class MethodSpec:
             its backward passes).
         fisher_samples: module-kl-fisher's label draws per sequence (one backward each) for the
             expectation over the model's own predictions in the Fisher information.
-        fisher_scale: ``probed`` — module-kl-fisher measures each module's KL at two candidates (its
-            lowest and highest retention, with the other targets at their uniform baseline, as the
-            exact probes do) and scales the estimate's two sides to them; ``none`` — the estimate alone.
+        fisher_scale: ``none`` — module-kl-fisher uses the estimate alone; ``probed`` — it measures each
+            module's KL at two candidates (its lowest and highest retention, with the other targets at
+            their uniform baseline, as the exact probes do) and scales the estimate's two sides to them
+            (closer to the probes on the reference model, worse on SmolLM2-135M: BENCHMARKS.md).
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -101,7 +105,7 @@ class MethodSpec:
     sensitivity_candidates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     sensitivity_batches: int = 2
     fisher_samples: int = 1
-    fisher_scale: str = "probed"
+    fisher_scale: str = "none"
     heldout_fraction: float = 0.25
 
     def __post_init__(self) -> None:
@@ -208,13 +212,13 @@ PRESETS: dict[str, MethodSpec] = {
                    source="SVD-LLM V2 (Wang et al., 2025): loss-based ratios within same-type groups"),
         MethodSpec("adasvd", allocation="adacr", refinement="adacomp",
                    source="AdaSVD (Li et al., 2025): adaComp alternating refinement + adaCR layer ratios"),
-        MethodSpec("duo-svd", allocation="module-kl-fisher", form="column-preserving",
+        MethodSpec("duo-svd", allocation="module-kl", form="column-preserving",
                    source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
         # Our combination. Measured on the reference model (BENCHMARKS.md): module-level KL allocation
         # beats adaCR's block heuristic by a wide margin, and adaComp's V-steps (which solve against the
         # n×n input Gram matrix) generalise slightly worse than its U-step alone (r×r solves), so the
         # combination keeps Duo-SVD's allocation and columns and adds the U-step compensation.
-        MethodSpec("adasvd-duo", allocation="module-kl-fisher", form="column-preserving", refinement="closed-form",
+        MethodSpec("adasvd-duo", allocation="module-kl", form="column-preserving", refinement="closed-form",
                    source="this project: Duo-SVD columns + module-KL budget + error-compensating U update"),
     )
 }

@@ -363,8 +363,9 @@ def _knapsack_retentions(ctx: PlanContext, options: list[list[tuple[int, float]]
 def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     """``module-kl-fisher``: the module-KL cost table estimated to second order (:mod:`.fisher`).
 
-    With ``fisher_scale="probed"`` (the default) the estimate gives each row's shape and two exact probes
-    per module its size (`_allocate_sensitivity`, `probed_row`); with ``"none"`` the estimate alone:
+    With ``fisher_scale="probed"`` the estimate gives each row's shape and two exact probes
+    per module its size (`_allocate_sensitivity`, `probed_row`); with ``"none"`` (the default) the
+    estimate alone:
 
     One backward pass per probe sequence over the dense model gives every target's output Fisher
     diagonal; one dense pass with statistics gives each target's whitened SVD (up to the largest rank
