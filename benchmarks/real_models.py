@@ -22,9 +22,11 @@ tokens of the embedded training split (``--seeds``, default 0); evaluation = the
 where the tokenizer adds one). Δ = ppl / ppl_dense − 1. Every (method, ratio, samples) runs in its own
 process, so its seconds and peak resident memory are its own.
 
-Default size: 32 × 256 calibration tokens and 24 × 512 evaluation tokens keep the 8 presets × 3 ratios
-(+ dense) under an hour on 2 CPU cores; module-KL presets (``duo-svd``, ``adasvd-duo``) are the slowest
-rows because of their allocation probes.
+Default size: 32 × 256 calibration tokens and 24 × 512 evaluation tokens keep each of the six presets
+without module-KL probes at a few minutes per ratio on one CPU core (SmolLM2-135M). The module-KL presets
+(``duo-svd``, ``adasvd-duo``) probe every module at every candidate: 2,100 probes of ~8 s each on
+SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, or run
+``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes).
 """
 
 from __future__ import annotations
