@@ -317,10 +317,11 @@ def probed_candidates(estimate: Sequence[float]) -> set[int]:
 def probed_row(estimate: Sequence[float], measured: Sequence[float | None]) -> list[float]:
     """A module's cost row from its Fisher estimate and the probes measured at some of its candidates.
 
-    The estimate gets the row's shape right — it follows the module's own whitened spectrum — but not its
-    size: the probes measure each module with every other target already truncated, and that context
-    amplifies some modules' costs several times more than others' (the dense-model expansion cannot see
-    it). So each side of the baseline is scaled to the probe measured on it: the candidates that truncate
+    On the reference model the estimate gets a row's shape right — it follows the module's own whitened
+    spectrum — but not its size: the probes measure each module with every other target already
+    truncated, and that context amplifies some modules' costs several times more than others' (the
+    dense-model expansion cannot see it). So each side of the baseline is scaled to the probe measured
+    on it (on SmolLM2-135M this did worse than the estimate alone: BENCHMARKS.md): the candidates that truncate
     further (estimate > 0) by measured/estimated at the lowest, those that restore rank (estimate < 0) at
     the highest. A ratio of opposite sign (the probe found the other direction helps) scales that side to
     zero, which is what the measured point says at its own candidate. Probed candidates keep their
