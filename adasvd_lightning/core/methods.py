@@ -31,10 +31,10 @@ Presets (see the README's method table for sources and knobs):
 The module-KL presets probe every candidate of every module (``module-kl``): modules × candidates
 suffix forwards, about 5 hours for SmolLM2-135M (210 targets) on one CPU core. ``allocation=
 module-kl-fisher`` estimates the table instead, in minutes (BENCHMARKS.md, "Module-KL allocation: two
-probes per module"). It is not the presets' default: alone it misses the probes by 5–8 % on the
-reference model; scaled by two probes per module (``fisher_scale=probed``) it is within 2 % there but
-worse than the estimate alone on SmolLM2-135M (95.25 vs 63.56 at 40 %), where the exhaustive probes
-have not been measured.
+probes per module"). It is not the presets' default: alone it misses the probes by 7–12 % at
+20–40 % on the reference model (33–76 % at 60 %); scaled by two probes per module
+(``fisher_scale=probed``) it is within 2 % there but worse than the estimate alone on SmolLM2-135M
+(95.25 vs 63.56 at 40 %), where the exhaustive probes have not been measured.
 """
 
 from __future__ import annotations
