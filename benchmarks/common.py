@@ -21,11 +21,17 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, {gpu}"
 
 
-def run_json(args: list[str]) -> dict:
-    """Run ``python <args>`` in a fresh process (so peak memory is per run) and parse its last JSON line."""
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+def run_json(args: list[str], *, show_stderr: bool = False) -> dict:
+    """Run ``python <args>`` in a fresh process (so peak memory is per run) and parse its last JSON line.
+
+    ``show_stderr``: the child's stderr (its progress lines) goes to ours as it runs, instead of being
+    kept for the error message.
+    """
+    proc = subprocess.run([sys.executable, *args], stdout=subprocess.PIPE,
+                          stderr=None if show_stderr else subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+        detail = "its stderr is above" if show_stderr else proc.stderr[-3000:]
+        raise RuntimeError(f"{' '.join(args)} failed:\n{detail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

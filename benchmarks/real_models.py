@@ -26,7 +26,8 @@ Default size: 32 × 256 calibration tokens and 24 × 512 evaluation tokens keep 
 without module-KL probes at a few minutes per ratio on one CPU core (SmolLM2-135M). The module-KL presets
 (``duo-svd``, ``adasvd-duo``) probe every module at every candidate: 2,100 probes of ~8 s each on
 SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, or run
-``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes).
+``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes). Each run prints its
+progress on stderr (calibration, probes, blocks; plain lines every ``ADASVD_PROGRESS_INTERVAL`` seconds).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
 
     from adasvd_lightning import compress_model, evaluate_perplexity, load_compressed, load_tokenizer
     from adasvd_lightning.core.corpus import added_bos_token_id, embedded_corpus_path, read_text, tokenize_text
-    from adasvd_lightning.display import quiet_libraries
+    from adasvd_lightning.display import compression_progress, quiet_libraries
     from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
     quiet_libraries()
@@ -135,7 +136,11 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype), batches)
+            # Progress on stderr (plain lines every 10 s: it is not a terminal): a module-KL row runs
+            # for an hour on a CPU core, and the probes' stage says how far it is.
+            with compression_progress() as progress:
+                report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype),
+                                        batches, progress=progress)
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio,
                    phase_seconds=dict(report.phase_seconds),
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -196,7 +201,7 @@ def main() -> None:
     def child(method: str, ratio: float, samples: int, dtype: str, seed: int = 0) -> dict:
         return run_json([script, "--one", str(model_dir), method, str(ratio), "--samples", str(samples),
                          "--seq-len", str(args.seq_len), "--statistics-dtype", dtype, "--seeds", str(seed),
-                         *evaluation])
+                         *evaluation], show_stderr=True)
 
     def label(row: dict) -> str:
         """The method name, with the statistics precision and seed when they are not the defaults."""
