@@ -206,6 +206,8 @@ def test_fisher_allocation_needs_truncation_aware_whitening():
         MethodSpec("x", allocation="module-kl-fisher", fisher_samples=0)
     with pytest.raises(InvalidInputError, match="fisher_scale"):
         MethodSpec("x", allocation="module-kl-fisher", fisher_scale="exact")
+    with pytest.raises(InvalidInputError, match="needs allocation 'module-kl-fisher', got 'module-kl'"):
+        MethodSpec("x", allocation="module-kl", fisher_scale="probed")
 
 
 def _free_port() -> int:

@@ -136,6 +136,10 @@ class MethodSpec:
         if self.fisher_samples < 1:
             raise InvalidInputError("fisher_samples must be >= 1")
         _choice("fisher_scale", self.fisher_scale, FISHER_SCALES)
+        if self.fisher_scale != "none" and self.allocation != "module-kl-fisher":
+            # Said rather than ignored: only the estimated table has a scale to set.
+            raise InvalidInputError(f"fisher_scale={self.fisher_scale!r} needs allocation 'module-kl-fisher', "
+                                    f"got {self.allocation!r}")
         if self.allocation == "module-kl-fisher" and self.whitening != "truncation-aware":
             # The closed form reads (W − W′)H(W − W′)ᵀ off the SVD of W·L with L Lᵀ = H; other
             # whitenings truncate a different matrix.
