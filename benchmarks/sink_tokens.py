@@ -22,11 +22,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
+    if args.samples < 1 or args.seq_len < 2:
+        parser.error("samples >= 1, seq-len >= 2")
     from adasvd_lightning import load_compressed, load_tokenizer
+    from adasvd_lightning.core.errors import InvalidInputError
+    from adasvd_lightning.core.serialization import check_model_folder
     from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
-    path = Path(args.model)
+    path = Path(args.model).expanduser()
+    try:
+        check_model_folder(path)
+    except InvalidInputError as error:
+        parser.error(str(error))
     tokenizer, model = load_tokenizer(path), load_compressed(path)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(getattr(layer, "mlp", None), "down_proj") for layer in layers):
+        parser.error("this diagnostic reads Llama-style blocks (model.model.layers[i].mlp.down_proj)")
     batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=args.samples, seq_len=args.seq_len))
     ids = torch.cat([b["input_ids"] if isinstance(b, dict) else b for b in batches])
     seen: dict[tuple[int, str], torch.Tensor] = {}
