@@ -60,3 +60,17 @@ def method_config(method: str, ratio: float, **config):
 
     preset, *options = method.split("+")
     return CompressionConfig(method=preset, ratio=ratio, method_options=_parse_options(options), **config)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equally long lists (ties broken by position)."""
+    def ranks(x):
+        t = torch.tensor(x, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-300))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, method_config, run_json, write_section  # noqa: E402
+from common import RESULTS, machine, method_config, run_json, spearman, write_section  # noqa: E402
 
 OUT = RESULTS / "kl_allocation.json"
 
@@ -70,21 +70,6 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     }
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    import torch
-
-    def ranks(x):
-        t = torch.tensor(x, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(x), dtype=torch.float64)
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-300))
-
-
 def compare(row: dict, ref: dict) -> dict:
     """Agreement of ``row``'s allocation with ``ref``'s (see the module docstring)."""
     out = {"ppl_ratio": row["perplexity"] / ref["perplexity"]}
@@ -100,8 +85,8 @@ def compare(row: dict, ref: dict) -> dict:
             col_y = [row["sensitivity"][n][b] for n in names]
             xs += col_x
             ys += col_y
-            per.append(_spearman(col_x, col_y))
-        out["spearman_all"] = _spearman(xs, ys)
+            per.append(spearman(col_x, col_y))
+        out["spearman_all"] = spearman(xs, ys)
         out["spearman_per_candidate"] = sum(per) / max(1, len(per))
     return out
 

@@ -24,14 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import method_config  # noqa: E402
-
-
-def _spearman(a: list[float], b: list[float]) -> float:
-    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
-    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+from common import method_config, spearman  # noqa: E402
 
 
 def main() -> None:
@@ -80,7 +73,7 @@ def main() -> None:
     flat = {a: [v for row in t.values() for v in row] for a, t in tables.items()}
     for allocation in args.allocations:
         print(f"{allocation}: baseline KL {baselines[allocation]:.4f}, Spearman vs {first} "
-              f"{_spearman(flat[first], flat[allocation]):.3f}")
+              f"{spearman(flat[first], flat[allocation]):.3f}")
     for name in tables[first]:
         if not pattern.search(name):
             continue
