@@ -141,8 +141,12 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
             with compression_progress() as progress:
                 report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype),
                                         batches, progress=progress)
+        # Per residual writer: validated steps and held-out errors (`writer_report.py` prints them).
+        writers = [dict(name=m.name, steps=m.refinement_steps, heldout_start=m.heldout_error_start,
+                        heldout_after=m.heldout_error, error=m.relative_error)
+                   for m in report.modules if m.compensated]
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio,
-                   phase_seconds=dict(report.phase_seconds),
+                   phase_seconds=dict(report.phase_seconds), writers=writers,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = evaluate_perplexity(model, test, seq_len=eval_seq_len, batch_size=4, max_windows=eval_windows,
                                  bos_token_id=added_bos_token_id(tokenizer))
