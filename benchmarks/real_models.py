@@ -113,7 +113,8 @@ def prepare_smollm2() -> Path:
 
 def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int,
         eval_seq_len: int, statistics_dtype: str, seed: int = 0) -> dict:
-    """Compress the model with one preset and evaluate it (runs in a child process)."""
+    """Compress the model with one preset and evaluate it (in a child process of `main`, or in
+    `writer_report.py`'s own)."""
     import torch
 
     from adasvd_lightning import compress_model, evaluate_perplexity, load_compressed, load_tokenizer
@@ -136,8 +137,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # Progress on stderr (plain lines every 10 s: it is not a terminal): a module-KL row runs
-            # for an hour on a CPU core, and the probes' stage says how far it is.
+            # Progress on stderr (plain lines every 10 s when it is not a terminal): a module-KL row
+            # runs for an hour on a CPU core, and the probes' stage says how far it is.
             with compression_progress() as progress:
                 report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype),
                                         batches, progress=progress)
