@@ -144,7 +144,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
                                         batches, progress=progress)
         # Per residual writer: validated steps and held-out errors (`writer_report.py` prints them).
         writers = [dict(name=m.name, steps=m.refinement_steps, heldout_start=m.heldout_error_start,
-                        heldout_after=m.heldout_error, error=m.relative_error)
+                        heldout_after=m.heldout_error, plain_start=m.heldout_plain_error_start,
+                        plain_after=m.heldout_plain_error, error=m.relative_error)
                    for m in report.modules if m.compensated]
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio,
                    phase_seconds=dict(report.phase_seconds), writers=writers,

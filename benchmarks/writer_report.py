@@ -6,8 +6,8 @@ One run of `real_models.py`'s protocol (calibration: ``--samples`` random window
 of the embedded training split, seed ``--seed``; perplexity on the first 24 × 512 tokens of the embedded
 test split), in this process, printing for every compensated target (a residual writer,
 `core.residual`) the refinement steps it kept, its relative error on the held-out sequences before and
-after them (on the residual's scale, as the validation scores it), and its relative error on all
-calibration tokens. Comparing two runs (e.g. ``--samples 32`` vs ``64``) shows which writers' decisions
+after them (on the residual's scale, as the validation scores it), the same for its plain output error
+(which a step must not raise, `core.plain_guard`), and its relative error on all calibration tokens. Comparing two runs (e.g. ``--samples 32`` vs ``64``) shows which writers' decisions
 changed: BENCHMARKS.md ("Calibration tokens") has the case that motivated it.
 """
 
@@ -49,14 +49,15 @@ def main() -> None:
     row = one(str(folder), args.method, args.ratio, args.samples, args.seq_len, 24, 512,
               CompressionConfig.statistics_dtype, args.seed)
     print(f"{args.method} {args.ratio:.0%} {args.samples}×{args.seq_len} seed {args.seed}: ppl {row['perplexity']:.2f}")
-    print(f"{'writer':<40} {'steps':>5} {'held-out start':>15} {'after':>8} {'calib':>8}")
+    print(f"{'writer':<40} {'steps':>5} {'held-out start':>15} {'after':>8} {'plain start':>12} {'after':>8} "
+          f"{'calib':>8}")
 
     def fmt(value: float | None) -> str:
         return "–" if value is None else f"{value:.4f}"
 
     for r in row["writers"]:
         print(f"{r['name']:<40} {r['steps']:>5} {fmt(r['heldout_start']):>15} {fmt(r['heldout_after']):>8} "
-              f"{fmt(r['error']):>8}")
+              f"{fmt(r.get('plain_start')):>12} {fmt(r.get('plain_after')):>8} {fmt(r['error']):>8}")
     if args.out:
         Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], **row}, indent=2))
 

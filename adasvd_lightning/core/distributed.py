@@ -24,7 +24,7 @@ from torch import nn
 
 from .lowrank import FactorizedLinear, module_from_entry
 
-__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_tensor", "all_reduce_statistics", "share_module", "shutdown",
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_tensor", "all_gather_rows", "all_reduce_statistics", "share_module", "shutdown",
            "gathered_parameters"]
 
 
@@ -51,6 +51,30 @@ def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t)
     return t
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's (k_i × w) rows, concatenated in rank order on every rank (k_i may differ, even be 0).
+
+    Padded to the largest k_i for one fixed-size all_gather, then trimmed; without a process group
+    the rows come back as they are.
+    """
+    if not is_distributed():
+        return rows
+    counts = [int(c) for c in per_rank_counts(rows.shape[0], rows.device)]
+    padded = rows.new_zeros((max(counts), rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def per_rank_counts(value: int, device: torch.device | str = "cpu") -> list[int]:
+    """Each rank's ``value``, on every rank, in rank order."""
+    t = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+    t[dist.get_rank()] = value
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def all_reduce_statistics(stats: dict[str, Any]) -> None:

@@ -40,6 +40,7 @@ from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .params import count_parameters
+from .plain_guard import PlainHeldoutError
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
@@ -162,41 +163,59 @@ def _validate_refinement(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None,
     down: torch.Tensor | None, shared: dict[int, Whitening] | None, report: ModuleReport,
+    plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[int | None, bool]:
-    """(validated half-step count, whether the optimal factors validate) on the held-out sequences."""
+    """(validated half-step count, whether the optimal factors validate) on the held-out sequences.
+
+    ``plain_rows``: a residual writer's held-out (inputs, outputs) unweighted; a step must then also
+    not raise its plain output error (`core.plain_guard`).
+    """
+    guard = PlainHeldoutError(weight, *plain_rows, kept=kept) if plain_rows is not None else None
     with phase("refinement", absorb=True), _holdout_targets(spec, config, weight.to(torch.float64), stats, kept, energy,
                                                             heldout_energy, rank, up, down, shared) as holdout:
         if spec.refinement == "optimal":
-            return None, _optimal_validates(holdout, rank, config.svd_driver, report)
-        return _validated_half_steps(spec, holdout, report), True
+            return None, _optimal_validates(holdout, rank, config.svd_driver, report, guard)
+        return _validated_half_steps(spec, holdout, report, guard), True
 
 
-def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport) -> int | None:
+def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport,
+                          guard: PlainHeldoutError | None = None) -> int | None:
     """The closed-form / adaComp step count chosen on the held-out sequences (`validated_steps`).
 
-    The report gets the held-out relative error before refinement and after the chosen steps.
+    The report gets the held-out relative errors (weighted, and plain with a guard) before refinement
+    and after the chosen steps.
     """
     if holdout is None:
         return None
     fit, check, up, down = holdout
     best, scores = validated_steps(fit, check, up, down, iterations=spec.adacomp_iterations,
-                                   tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp")
+                                   tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp",
+                                   guard=guard)
     report.heldout_error_start = _relative(scores[0], check.target_energy)
     report.heldout_error = _relative(scores[best], check.target_energy)
+    if guard is not None:
+        report.heldout_plain_error_start, report.heldout_plain_error = guard.relative(0), guard.relative(best)
     return best
 
 
-def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: ModuleReport) -> bool:
-    """Whether the optimal factors, fitted without the held-out sequences, beat the start on them."""
+def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: ModuleReport,
+                       guard: PlainHeldoutError | None = None) -> bool:
+    """Whether the optimal factors, fitted without the held-out sequences, beat the start on them
+    (and, with a guard, do not raise the plain held-out error)."""
     if holdout is None:
         return True
     fit, check, up, down = holdout
     start = objective(check, up, down)
     opt_up, opt_down, _ = optimal_factors(fit, rank, driver=driver)
-    best = min(start, objective(check, opt_up, opt_down))
+    optimal = objective(check, opt_up, opt_down)
+    takes = optimal < start
+    if guard is not None:
+        guard(up, down), guard(opt_up, opt_down)
+        takes = takes and guard.values[1] <= guard.values[0]
+        report.heldout_plain_error_start, report.heldout_plain_error = guard.relative(0), guard.relative(int(takes))
     report.heldout_error_start = _relative(start, check.target_energy)
-    report.heldout_error = _relative(best, check.target_energy)
-    return best < start
+    report.heldout_error = _relative(optimal if takes else start, check.target_energy)
+    return takes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,6 +235,7 @@ def _factorize_target(
     heldout_energy: float | None = None,
     holdout_cache: dict | None = None,
     compensate: bool = True,
+    plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
@@ -223,7 +243,8 @@ def _factorize_target(
     so they share one Cholesky factorization instead of computing the identical factor three times.
     ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
     ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps;
-    ``holdout_cache`` shares their fit split's whitening like ``whitenings``).
+    ``holdout_cache`` shares their fit split's whitening like ``whitenings``; ``plain_rows``: a residual
+    writer's held-out inputs and outputs, unweighted, for the plain-error guard, `core.plain_guard`).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
     ``compensate=False`` (a target that does not write into the residual stream, `core.residual`): no
@@ -268,7 +289,7 @@ def _factorize_target(
     if (spec.validates_refinement and spec.whitening == "truncation-aware" and spec.form == "low-rank"
             and input_stats is not None):
         validated = _validate_refinement(spec, config, w64, input_stats, kept, target_energy, heldout_energy, rank,
-                                         None, None, holdout_cache, report)
+                                         None, None, holdout_cache, report, plain_rows)
         if last_use:
             if holdout_cache is not None:
                 holdout_cache.pop(key, None)
@@ -313,7 +334,8 @@ def _factorize_target(
             steps, optimal_validates = validated or (None, True)
             if spec.validates_refinement and validated is None:
                 steps, optimal_validates = _validate_refinement(spec, config, w64, input_stats, kept, target_energy,
-                                                                heldout_energy, r, up, down, holdout_cache, report)
+                                                                heldout_energy, r, up, down, holdout_cache, report,
+                                                                plain_rows)
             if spec.refinement == "optimal" and optimal_validates:
                 up, down, value = optimal_factors(target, r, driver=config.svd_driver)
                 report.refinement_steps = 1
@@ -447,10 +469,13 @@ def _factor_and_replace(
             energy = stats.target_energy(name) if stats is not None else None
             held_energy = stats.target_energy(name, heldout=True) if stats is not None else None
             last = stats is not None and last_use.get(stats.leader(name)) == name
+            compensate = compensated is None or name in compensated
+            plain_rows = stats.writer_heldout(name) if stats is not None and compensate else None
             module_report, new = _factorize_target(name, module, ranks[name], ctx, input_stats, whitenings, energy,
                                                    last_use=last, heldout_energy=held_energy,
-                                                   holdout_cache=holdout_cache,
-                                                   compensate=compensated is None or name in compensated)
+                                                   holdout_cache=holdout_cache, compensate=compensate,
+                                                   plain_rows=plain_rows)
+            plain_rows = None
             if last:
                 whitenings.pop(id(input_stats), None)
                 holdout_cache.pop(id(input_stats), None)

@@ -408,22 +408,31 @@ def validated_steps(
     iterations: int = 10,
     tolerance: float = 1e-4,
     v_steps: bool = True,
+    guard: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
 ) -> tuple[int, list[float]]:
     """How many half-steps of the alternation to run: the count that scores best on held-out tokens.
 
     Runs `adacomp` on ``fit`` (the statistics without the held-out sequences) from the start (U, V)
     and evaluates the held-out objective at the start and after every accepted half-step, stopping at
     the first rise (early stopping: past it the steps fit what the held-out text does not share).
-    Returns (best count, held-out objectives per half-step). The count is then run on all tokens.
+    ``guard(U, V)``, when given, is a second held-out error (a residual writer's plain output error,
+    `core.plain_guard`): only counts whose guard value is not above the start's are candidates, so a
+    step must help on both measures. Returns (best count, held-out objectives per half-step). The
+    count is then run on all tokens.
     """
     scores: list[float] = []
+    guarded: list[float] = []
 
     def observe(u: torch.Tensor, v: Callable[[], torch.Tensor]) -> bool:
-        scores.append(objective(heldout, u, v()))
+        down = v()
+        scores.append(objective(heldout, u, down))
+        if guard is not None:
+            guarded.append(guard(u, down))
         return len(scores) < 2 or scores[-1] <= scores[-2]
 
     adacomp(fit, up, down, iterations=iterations, tolerance=tolerance, v_steps=v_steps, observe=observe)
-    best = min(range(len(scores)), key=lambda k: (scores[k], k))
+    allowed = [k for k in range(len(scores)) if guard is None or guarded[k] <= guarded[0]]
+    best = min(allowed, key=lambda k: (scores[k], k))
     return best, scores
 
 

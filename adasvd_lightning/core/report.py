@@ -28,6 +28,10 @@ class ModuleReport:
     # sequences at the start (no refinement) and after the chosen number of steps, fitted without them.
     heldout_error_start: float | None = None
     heldout_error: float | None = None
+    # The same for a residual writer's plain (unweighted) output error, which a step must not raise
+    # (`core.plain_guard`); None for other targets.
+    heldout_plain_error_start: float | None = None
+    heldout_plain_error: float | None = None
     # Paired refinement: whether the target was fitted to the dense outputs (a residual writer,
     # `core.residual`; its errors are then weighted by the residual's scale) or kept its start.
     compensated: bool | None = None

@@ -45,7 +45,7 @@ from torch import nn
 
 from .profiling import phase
 from .residual import residual_weights
-from .surgery import linear_bias
+from .surgery import linear_bias, linear_shape
 
 __all__ = ["InputStatistics", "BlockStatistics", "accumulate_gram", "accumulate_cross", "mirror_lower"]
 
@@ -328,6 +328,10 @@ class BlockStatistics:
         self._stash_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout_tokens: dict[str, int] = {}
+        # Residual writers' held-out rows, unweighted (float32): compressed inputs per input group
+        # leader and dense outputs per writer, for the plain-error guard (`core.plain_guard`).
+        self._plain_inputs: dict[str, list[torch.Tensor]] = {}
+        self._plain_outputs: dict[str, list[torch.Tensor]] = {}
         # "single" | "original" (stash) | "compressed" (pair with the stash) | "idle" (a pass that must
         # not count, e.g. the dense stream advancing through a stage that is not paired)
         self.mode = "single"
@@ -414,6 +418,8 @@ class BlockStatistics:
                         original, tokens = original * w, tokens * w
                     stats.add_pair(original, tokens)
                     if held is not None and name in self._stash_heldout:
+                        if name in self.residual_sources:
+                            self._plain_inputs.setdefault(name, []).append(held.detach().float())
                         original = self._stash_heldout.pop(name)
                         if name in self._weights_heldout:
                             w = self._weights_heldout.pop(name).to(held.device, held.dtype)
@@ -452,6 +458,7 @@ class BlockStatistics:
                 if held is not None:
                     held = held - bias.detach() if bias is not None else held
                     if held_weights is not None:
+                        self._plain_outputs.setdefault(name, []).append(held.float())
                         held = held * held_weights.to(held.dtype)
                     _add_energy(self._energy_heldout, self._energy_heldout_tokens, name, held)
 
@@ -501,7 +508,10 @@ class BlockStatistics:
 
         all_reduce_statistics(self._stats)
         all_reduce_statistics({name: s.heldout for name, s in self._stats.items() if s.heldout is not None})
-        if not is_distributed() or not self._energy:
+        if not is_distributed():
+            return
+        self._gather_plain_rows()
+        if not self._energy:
             return
         names = sorted(self._energy)  # same order on every rank
         device = self._energy[names[0]].device
@@ -512,6 +522,19 @@ class BlockStatistics:
             for i, n in enumerate(names):
                 energy[n] = torch.tensor(sums[i], dtype=torch.float64, device=device)
                 tokens[n] = int(sums[len(names) + i])
+
+    def _gather_plain_rows(self) -> None:
+        """Every rank gets every rank's held-out writer rows (the owner of a writer validates it)."""
+        from .distributed import all_gather_rows
+
+        if not self.holdout:
+            return
+        for name in sorted(n for n in self.residual_sources if n in self.targets):  # same order everywhere
+            out_features, in_features = linear_shape(self.targets[name])
+            for rows, key, width in ((self._plain_inputs, self.leader(name), in_features),
+                                     (self._plain_outputs, name, out_features)):
+                local = torch.cat(rows[key]) if rows.get(key) else torch.zeros(0, width)
+                rows[key] = [all_gather_rows(local)]
 
     def finalize(self) -> None:
         """Sums → means in place for every input (after `all_reduce`; see `InputStatistics.finalize`)."""
@@ -537,7 +560,26 @@ class BlockStatistics:
 
     def release(self, name: str) -> None:
         """Free the statistics of ``name``'s input group (its last reader is done with them)."""
-        self._stats.pop(self.leader(name), None)
+        leader = self.leader(name)
+        self._stats.pop(leader, None)
+        self._plain_inputs.pop(leader, None)
+        for member, group in self._group_of.items():
+            if group == leader:
+                self._plain_outputs.pop(member, None)
+        self._plain_outputs.pop(name, None)
+
+    def writer_heldout(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A residual writer's held-out (compressed inputs N×n, dense outputs N×m), unweighted, row for
+        row; None when it is not a writer, nothing was held out, or its input group is led by a
+        module that is not a writer (then its compressed inputs were not kept)."""
+        inputs, outputs = self._plain_inputs.get(self.leader(name)), self._plain_outputs.get(name)
+        if not inputs or not outputs:
+            return None
+        x, y = torch.cat(inputs), torch.cat(outputs)
+        self._plain_inputs[self.leader(name)], self._plain_outputs[name] = [x], [y]  # joined once
+        if x.shape[0] != y.shape[0]:
+            raise RuntimeError(f"{name}: {x.shape[0]} held-out input rows but {y.shape[0]} output rows")
+        return (x, y) if x.shape[0] else None
 
     def target_energy(self, name: str, heldout: bool = False) -> float | None:
         """Mean ‖W x‖² per token of a target's dense output (bias removed), or None if never observed.
