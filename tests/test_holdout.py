@@ -63,6 +63,9 @@ def test_compression_reports_the_held_out_sequences_and_warns_when_there_are_non
     writers = [m for m in report.modules if m.compensated]
     assert len(writers) == 4 and not any(m.heldout_error is not None for m in report.modules if not m.compensated)
     assert all(m.heldout_error is not None and m.heldout_error <= m.heldout_error_start for m in writers)
+    # ... and no chosen step raises a writer's plain (unweighted) held-out output error (`core.plain_guard`).
+    assert all(0 < m.heldout_plain_error <= m.heldout_plain_error_start for m in writers)
+    assert all(m.heldout_plain_error is None for m in report.modules if not m.compensated)
     # A calibration set whose only sequence is not held out: said, and every step is taken unvalidated.
     alone = next(r for r in (_rows(1, 16, seed) % 128 for seed in range(100)) if not heldout_rows(r, 0.25).any())
     with pytest.warns(CompressionWarning, match="0 of the 1 calibration sequences were held out"):

@@ -39,7 +39,9 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
   the rest (H_fit = (N·H − N_v·H_v)/(N − N_v), exactly, from the sums) and scored after every
   half-step on the held-out Grams; the number of half-steps that scored best is then run on all
   tokens. Zero half-steps (the whitened start) is a candidate, so a refinement never does worse on
-  held-out text than no refinement.
+  held-out text than no refinement. A residual writer's counts must also pass a second held-out
+  measure, its plain (unweighted) output error (`core.plain_guard`): its objective is on the
+  residual's scale, where a step may give up the few attention-sink tokens every later layer reads.
 """
 
 from __future__ import annotations
