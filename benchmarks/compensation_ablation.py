@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--compensate", nargs="+", default=["auto", ""],
                         help="regular expressions of the targets that may chase the dense outputs ('auto': the rule)")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the calibration windows (seed 1 draws the drift windows too: with it the "
                              "drift columns are measured on calibration text; the perplexity never is)")

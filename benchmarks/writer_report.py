@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a local Hugging Face causal-LM folder")
     parser.add_argument("--method", default="svd-llm")
     parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the run's row as JSON here")

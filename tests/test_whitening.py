@@ -159,3 +159,86 @@ def test_damping_covers_the_rounding_of_float32_products():
     singular = torch.diag(torch.tensor([4.0, 1.0, 1.0, -1e-12], dtype=torch.float64))
     plain = compute_whitening(singular)
     assert plain.kind == "damped-cholesky" and plain.shift == 1e-6 * float(singular.diagonal().mean())
+
+
+# --- In-place Cholesky (`core.inplace_cholesky`): H's storage becomes L, a failure restores H ----------------
+
+
+def _gram(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[:, 3] *= 50.0  # an outlier channel, as real activations have
+    return x.T @ x / tokens
+
+
+@pytest.mark.parametrize("n,block", [(50, 7), (64, 16), (300, 256)])
+def test_in_place_cholesky_is_the_factor_in_h_storage(n, block):
+    from adasvd_lightning.core.inplace_cholesky import cholesky_in_place
+
+    h = _gram(2 * n, n)
+    reference = torch.linalg.cholesky(h)
+    pointer = h.data_ptr()
+    assert cholesky_in_place(h, block=block)
+    assert h.data_ptr() == pointer and torch.equal(h, h.tril())
+    assert torch.allclose(h, reference, rtol=0, atol=1e-12 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("shift", [0.0, 1e-9])
+def test_failed_in_place_cholesky_restores_h_bit_for_bit(shift):
+    from adasvd_lightning.core.inplace_cholesky import cholesky_in_place
+
+    h = _gram(20, 60)  # fewer tokens than features: singular, the failure is in a late block
+    h[40:, 40:] -= 10.0 * torch.eye(20, dtype=torch.float64)  # indefinite there at any small shift
+    before = h.clone()
+    assert not cholesky_in_place(h, shift=shift, block=16)
+    assert torch.equal(h, before)
+
+
+def test_overwriting_whitening_matches_the_copying_one_and_falls_back_without_touching_h():
+    from adasvd_lightning.core.whitening import overwrote
+
+    for tokens in (200, 20):  # exact Cholesky; singular → damped Cholesky
+        h = _gram(tokens, 60)
+        expected = compute_whitening(h.clone())
+        whitening = compute_whitening(h, overwrite=True)
+        assert overwrote(whitening, h) and whitening.kind == expected.kind and whitening.shift == expected.shift
+        assert torch.allclose(whitening.factor, expected.factor, rtol=0,
+                              atol=1e-10 * float(expected.factor.abs().max()))
+    h = -_gram(200, 60)  # negative definite: no shift helps, the eigen route runs on H itself
+    before = h.clone()
+    whitening = compute_whitening(h, overwrite=True)
+    assert isinstance(whitening, EigenWhitening) and not overwrote(whitening, h) and torch.equal(h, before)
+    h = _gram(200, 60)
+    whitening = compute_whitening(h)  # without overwrite: a new matrix, H unchanged
+    assert not overwrote(whitening, h)
+
+
+def test_compression_with_the_in_place_factor_matches_the_copying_path(monkeypatch):
+    """svd-llm-w and svd-llm on a tiny Llama: the same modules whether H's storage is reused or not,
+    and the writers (unshared inputs, last use) do reuse it."""
+    from adasvd_lightning import CompressionConfig, compress_model
+    from adasvd_lightning.core import methods, pipeline
+
+    from conftest import tiny_model
+
+    batches = [torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for method in ("svd-llm-w", "svd-llm"):
+        calls = []
+        real = methods.compute_whitening
+
+        def spy(gram, **kwargs):
+            whitening = real(gram, **kwargs)
+            calls.append(kwargs.get("overwrite", False) and methods.overwrote(whitening, gram))
+            return whitening
+
+        monkeypatch.setattr(methods, "compute_whitening", spy)
+        reused = tiny_model("llama")
+        compress_model(reused, CompressionConfig(method=method, ratio=0.5), batches)
+        assert sum(calls) >= 4  # o_proj and down_proj of both blocks at least
+        monkeypatch.setattr(pipeline, "_may_overwrite_gram", lambda *args: False)
+        copied = tiny_model("llama")
+        compress_model(copied, CompressionConfig(method=method, ratio=0.5), batches)
+        monkeypatch.undo()
+        a, b = reused.state_dict(), copied.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key

@@ -48,7 +48,7 @@ import torch
 
 from .errors import InvalidInputError
 from .statistics import InputStatistics
-from .whitening import DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening
+from .whitening import DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening, overwrote
 
 __all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "FORMS", "REFINEMENTS"]
 
@@ -190,9 +190,14 @@ class MethodSpec:
         return dataclasses.replace(self, name=f"{self.name}+custom", **overrides)
 
     def make_whitening(
-        self, stats: InputStatistics | None, *, damping: float, columns: torch.Tensor | None = None
+        self, stats: InputStatistics | None, *, damping: float, columns: torch.Tensor | None = None,
+        overwrite: bool = False,
     ) -> Whitening:
-        """The whitening transform for one matrix (restricted to input ``columns`` when given)."""
+        """The whitening transform for one matrix (restricted to input ``columns`` when given).
+
+        ``overwrite``: nothing reads H after this, so its Cholesky factor may take H's storage; the
+        statistics then release H (`InputStatistics.release_gram`), as its factor now stands in for it.
+        """
         if self.whitening == "none":
             return IdentityWhitening()
         if stats is None:
@@ -200,8 +205,15 @@ class MethodSpec:
         if self.whitening == "activation-scale":
             scale = stats.mean_abs.clamp_min(1e-8).pow(self.asvd_alpha)
             return DiagonalWhitening(scale=scale if columns is None else scale[columns])
-        gram = stats.gram if columns is None else stats.gram[columns][:, columns]
-        return compute_whitening(gram, damping=damping, product_dtype=stats.product_dtype)
+        if columns is not None:
+            return compute_whitening(stats.gram[columns][:, columns], damping=damping,
+                                     product_dtype=stats.product_dtype)
+        gram = stats.gram
+        whitening = compute_whitening(gram, damping=damping, product_dtype=stats.product_dtype,
+                                      overwrite=overwrite and stats.normalized)
+        if overwrote(whitening, gram):
+            stats.release_gram()
+        return whitening
 
 
 PRESETS: dict[str, MethodSpec] = {

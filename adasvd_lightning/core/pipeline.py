@@ -113,6 +113,24 @@ def _factor_replaces_gram(
     return stats.cross_sum is not None and (spec.refinement != "adacomp" or whitening.shift == 0.0)
 
 
+def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
+    """Whether the whitening may write its Cholesky factor into H's storage (`core.inplace_cholesky`).
+
+    The conditions of `_factor_replaces_gram` that do not depend on how the factorization turns out,
+    minus adaComp, whose V-steps read H again when the factor had to be damped. The eigen fallback
+    leaves H as it was, and then `_factor_replaces_gram` keeps it too.
+    """
+    if stats is None or stats.gram_sum is None or spec.whitening != "truncation-aware" or spec.form != "low-rank":
+        return False
+    if weight.dtype not in (torch.float32, torch.float64):
+        return False
+    if spec.refinement == "none":
+        return True
+    if stats.heldout is not None and stats.heldout.tokens:
+        return False
+    return stats.cross_sum is not None and spec.refinement != "adacomp"
+
+
 def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
@@ -298,7 +316,8 @@ def _factorize_target(
         if whitenings is not None and key in whitenings:
             whitening = whitenings[key]
         else:
-            whitening = spec.make_whitening(input_stats, damping=config.damping)
+            whitening = spec.make_whitening(input_stats, damping=config.damping,
+                                            overwrite=last_use and _may_overwrite_gram(spec, input_stats, weight))
             if whitenings is not None:
                 whitenings[key] = whitening
     if last_use and _factor_replaces_gram(spec, whitening, input_stats, weight):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .inplace_cholesky import cholesky_in_place
 from .linalg import lapack_threads
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "compute_whitening",
     "rounding_shift",
     "shifted_cholesky",
+    "overwrote",
 ]
 
 
@@ -182,12 +184,18 @@ def rounding_shift(h: torch.Tensor, product_dtype: torch.dtype) -> float:
     return torch.finfo(product_dtype).eps * _max_abs_row_sum(h)
 
 
+def overwrote(whitening: Whitening, gram: torch.Tensor) -> bool:
+    """Whether `compute_whitening(gram, overwrite=True)` wrote its factor into ``gram``'s storage."""
+    return isinstance(whitening, CholeskyWhitening) and whitening.factor.data_ptr() == gram.data_ptr()
+
+
 def compute_whitening(
     gram: torch.Tensor,
     *,
     damping: float = 1e-6,
     eigen_floor: float = 1e-10,
     product_dtype: torch.dtype = torch.float64,
+    overwrite: bool = False,
 ) -> Whitening:
     """Return a whitening S with S Sᵀ ≈ ``gram``, falling back instead of failing.
 
@@ -200,6 +208,10 @@ def compute_whitening(
             absolute value for an all-zero H) so every direction stays invertible.
         product_dtype: precision the Gram's per-chunk products were formed in
             (`CompressionConfig.statistics_dtype`); sets the damped attempt's smallest shift.
+        overwrite: the caller will not read ``gram`` again: a (damped) Cholesky factor may then be
+            written into its storage (`core.inplace_cholesky`; one n×n float64 matrix less at the
+            peak). Applies to a contiguous, exactly symmetric float64 ``gram``; check with
+            `overwrote` whether it happened (the eigen fallback leaves ``gram`` as it was).
 
     The returned object's ``kind`` says which route succeeded, so callers can report it.
     """
@@ -209,18 +221,24 @@ def compute_whitening(
     if not _all_finite(h):
         raise ValueError("Gram matrix contains NaN or Inf; the calibration activations are not finite")
 
-    with lapack_threads():
-        factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        return CholeskyWhitening(factor=factor)
-
-    del factor  # garbage: free it before a retry allocates the next n×n factor
+    in_place = overwrite and h.data_ptr() == gram.data_ptr() and h.is_contiguous()
     scale = float(h.diagonal().mean().clamp_min(0.0))
-    if damping > 0 and scale > 0:
-        shift = max(damping * scale, rounding_shift(h, product_dtype))
-        factor, info = shifted_cholesky(h, shift)
+    shift = max(damping * scale, rounding_shift(h, product_dtype)) if damping > 0 and scale > 0 else None
+    if in_place:
+        if cholesky_in_place(h):
+            return CholeskyWhitening(factor=h)
+        if shift is not None and cholesky_in_place(h, shift):
+            return CholeskyWhitening(factor=h, damping=shift / scale, kind="damped-cholesky", shift=shift)
+    else:
+        with lapack_threads():
+            factor, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            return CholeskyWhitening(factor=factor, damping=shift / scale, kind="damped-cholesky", shift=shift)
+            return CholeskyWhitening(factor=factor)
+        del factor  # garbage: free it before a retry allocates the next n×n factor
+        if shift is not None:
+            factor, info = shifted_cholesky(h, shift)
+            if int(info) == 0:
+                return CholeskyWhitening(factor=factor, damping=shift / scale, kind="damped-cholesky", shift=shift)
 
     with lapack_threads():
         eigenvalues, eigenvectors = torch.linalg.eigh(h)
