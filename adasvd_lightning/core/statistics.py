@@ -533,7 +533,8 @@ class BlockStatistics:
             out_features, in_features = linear_shape(self.targets[name])
             for rows, key, width in ((self._plain_inputs, self.leader(name), in_features),
                                      (self._plain_outputs, name, out_features)):
-                local = torch.cat(rows[key]) if rows.get(key) else torch.zeros(0, width)
+                device = next(self.targets[name].parameters()).device  # NCCL gathers on the GPU
+                local = torch.cat(rows[key]) if rows.get(key) else torch.zeros(0, width, device=device)
                 rows[key] = [all_gather_rows(local)]
 
     def finalize(self) -> None:
