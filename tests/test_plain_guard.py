@@ -71,8 +71,7 @@ def test_a_step_that_helps_both_measures_is_kept():
     fit, held, start, _ = _case()
     weight = fit.weight
     # Without the sink the plain and the weighted errors agree: the guard lets the step through.
-    fit_o, fit_c, fit_w = _sequences(12, seed=1)
-    held_o, held_c, held_w = _sequences(4, seed=2)
+    held_o, held_c, _ = _sequences(4, seed=2)
     ordinary = torch.arange(held_c.shape[0]) % 32 != 0
     guard = PlainHeldoutError(weight, held_c[ordinary].float(), (held_o[ordinary] @ weight.T).float())
     best, _ = validated_steps(fit, held, start.up, start.down, v_steps=False, guard=guard)

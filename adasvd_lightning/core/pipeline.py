@@ -79,6 +79,10 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
     return _relative(num, den)
 
 
+#: Rows of W at a time where an m×n float64 temporary is not needed whole.
+ROW_BLOCK = 512
+
+
 def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhitening, weight: torch.Tensor) -> float:
     """‖(W′ − W)X‖/‖W X‖ from the whitened SVD: with L Lᵀ = H + s·I, ‖E X‖² = ‖E L‖² − s‖E‖², where
     ‖(W′ − W)L‖² is the sum of the dropped σᵢ² of W·L and ‖W L‖² that of all of them (s = 0: exact
@@ -99,46 +103,39 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
     return _relative(dropped, energy)
 
 
-#: Rows of W at a time where an m×n float64 temporary is not needed whole.
-ROW_BLOCK = 512
+def _gram_replaceable(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor,
+                      damped_factor_ok: bool) -> bool:
+    """Whether a Cholesky factor of H_cc can stand in for H_cc in everything after the whitening.
 
-
-def _factor_replaces_gram(
-    spec: MethodSpec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor
-) -> bool:
-    """Whether nothing after the whitening reads H_cc, so it can be freed.
-
-    The Cholesky factor (L Lᵀ = H + shift·I) gives the report's error and every refinement product,
-    except V-steps with a damped factor, preserved columns (their own Gram blocks), bf16/fp16 factors
-    (whose error is measured with H) and single-stream refinement (where H is also H_oc).
+    It gives the report's error and every refinement product, except V-steps with a damped factor
+    (``damped_factor_ok`` says whether the factor is known to be undamped, or V-steps do not run),
+    preserved columns (their own Gram blocks), bf16/fp16 factors (whose error is measured with H),
+    validation still to come (it fits on H_cc minus the held-out part) and single-stream refinement
+    (where H is also H_oc).
     """
-    if stats is None or not isinstance(whitening, CholeskyWhitening) or spec.form != "low-rank":
-        return False
-    if weight.dtype not in (torch.float32, torch.float64):
-        return False
-    if spec.refinement == "none":
-        return True
-    if stats.heldout is not None and stats.heldout.tokens:  # validation fits on H_cc minus the held-out part
-        return False
-    return stats.cross_sum is not None and (spec.refinement != "adacomp" or whitening.shift == 0.0)
-
-
-def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
-    """Whether the whitening may write its Cholesky factor into H's storage (`core.inplace_cholesky`).
-
-    The conditions of `_factor_replaces_gram` that do not depend on how the factorization turns out,
-    minus adaComp, whose V-steps read H again when the factor had to be damped. The eigen fallback
-    leaves H as it was, and then `_factor_replaces_gram` keeps it too.
-    """
-    if stats is None or stats.gram_sum is None or spec.whitening != "truncation-aware" or spec.form != "low-rank":
-        return False
-    if weight.dtype not in (torch.float32, torch.float64):
+    if stats is None or spec.form != "low-rank" or weight.dtype not in (torch.float32, torch.float64):
         return False
     if spec.refinement == "none":
         return True
     if stats.heldout is not None and stats.heldout.tokens:
         return False
-    return stats.cross_sum is not None and spec.refinement != "adacomp"
+    return stats.cross_sum is not None and (spec.refinement != "adacomp" or damped_factor_ok)
+
+
+def _factor_replaces_gram(
+    spec: MethodSpec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor
+) -> bool:
+    """Whether nothing after this whitening reads H_cc, so it can be freed (`_gram_replaceable`)."""
+    return isinstance(whitening, CholeskyWhitening) and _gram_replaceable(spec, stats, weight,
+                                                                          whitening.shift == 0.0)
+
+
+def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
+    """Whether the whitening may write its Cholesky factor into H's storage (`core.inplace_cholesky`):
+    `_gram_replaceable` before knowing whether the factor will need damping. The eigen fallback leaves
+    H as it was, and then `_factor_replaces_gram` keeps it too."""
+    return (stats is not None and stats.gram_sum is not None and spec.whitening == "truncation-aware"
+            and _gram_replaceable(spec, stats, weight, damped_factor_ok=False))
 
 
 def _relative(squared_error: float, energy: float) -> float:
@@ -238,8 +235,8 @@ def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: Mo
     optimal = objective(check, opt_up, opt_down)
     takes = optimal < start
     if guard is not None:
-        guard(up, down), guard(opt_up, opt_down)
-        takes = takes and guard.values[1] <= guard.values[0]
+        plain_start, plain_optimal = guard(up, down), guard(opt_up, opt_down)
+        takes = takes and plain_optimal <= plain_start
         report.heldout_plain_error_start, report.heldout_plain_error = guard.relative(0), guard.relative(int(takes))
     report.heldout_error_start = _relative(start, check.target_energy)
     report.heldout_error = _relative(optimal if takes else start, check.target_energy)
