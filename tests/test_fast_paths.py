@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model, get_method
+from adasvd_lightning.core import factorization
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
 from adasvd_lightning.core.refinement import (
     GramStatistics, RefinementTarget, adacomp, objective, optimal_factors, u_step, v_step,
 )
-from adasvd_lightning.core.whitening import compute_whitening
+from adasvd_lightning.core.whitening import DiagonalWhitening, EigenWhitening, IdentityWhitening, compute_whitening
 from conftest import tiny_model, writer_token_weights
 
 
@@ -74,6 +75,54 @@ def test_whitened_factorize_drivers_agree(shape):
     torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
     torch.testing.assert_close(fast.singular_values, ref.singular_values, rtol=0, atol=1e-10)
     assert abs(fast.truncation_loss - ref.truncation_loss) < 1e-9
+
+
+def _whitenings(n: int):
+    """One whitening of each kind the factorization meets, on an n-wide input."""
+    g = torch.Generator().manual_seed(5)
+    gram = _gram(n)
+    x = torch.randn(n // 2, n, generator=g, dtype=torch.float64)  # fewer tokens than features: singular
+    damped = compute_whitening(x.T @ x)
+    assert damped.kind == "damped-cholesky" and damped.shift > 0
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eigen = EigenWhitening(q, torch.linspace(0.5, 2.0, n, dtype=torch.float64))
+    return [IdentityWhitening(), DiagonalWhitening(torch.linspace(0.2, 3.0, n, dtype=torch.float64)),
+            compute_whitening(gram), damped, eigen]
+
+
+@pytest.mark.parametrize("shape", [(40, 96), (96, 40)])
+@pytest.mark.parametrize("kind", range(5))
+def test_lean_factorize_matches_the_reference_route(shape, kind, monkeypatch):
+    # The Gram route forms down = Σ^{-1/2} U_rᵀ W (no solve against S) and converts a float32 W a row /
+    # column block at a time; blocks of 16 make every conversion loop run several times here.
+    monkeypatch.setattr(factorization, "ROW_BLOCK", 16)
+    w = _spectrum_matrix(*shape, decay=0.95).float()
+    whitening = _whitenings(shape[1])[kind]
+    ref = factorize(w.double(), 12, whitening, driver="svd")
+    v = torch.randn(shape[1], 3, dtype=torch.float64)
+    eye = torch.eye(shape[1], dtype=torch.float64)
+    torch.testing.assert_close(whitening.left_multiply(v), whitening.whiten(eye) @ v, rtol=0, atol=1e-12)
+    for keep in (True, False):
+        fast = factorize(w, 12, whitening, driver="auto", keep_whitened=keep)
+        assert fast.up.dtype == fast.down.dtype == torch.float64
+        torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(fast.singular_values, ref.singular_values, rtol=0, atol=1e-10)
+        torch.testing.assert_close(fast.up @ fast.up.T, ref.up @ ref.up.T, rtol=0, atol=1e-9)
+        if keep:  # whitened_down = down·S, what refinement in whitened coordinates starts from
+            torch.testing.assert_close(fast.whitened_down, whitening.whiten(fast.down), rtol=0, atol=1e-9)
+        else:
+            assert fast.whitened_down is None
+
+
+def test_lean_factorize_falls_back_on_rank_deficient_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 50, generator=g, dtype=torch.float64)
+    whitening = compute_whitening(_gram(50))
+    fast = factorize(w, 10, whitening, keep_whitened=False)
+    ref = factorize(w, 10, whitening, driver="svd")
+    assert torch.isfinite(fast.down).all()
+    torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.dense(), w, rtol=0, atol=1e-9)
 
 
 def _paired_target(m=40, n=32, kept=(3, 7)):

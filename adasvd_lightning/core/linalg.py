@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "singular_values", "decomposition_threads",
+__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "use_gram", "singular_values", "decomposition_threads",
            "lapack_threads"]
 
 _decomposition_threads: int | None = None
@@ -74,10 +74,11 @@ SVD_DRIVERS = ("auto", "gram", "svd")
 GRAM_MIN_RELATIVE = 1e-5
 
 
-def _use_gram(a: torch.Tensor, driver: str) -> bool:
+def use_gram(dtype: torch.dtype, driver: str) -> bool:
+    """Whether ``driver`` allows the Gram route for a matrix of ``dtype`` (float64 only)."""
     if driver not in SVD_DRIVERS:
         raise ValueError(f"svd driver must be one of {SVD_DRIVERS}, got {driver!r}")
-    return driver != "svd" and a.dtype == torch.float64
+    return driver != "svd" and dtype == torch.float64
 
 
 def _gram_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -101,7 +102,7 @@ def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch
     if a.ndim != 2:
         raise ValueError(f"expected a matrix, got shape {tuple(a.shape)}")
     k = min(rank, *a.shape)
-    if _use_gram(a, driver) and k >= 1:
+    if use_gram(a.dtype, driver) and k >= 1:
         s, vectors, tall = _gram_eigen(a)
         if s[0] > 0 and s[k - 1] >= GRAM_MIN_RELATIVE * s[0]:
             top = vectors[:, :k]
@@ -115,7 +116,7 @@ def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch
 
 def singular_values(a: torch.Tensor, *, driver: str = "auto") -> torch.Tensor:
     """All singular values of ``a``, descending (the Gram's eigenvalues when the driver allows it)."""
-    if _use_gram(a, driver):
+    if use_gram(a.dtype, driver):
         gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
         with lapack_threads():
             return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()

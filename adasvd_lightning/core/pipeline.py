@@ -299,12 +299,15 @@ def _factorize_target(
         return report, None
 
     weight = linear_weight(module).detach()
-    w64 = weight.to(config.torch_compute_dtype)
     key = id(input_stats)
     if spec.refinement != "none" and input_stats is not None:
         report.compensated = compensate
         if not compensate:  # not a residual writer: the whitened fit to its own input, no refinement
             spec = dataclasses.replace(spec, refinement="none")
+    # A whole copy of W in the compute dtype only where refinement or preserved columns read it; the
+    # plain factorization converts W a block at a time (0.36 GB less at 4096 × 11008 in float64).
+    needs_copy = input_stats is not None and (spec.refinement != "none" or spec.form == "column-preserving")
+    w64 = weight.to(config.torch_compute_dtype) if needs_copy else weight
     # Validation first when it does not need the whole-data factors (the truncation-aware start is
     # refitted on the fit split anyway): then the fit split's factor and the held-out sums are gone
     # before the whole data's factor exists — at the widest input one n×n float64 matrix less at the
@@ -335,7 +338,7 @@ def _factorize_target(
     if not skip_svd:
         with phase("svd"):
             factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype,
-                                driver=config.svd_driver)
+                                driver=config.svd_driver, keep_whitened=spec.refinement != "none")
     up, down = (factors.up, factors.down) if factors is not None else (None, None)
     split = None
     if spec.form == "column-preserving" and input_stats is not None:
@@ -384,7 +387,7 @@ def _factorize_target(
                 up, down = balance_factors(up, down)
             known_error = _relative(value, target.target_energy)
     elif split is None and isinstance(whitening, CholeskyWhitening) and input_stats is not None:
-        known_error = _whitened_truncation_error(factors, whitening, w64)
+        known_error = _whitened_truncation_error(factors, whitening, weight)
 
     with phase("surgery"):
         b = bias.detach() if bias is not None else None

@@ -48,6 +48,10 @@ class Whitening:
     def unwhiten(self, a: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def left_multiply(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """S·v (n×k): lets a factorization form A·v = W·(S·v) without A = W·S itself."""
+        raise NotImplementedError
+
 
 @dataclass
 class IdentityWhitening(Whitening):
@@ -60,6 +64,9 @@ class IdentityWhitening(Whitening):
 
     def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
         return a
+
+    def left_multiply(self, v: torch.Tensor) -> torch.Tensor:
+        return v
 
 
 @dataclass
@@ -74,6 +81,9 @@ class DiagonalWhitening(Whitening):
 
     def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
         return a / self.scale.to(a.dtype)
+
+    def left_multiply(self, v: torch.Tensor) -> torch.Tensor:
+        return self.scale.to(v.dtype)[:, None] * v
 
 
 @dataclass
@@ -96,6 +106,9 @@ class CholeskyWhitening(Whitening):
         # Solve X·L = A for X without forming L⁻¹.
         return torch.linalg.solve_triangular(self.factor.to(a.dtype), a, upper=False, left=False)
 
+    def left_multiply(self, v: torch.Tensor) -> torch.Tensor:
+        return self.factor.to(v.dtype) @ v
+
 
 @dataclass
 class EigenWhitening(Whitening):
@@ -111,6 +124,9 @@ class EigenWhitening(Whitening):
 
     def unwhiten(self, a: torch.Tensor) -> torch.Tensor:
         return (a / self.sqrt_eigenvalues.to(a.dtype)) @ self.eigenvectors.to(a.dtype).T
+
+    def left_multiply(self, v: torch.Tensor) -> torch.Tensor:
+        return self.eigenvectors.to(v.dtype) @ (self.sqrt_eigenvalues.to(v.dtype)[:, None] * v)
 
 
 def _symmetric(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
