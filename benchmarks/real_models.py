@@ -148,7 +148,13 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
                         heldout_after=m.heldout_error, plain_start=m.heldout_plain_error_start,
                         plain_after=m.heldout_plain_error, error=m.relative_error)
                    for m in report.modules if m.compensated]
-        row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio,
+        # Which whitening route each factorized target took (a damped Cholesky or the eigen fallback
+        # is where `CompressionConfig.damping` acts).
+        kinds: dict[str, int] = {}
+        for m in report.modules:
+            if m.whitening:
+                kinds[m.whitening] = kinds.get(m.whitening, 0) + 1
+        row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio, whitening=kinds,
                    phase_seconds=dict(report.phase_seconds), writers=writers,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = evaluate_perplexity(model, test, seq_len=eval_seq_len, batch_size=4, max_windows=eval_windows,
