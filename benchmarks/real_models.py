@@ -154,7 +154,10 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         for m in report.modules:
             if m.whitening:
                 kinds[m.whitening] = kinds.get(m.whitening, 0) + 1
+        modules = [dict(name=m.name, rank=m.rank, kept_columns=m.kept_columns, error=m.relative_error)
+                   for m in report.modules]
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio, whitening=kinds,
+                   modules=modules,
                    phase_seconds=dict(report.phase_seconds), writers=writers,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = evaluate_perplexity(model, test, seq_len=eval_seq_len, batch_size=4, max_windows=eval_windows,
