@@ -3,9 +3,12 @@
 import pytest
 import torch
 
+from adasvd_lightning import CompressionConfig, get_method
 from adasvd_lightning.core.columns import column_preserving_factorize, preserved_columns_for, whitened_error
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear
+from adasvd_lightning.core.pipeline import _split_pays_after_compensation
+from adasvd_lightning.core.statistics import InputStatistics
 from adasvd_lightning.core.whitening import compute_whitening
 
 
@@ -77,3 +80,57 @@ def test_column_preserving_module_matches_its_dense_weight():
     assert torch.allclose(layer.dense_weight(), split.dense())
     k = split.kept.numel()
     assert sum(p.numel() for p in layer.parameters()) == split.rank * (48 + 40 - k) + 48 * k + 48
+
+
+def _drifting_writer(drift: float, seed: int):
+    """A residual writer whose weight is low-rank plus six large incoherent columns (what Duo-SVD
+    preserves), seen through a compressed stream whose six matching input channels are scaled by
+    ``drift`` relative to the dense stream. Returns W, X_o, X_c and the paired statistics."""
+    g = torch.Generator().manual_seed(seed)
+    m, n, tokens = 48, 64, 4000
+    scale = torch.ones(n, dtype=torch.float64)
+    scale[:6] = 8.0
+    xo = torch.randn(tokens, n, generator=g, dtype=torch.float64) * scale
+    xc = xo.clone()
+    xc[:, 6:12] *= drift
+    xc += 0.05 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    w = torch.randn(m, 8, generator=g, dtype=torch.float64) @ torch.randn(8, n, generator=g, dtype=torch.float64) / n**0.5
+    w += 0.02 * torch.randn(m, n, generator=g, dtype=torch.float64)
+    w[:, 6:12] += 3.0 * torch.randn(m, 6, generator=g, dtype=torch.float64)
+    stats = InputStatistics.empty(n)
+    stats.add_pair(xo, xc)
+    stats.finalize()
+    return w, xo, xc, stats
+
+
+def _compensated_error(w, xo, xc, kept, down):
+    """min over U of ‖U V X_c,rest + W_kept X_c,kept − W X_o‖² per token, by least squares on the tokens."""
+    rest = torch.tensor([j for j in range(w.shape[1]) if j not in set(kept.tolist())])
+    y = xo @ w.T - xc[:, kept] @ w[:, kept].T
+    z = xc[:, rest] @ down.T
+    u = torch.linalg.lstsq(z, y).solution
+    return float((z @ u - y).square().sum() / xo.shape[0])
+
+
+@pytest.mark.parametrize("drift, pays", [(0.5, False), (1.0, True)])
+def test_column_split_is_judged_after_compensation(drift, pays):
+    # Preserved columns are the dense weights: no compensation step changes them. When their inputs
+    # drift between the streams, the split that wins on the whitened error ‖(W − W′)X_c‖² loses once
+    # both forms are fitted to the dense outputs (the failure of adasvd-duo at 60 % on SmolLM2-135M).
+    w, xo, xc, stats = _drifting_writer(drift, seed=2)
+    spec, config = get_method("adasvd-duo"), CompressionConfig(method="adasvd-duo", ratio=0.6)
+
+    def whitening(cols):
+        return compute_whitening(stats.gram if cols is None else stats.gram[cols][:, cols])
+
+    base = factorize(w, 10, whitening(None))
+    split = column_preserving_factorize(w, 10, stats.gram, whitening, base=base, min_gain=0.01)
+    assert split is not None and split.kept.numel() >= 5
+    assert split.error < 0.8 * whitened_error(w, base.dense(), stats.gram)  # the whitened error prefers it
+    plain_after = _compensated_error(w, xo, xc, torch.empty(0, dtype=torch.long), base.down)
+    split_after = _compensated_error(w, xo, xc, split.kept, split.down)
+    assert (split_after < 0.99 * plain_after) == pays
+    if not pays:
+        assert split_after > 1.2 * plain_after
+    energy = float((xo @ w.T).square().sum() / xo.shape[0])
+    assert _split_pays_after_compensation(spec, config, w, stats, split, base, energy) == pays

@@ -46,7 +46,7 @@ from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
 from .residual import find_residual_writers
 from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
-                         optimal_factors, validated_steps)
+                         optimal_factors, u_step, validated_steps)
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
@@ -101,6 +101,33 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
         dropped -= whitening.shift * squared_error
         energy -= whitening.shift * squared_weight
     return _relative(dropped, energy)
+
+
+def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor,
+                                   stats: InputStatistics, split, factors: LowRankFactors,
+                                   target_energy: float | None) -> bool:
+    """Whether a column split still beats the plain factorization once both are compensated.
+
+    Duo-SVD chooses the split by the whitened error on the target's own input, ‖(W − W′)X_c‖². A
+    compensated residual writer is then fitted to the dense outputs, ‖W′X_c − W X_o‖², and its preserved
+    columns are dense weights that no compensation step changes, so a split that wins before the
+    compensation can lose after it. That happened on SmolLM2-135M at 60 %: with the Fisher allocation
+    20 down_proj took splits, and 19 of them ended with a larger compensated error than the plain
+    factorization had with the same ranks (BENCHMARKS.md, "Column preservation under compensation").
+    The two forms are therefore compared again, each after its U-step (least squares for the up factor,
+    so never worse than its start), on the objective the writer is fitted to. The split must still win
+    by ``column_min_gain``.
+    """
+    grams = stats.grams()
+
+    def compensated(kept: torch.Tensor, up_factor: torch.Tensor, down_factor: torch.Tensor) -> float:
+        target = RefinementTarget(weight.to(torch.float64), grams, kept=kept, damping=config.damping,
+                                  target_energy=target_energy)
+        down_factor = down_factor.to(torch.float64)
+        return objective(target, u_step(target, down_factor), down_factor)
+
+    plain = compensated(torch.empty(0, dtype=torch.long), factors.up, factors.down)
+    return compensated(split.kept, split.up, split.down) < (1.0 - spec.column_min_gain) * plain
 
 
 def _gram_replaceable(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor,
@@ -348,6 +375,11 @@ def _factorize_target(
                 lambda cols: spec.make_whitening(input_stats, damping=config.damping, columns=cols),
                 base=factors, min_gain=spec.column_min_gain, driver=config.svd_driver,
             )
+            if (split is not None and spec.refinement != "none" and factors is not None
+                    and not _split_pays_after_compensation(spec, config, w64, input_stats, split, factors,
+                                                           target_energy)):
+                report.refused_columns = split.kept.numel()
+                split = None
         if split is not None:
             up, down, kept = split.up, split.down, split.kept
     known_error: float | None = None  # relative output error, when the factorization already knows it

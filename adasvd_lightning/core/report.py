@@ -19,6 +19,9 @@ class ModuleReport:
     bias_params: int = 0  # biases are kept as they are; ratios are over the weight matrices
     rank: int | None = None
     kept_columns: int = 0  # input columns preserved dense (column-preserving form)
+    # A compensated writer's column split that lowered the whitened error but lost to the plain
+    # factorization once both were compensated: the columns it would have kept (0 = none refused).
+    refused_columns: int = 0
     # ‖W′X_c − W X_o‖_F / ‖W X_o‖_F on the calibration data (X_c = X_o without paired statistics; a
     # target that is not compensated measures ‖(W′ − W)X_c‖ on its own compressed input X_c)
     relative_error: float | None = None
