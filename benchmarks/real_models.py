@@ -154,7 +154,8 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         for m in report.modules:
             if m.whitening:
                 kinds[m.whitening] = kinds.get(m.whitening, 0) + 1
-        modules = [dict(name=m.name, rank=m.rank, kept_columns=m.kept_columns, error=m.relative_error)
+        modules = [dict(name=m.name, rank=m.rank, kept_columns=m.kept_columns, refused_columns=m.refused_columns,
+                        error=m.relative_error)
                    for m in report.modules]
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio, whitening=kinds,
                    modules=modules,
