@@ -105,29 +105,45 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
 
 def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor,
                                    stats: InputStatistics, split, factors: LowRankFactors,
-                                   target_energy: float | None) -> bool:
-    """Whether a column split still beats the plain factorization once both are compensated.
+                                   target_energy: float | None,
+                                   plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+    """Whether a compensated writer keeps its column split.
 
     Duo-SVD chooses the split by the whitened error on the target's own input, ‖(W − W′)X_c‖². A
     compensated residual writer is then fitted to the dense outputs, ‖W′X_c − W X_o‖², and its preserved
     columns are dense weights that no compensation step changes, so a split that wins before the
     compensation can lose after it. That happened on SmolLM2-135M at 60 %: with the Fisher allocation
     20 down_proj took splits, and 19 of them ended with a larger compensated error than the plain
-    factorization had with the same ranks (BENCHMARKS.md, "Column preservation under compensation").
-    The two forms are therefore compared again, each after its U-step (least squares for the up factor,
-    so never worse than its start), on the objective the writer is fitted to. The split must still win
-    by ``column_min_gain``.
+    factorization with the same ranks (BENCHMARKS.md, "Column preservation under compensation").
+    So the two forms are compared again, each after its U-step (least squares for the up factor, so
+    never worse than its start), on the objective the writer is fitted to (tokens on the residual's
+    scale). The split stays if it still wins by ``column_min_gain``.
+
+    Refusing a split is a departure from the method's choice, and like a compensation step
+    (`core.plain_guard`) it must not raise the writer's plain held-out output error, where the
+    attention-sink tokens, which the residual's scale discounts, dominate. So with ``plain_rows`` (the
+    writer's held-out compressed inputs and dense outputs) the split also stays when the plain form's
+    plain held-out error is higher than the split's.
     """
     grams = stats.grams()
 
-    def compensated(kept: torch.Tensor, up_factor: torch.Tensor, down_factor: torch.Tensor) -> float:
+    def compensated(kept: torch.Tensor, up_factor: torch.Tensor, down_factor: torch.Tensor):
         target = RefinementTarget(weight.to(torch.float64), grams, kept=kept, damping=config.damping,
                                   target_energy=target_energy)
         down_factor = down_factor.to(torch.float64)
-        return objective(target, u_step(target, down_factor), down_factor)
+        up_factor = u_step(target, down_factor)
+        return objective(target, up_factor, down_factor), up_factor, down_factor
 
-    plain = compensated(torch.empty(0, dtype=torch.long), factors.up, factors.down)
-    return compensated(split.kept, split.up, split.down) < (1.0 - spec.column_min_gain) * plain
+    none = torch.empty(0, dtype=torch.long)
+    plain, plain_up, plain_down = compensated(none, factors.up, factors.down)
+    with_split, split_up, split_down = compensated(split.kept, split.up, split.down)
+    if with_split < (1.0 - spec.column_min_gain) * plain:
+        return True
+    if plain_rows is None:
+        return False
+    plain_form = PlainHeldoutError(weight, *plain_rows)(plain_up, plain_down)
+    split_form = PlainHeldoutError(weight, *plain_rows, kept=split.kept)(split_up, split_down)
+    return plain_form > split_form
 
 
 def _gram_replaceable(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor,
@@ -377,7 +393,7 @@ def _factorize_target(
             )
             if (split is not None and spec.refinement != "none" and factors is not None
                     and not _split_pays_after_compensation(spec, config, w64, input_stats, split, factors,
-                                                           target_energy)):
+                                                           target_energy, plain_rows)):
                 report.refused_columns = split.kept.numel()
                 split = None
         if split is not None:
