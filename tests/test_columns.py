@@ -134,3 +134,27 @@ def test_column_split_is_judged_after_compensation(drift, pays):
         assert split_after > 1.2 * plain_after
     energy = float((xo @ w.T).square().sum() / xo.shape[0])
     assert _split_pays_after_compensation(spec, config, w, stats, split, base, energy) == pays
+
+
+def test_refusing_a_split_must_not_raise_the_plain_heldout_error():
+    # The same writer, whose split loses on the weighted compensated objective, plus held-out sink
+    # tokens: huge activations in the preserved channels, undrifted. The preserved columns are exact on
+    # them; the plain form, compensated for the drift, is not — so the refusal would raise the plain
+    # held-out error, and the split stays.
+    w, xo, xc, stats = _drifting_writer(0.5, seed=2)
+    spec, config = get_method("adasvd-duo"), CompressionConfig(method="adasvd-duo", ratio=0.6)
+
+    def whitening(cols):
+        return compute_whitening(stats.gram if cols is None else stats.gram[cols][:, cols])
+
+    base = factorize(w, 10, whitening(None))
+    split = column_preserving_factorize(w, 10, stats.gram, whitening, base=base, min_gain=0.01)
+    energy = float((xo @ w.T).square().sum() / xo.shape[0])
+    sink = torch.randn(20, 64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    sink[:, 6:12] *= 50.0
+    rows = (sink.float(), (sink @ w.T).float())
+    assert not _split_pays_after_compensation(spec, config, w, stats, split, base, energy)
+    assert _split_pays_after_compensation(spec, config, w, stats, split, base, energy, rows)
+    # Ordinary held-out tokens from the writer's own distribution do not overturn the refusal.
+    ordinary = xc[:200].float(), (xo[:200] @ w.T).float()
+    assert not _split_pays_after_compensation(spec, config, w, stats, split, base, energy, ordinary)
