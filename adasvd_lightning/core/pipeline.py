@@ -31,7 +31,7 @@ from torch import nn
 
 from .budget import MatrixShape, budget_for_ratio
 from .calibration import BlockInput, ProgressEvent, ProgressFn, StopForward, capture_block_inputs
-from .columns import column_preserving_factorize
+from .columns import ColumnSplit, column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
 from .factorization import LowRankFactors, factorize, saves_parameters
@@ -104,7 +104,7 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
 
 
 def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor,
-                                   stats: InputStatistics, split, factors: LowRankFactors,
+                                   stats: InputStatistics, split: ColumnSplit, factors: LowRankFactors,
                                    target_energy: float | None,
                                    plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
     """Whether a compensated writer keeps its column split.
