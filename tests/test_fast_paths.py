@@ -108,8 +108,9 @@ def test_lean_factorize_matches_the_reference_route(shape, kind, monkeypatch):
         torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
         torch.testing.assert_close(fast.singular_values, ref.singular_values, rtol=0, atol=1e-10)
         torch.testing.assert_close(fast.up @ fast.up.T, ref.up @ ref.up.T, rtol=0, atol=1e-9)
-        if keep:  # whitened_down = down·S, what refinement in whitened coordinates starts from
-            torch.testing.assert_close(fast.whitened_down, whitening.whiten(fast.down), rtol=0, atol=1e-9)
+        if keep:  # whitened_down = down·S: up·whitened_down is A's truncation (sign-free), what
+            # refinement in whitened coordinates starts from
+            torch.testing.assert_close(fast.up @ fast.whitened_down, ref.up @ ref.whitened_down, rtol=0, atol=1e-9)
         else:
             assert fast.whitened_down is None
 
