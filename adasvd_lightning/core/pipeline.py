@@ -113,7 +113,7 @@ def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, 
     compensated residual writer is then fitted to the dense outputs, ‖W′X_c − W X_o‖², and its preserved
     columns are dense weights that no compensation step changes, so a split that wins before the
     compensation can lose after it. That happened on SmolLM2-135M at 60 %: with the Fisher allocation
-    20 down_proj took splits, and 19 of them ended with a larger compensated error than the plain
+    21 down_proj took splits, and 20 of them ended with a larger compensated error than the plain
     factorization with the same ranks (BENCHMARKS.md, "Column preservation under compensation").
     So the two forms are compared again, each after its U-step (least squares for the up factor, so
     never worse than its start), on the objective the writer is fitted to (tokens on the residual's
