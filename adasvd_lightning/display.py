@@ -178,6 +178,7 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
     if max_rows is not None and len(report.modules) > max_rows:
         table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "")
     whitening = sorted({m.whitening for m in report.modules if m.whitening})
+    refused = sum(1 for m in report.modules if m.refused_columns)
     table.caption = (
         f"linears {format_params(report.linear_parameters_before)} → {format_params(report.linear_parameters_after)} "
         f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model "
@@ -185,5 +186,6 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         f"({report.model_ratio:.2%}); {report.seconds:.1f}s"
         + (f"; whitening: {', '.join(whitening)}" if whitening else "")
         + (f"; {len(report.merged)} merged back to dense (would not run faster)" if report.merged else "")
+        + (f"; {refused} column split(s) refused (they lost once compensated)" if refused else "")
     )
     return table

@@ -34,6 +34,10 @@ def test_summary_table_lists_every_module_and_the_totals(token_batches):
     assert f"{first.out_features}×{first.in_features}" in text and f"{first.relative_error:.4f}" in text
     assert f"achieved {report.achieved_ratio:.2%}" in text
     assert f"{report.seconds:.1f}s" in text
+    assert "refused" not in text  # duo-svd compensates nothing, so no split is refused
+    # A refused column split is said in the caption, not only kept in the report.
+    report.modules[-1].refused_columns = 7
+    assert "1 column split(s) refused" in _render(display.report_table(report))
 
 
 @pytest.mark.parametrize("at", ["setup", "step"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import GRAM_MIN_RELATIVE, lapack_threads, use_gram
+from .linalg import gram_spectrum, lapack_threads, use_gram
 from .whitening import CholeskyWhitening, IdentityWhitening, Whitening
 
 __all__ = [
@@ -148,16 +148,10 @@ def _factorize_by_gram(
     """
     m, n = weight.shape
     tall = m >= n
-    gram = _whitened_gram(weight, whitening, dtype, tall)
-    with lapack_threads():
-        eigenvalues, vectors = torch.linalg.eigh(gram)
-    del gram
-    s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
-    del eigenvalues
-    if not (s[0] > 0 and s[rank - 1] >= GRAM_MIN_RELATIVE * s[0]):
+    found = gram_spectrum(_whitened_gram(weight, whitening, dtype, tall), rank)
+    if found is None:
         return None  # near rank-deficient: the caller runs the reference SVD
-    top = vectors[:, -rank:].flip(1)
-    del vectors
+    s, top = found
     root = s[:rank].sqrt()
     if tall:  # top = V_r
         up = _times(weight, whitening.left_multiply(top)).div_(root)

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "use_gram", "singular_values", "decomposition_threads",
+__all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "gram_spectrum", "use_gram", "singular_values", "decomposition_threads",
            "lapack_threads"]
 
 _decomposition_threads: int | None = None
@@ -81,15 +81,17 @@ def use_gram(dtype: torch.dtype, driver: str) -> bool:
     return driver != "svd" and dtype == torch.float64
 
 
-def _gram_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(σ descending, eigenvectors of the smaller Gram in the same order, tall?)."""
-    m, n = a.shape
-    tall = m >= n
-    gram = a.T @ a if tall else a @ a.T
+def gram_spectrum(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(σ descending, the top ``rank`` eigenvectors in that order) of a matrix A whose smaller Gram
+    matrix is ``gram`` — or None where the Gram route is not accurate for that rank (σ_rank <
+    `GRAM_MIN_RELATIVE`·σ₁), and the caller should run the reference SVD instead."""
     with lapack_threads():
         eigenvalues, vectors = torch.linalg.eigh(gram)
     s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
-    return s, vectors.flip(1), tall
+    del eigenvalues
+    if not (s[0] > 0 and s[rank - 1] >= GRAM_MIN_RELATIVE * s[0]):
+        return None
+    return s, vectors[:, -rank:].flip(1)
 
 
 def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,12 +105,13 @@ def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch
         raise ValueError(f"expected a matrix, got shape {tuple(a.shape)}")
     k = min(rank, *a.shape)
     if use_gram(a.dtype, driver) and k >= 1:
-        s, vectors, tall = _gram_eigen(a)
-        if s[0] > 0 and s[k - 1] >= GRAM_MIN_RELATIVE * s[0]:
-            top = vectors[:, :k]
-            if tall:  # vectors are V: U_k = A V_k / σ_k
+        tall = a.shape[0] >= a.shape[1]
+        found = gram_spectrum(a.T @ a if tall else a @ a.T, k)
+        if found is not None:
+            s, top = found
+            if tall:  # top = V_k: U_k = A V_k / σ_k
                 return (a @ top) / s[:k], s, top.T
-            return top, s, (top.T @ a) / s[:k, None]  # vectors are U: Vh_k = U_kᵀ A / σ_k
+            return top, s, (top.T @ a) / s[:k, None]  # top = U_k: Vh_k = U_kᵀ A / σ_k
     with lapack_threads():
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :k], s, vh[:k]
