@@ -7,7 +7,7 @@ import torch
 
 from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model, get_method
 from adasvd_lightning.core import factorization
-from adasvd_lightning.core.factorization import factorize
+from adasvd_lightning.core.factorization import factorize, factorize_output_gram, output_gram
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
 from adasvd_lightning.core.refinement import (
@@ -126,6 +126,77 @@ def test_lean_factorize_falls_back_on_rank_deficient_weights():
     torch.testing.assert_close(fast.dense(), w, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(40, 96), (64, 64)])
+def test_output_gram_route_matches_the_whitened_svd(shape, monkeypatch):
+    """Wide and square W: the fit from G = W·H·Wᵀ is the truncation-aware fit of LAPACK's SVD of W·L."""
+    monkeypatch.setattr(factorization, "GRAM_ROW_BLOCK", 16)  # several row and column blocks
+    w = _spectrum_matrix(*shape, decay=0.95).float()
+    h = _gram(shape[1])
+    ref = factorize(w.double(), 12, compute_whitening(h), driver="svd")
+    gram = output_gram(w, h)
+    torch.testing.assert_close(gram, w.double() @ h @ w.double().T, rtol=0, atol=1e-10)
+    fast = factorize_output_gram(w, gram, 12)
+    torch.testing.assert_close(fast.dense(), ref.dense(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.singular_values, ref.singular_values, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast.up @ fast.up.T, ref.up @ ref.up.T, rtol=0, atol=1e-9)  # same √Σ split
+    if shape[0] < shape[1]:
+        tall = w.T.contiguous()
+        with pytest.raises(ValueError, match="wide or square"):
+            factorize_output_gram(tall, output_gram(tall, _gram(shape[0])), 4)
+
+
+def test_output_gram_route_is_exact_where_whitening_needs_damping():
+    """Fewer tokens than features: H is singular and the Cholesky factor needs a shift, so the whitened
+    SVD fits H + s·I. Where W has large components in directions the tokens never reach, the shift
+    makes them look costly and the damped fit spends rank on them; the output-Gram fit reaches the exact
+    optimum of tr(E·H·Eᵀ) (the dropped eigenvalues of W·H·Wᵀ) with finite factors."""
+    g = torch.Generator().manual_seed(7)
+    n, m, tokens = 48, 24, 16
+    x = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    h = x.T @ x / tokens
+    unseen = torch.linalg.qr(x.T, mode="complete").Q[:, tokens:]  # H's null space
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    w = w + 1e3 * torch.randn(m, n - tokens, generator=g, dtype=torch.float64) @ unseen.T
+    whitening = compute_whitening(h)
+    assert whitening.kind == "damped-cholesky"
+
+    def error(approx: torch.Tensor) -> float:
+        e = approx - w
+        return float((e @ h * e).sum())
+
+    for rank in (8, 12):
+        fast = factorize_output_gram(w, output_gram(w, h), rank)
+        assert torch.isfinite(fast.up).all() and torch.isfinite(fast.down).all()
+        optimum = float(torch.linalg.eigvalsh(w @ h @ w.T).flip(0)[rank:].clamp_min(0).sum())
+        assert error(fast.dense()) == pytest.approx(optimum, rel=1e-8)
+        # Measured 1.5× (rank 8) and 2.8× (rank 12) the optimum for the damped whitened SVD.
+        assert error(factorize(w, rank, whitening, driver="svd").dense()) > 1.4 * optimum
+
+
+def test_widest_freed_input_is_released_before_any_decomposition_of_its_block(token_batches, monkeypatch):
+    """svd-llm-w factors down_proj first: its H (the block's widest, n = 128 here) is freed right after
+    G = W·H·Wᵀ is formed, before the first eigen-decomposition of the block; the report keeps the block's
+    order, and the model is the one the block's own order gives."""
+    from adasvd_lightning.core import linalg
+    from adasvd_lightning.core.statistics import InputStatistics
+
+    events = []
+    release, spectrum = InputStatistics.release_gram, linalg.gram_spectrum
+    monkeypatch.setattr(InputStatistics, "release_gram",
+                        lambda self: (events.append(("release", self.gram_sum.shape[0])), release(self))[1])
+    monkeypatch.setattr(factorization, "gram_spectrum",
+                        lambda gram, rank, **kw: (events.append(("eigh", gram.shape[0])), spectrum(gram, rank, **kw))[1])
+    report, logits = _compressed("svd-llm-w", token_batches)
+    block = events[: len(events) // 2]
+    assert block[0] == ("release", 128) and block[1][0] == "eigh"
+    assert sum(1 for e in events if e == ("release", 128)) == 2  # once per block
+    names = [m.name for m in report.modules]
+    assert names[0].endswith("self_attn.q_proj") and names[6].endswith("mlp.down_proj")
+    monkeypatch.undo()
+    _, ref_logits = _compressed("svd-llm-w", token_batches, svd_driver="svd")
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
 def _paired_target(m=40, n=32, kept=(3, 7)):
     g = torch.Generator().manual_seed(3)
     xo = torch.randn(500, n, generator=g, dtype=torch.float64)
@@ -192,8 +263,10 @@ def _compressed(method: str, batches, **config):
     return report, logits
 
 
-@pytest.mark.parametrize("method", ["svd-llm", "adasvd", "duo-svd", "svd-llm-v2"])
+@pytest.mark.parametrize("method", ["svd-llm-w", "svd-llm", "adasvd", "duo-svd", "svd-llm-v2"])
 def test_pipeline_fast_driver_matches_reference_driver(method, token_batches):
+    """The Gram routes (svd-llm-w: wide and square targets fitted from W·H·Wᵀ with no whitening) give the
+    reference driver's modules: LAPACK's SVD of W·L for every target."""
     fast, fast_logits = _compressed(method, token_batches, svd_driver="auto")
     ref, ref_logits = _compressed(method, token_batches, svd_driver="svd")
     assert [m.rank for m in fast.modules] == [m.rank for m in ref.modules]
@@ -206,7 +279,10 @@ def test_pipeline_fast_driver_matches_reference_driver(method, token_batches):
 
 
 def test_shared_inputs_share_one_whitening(token_batches, monkeypatch):
-    """q/k/v (and gate/up) read one tensor: one Cholesky per distinct input, same factors as before."""
+    """q/k/v (and gate/up) read one tensor: one Cholesky per distinct input, same factors as before.
+
+    The reference driver whitens every input; the default one only the inputs of tall targets (gate/up):
+    the wide and square ones are fitted from W·H·Wᵀ (`factorize_output_gram`) and need no factor."""
     import adasvd_lightning.core.methods as methods
 
     calls = []
@@ -217,11 +293,15 @@ def test_shared_inputs_share_one_whitening(token_batches, monkeypatch):
         return original(gram, **kw)
 
     monkeypatch.setattr(methods, "compute_whitening", counting)
-    report, _ = _compressed("svd-llm-w", token_batches)
+    report, _ = _compressed("svd-llm-w", token_batches, svd_driver="svd")
     # Per llama block: attention input (q/k/v), o_proj input, MLP input (gate/up), down_proj input.
     assert len(calls) == 4 * 2
+    calls.clear()
+    default, _ = _compressed("svd-llm-w", token_batches)
+    assert len(calls) == 1 * 2  # the MLP input, shared by gate/up
+    assert {m.whitening for m in default.modules} == {"cholesky", "output-gram"}
     monkeypatch.setattr(methods, "compute_whitening", original)
-    again, _ = _compressed("svd-llm-w", token_batches)
+    again, _ = _compressed("svd-llm-w", token_batches, svd_driver="svd")
     assert [m.relative_error for m in report.modules] == [m.relative_error for m in again.modules]
 
 
@@ -323,7 +403,9 @@ def test_reported_error_with_singular_statistics_and_released_gram(method, monke
     # are exact in float64.
     dtype = "float64" if method == "adasvd" else "float32"
     report = _check_reported_errors(method, few, statistics_dtype=dtype, heldout_fraction=0.0)
-    assert "damped-cholesky" in {m.whitening for m in report.modules}
+    kinds = {m.whitening for m in report.modules}
+    # svd-llm-w fits its wide and square targets from W·H·Wᵀ, exact for a singular H without damping.
+    assert ("output-gram" if method == "svd-llm-w" else "damped-cholesky") in kinds
     # adaComp's V-steps need H with a damped factor, so it keeps those; everything else frees H per input.
     assert len(released) >= (2 if method == "adasvd" else 6)
 

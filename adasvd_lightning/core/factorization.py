@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import gram_spectrum, lapack_threads, use_gram
+from .linalg import GRAM_MIN_RELATIVE, gram_spectrum, lapack_threads, use_gram
 from .whitening import CholeskyWhitening, IdentityWhitening, Whitening
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "saves_parameters",
     "LowRankFactors",
     "factorize",
+    "output_gram",
+    "factorize_output_gram",
 ]
 
 
@@ -203,3 +205,58 @@ def factorize(
     whitened_down = root[:, None] * vh[:rank]
     down = whitening.unwhiten(whitened_down)
     return LowRankFactors(up=up, down=down, singular_values=s, whitened_down=whitened_down if keep_whitened else None)
+
+
+#: Rows per block in `output_gram`: it runs while the widest input's H is still alive (the run's memory
+#: peak), so its two float64 row blocks are kept at half of `ROW_BLOCK` (45 MB each at n = 11008).
+GRAM_ROW_BLOCK = ROW_BLOCK // 2
+
+
+def output_gram(weight: torch.Tensor, input_gram: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """W·H·Wᵀ (m×m) for the input Gram matrix H (n×n), W converted a row block at a time.
+
+    Only the blocks on and above the diagonal are multiplied out (the result is symmetric), so the cost
+    is m·n² + m²·n/2 multiply-adds and the temporaries are two blocks of rows, never all of W in ``dtype``.
+    """
+    m = weight.shape[0]
+    h = input_gram.to(dtype)
+    gram = torch.empty(m, m, dtype=dtype, device=weight.device)
+    for i0 in range(0, m, GRAM_ROW_BLOCK):
+        rows = slice(i0, i0 + GRAM_ROW_BLOCK)
+        weighted = weight[rows].to(dtype) @ h  # W_i·H
+        for j0 in range(i0, m, GRAM_ROW_BLOCK):
+            cols = slice(j0, j0 + GRAM_ROW_BLOCK)
+            block = weighted @ weight[cols].to(dtype).T
+            gram[rows, cols] = block
+            if j0 != i0:
+                gram[cols, rows] = block.T
+    return gram
+
+
+def factorize_output_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> LowRankFactors:
+    """Best rank-``rank`` fit of a wide or square W (m ≤ n) in the metric of its input Gram matrix H,
+    given G = W·H·Wᵀ (`output_gram`): no whitening factor and no damping.
+
+    Why it is the same fit as `factorize` with the truncation-aware whitening: for any S with S·Sᵀ = H,
+    A = W·S has A·Aᵀ = G, so A's left singular vectors U and singular values are G's eigenpairs, and the
+    truncation's kept factor down = Σ_r^{-1/2}·U_rᵀ·A·S⁻¹ = Σ_r^{-1/2}·U_rᵀ·W never needs S. W′ =
+    U_r·U_rᵀ·W minimises tr((W − W′)·H·(W − W′)ᵀ) over rank r for every positive semi-definite H,
+    singular ones included (fewer calibration tokens than features), where a Cholesky factor needs a
+    damping shift and then fits H + s·I instead. The caller may free H between `output_gram` and this
+    call: the eigen-decomposition runs without the n×n input statistics (970 MB at n = 11008).
+
+    The √σ split between the factors is floored at `GRAM_MIN_RELATIVE`·σ₁: a direction the calibration
+    data barely excites (σ ≈ 0) would otherwise get a huge ``down`` row; the product U_r·U_rᵀ·W is the
+    same for any split.
+    """
+    m, n = weight.shape
+    if m > n:
+        raise ValueError(f"factorize_output_gram needs a wide or square matrix, got {m}×{n}")
+    if not 1 <= rank <= m:
+        raise ValueError(f"rank {rank} outside [1, {m}] for a {m}×{n} matrix")
+    s, top = gram_spectrum(gram, rank, check=False)
+    floor = GRAM_MIN_RELATIVE * float(s[0])
+    root = s[:rank].clamp_min(floor).sqrt() if floor > 0 else torch.ones(rank, dtype=s.dtype, device=s.device)
+    up = top * root
+    down = _project_rows(top, weight).div_(root[:, None])
+    return LowRankFactors(up=up, down=down, singular_values=s)

@@ -81,15 +81,16 @@ def use_gram(dtype: torch.dtype, driver: str) -> bool:
     return driver != "svd" and dtype == torch.float64
 
 
-def gram_spectrum(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def gram_spectrum(gram: torch.Tensor, rank: int, *, check: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(σ descending, the top ``rank`` eigenvectors in that order) of a matrix A whose smaller Gram
     matrix is ``gram`` — or None where the Gram route is not accurate for that rank (σ_rank <
-    `GRAM_MIN_RELATIVE`·σ₁), and the caller should run the reference SVD instead."""
+    `GRAM_MIN_RELATIVE`·σ₁), and the caller should run the reference SVD instead. ``check=False``
+    always returns: for callers that only need the top subspace to be right where it carries energy."""
     with lapack_threads():
         eigenvalues, vectors = torch.linalg.eigh(gram)
     s = eigenvalues.flip(0).clamp_min(0.0).sqrt()
     del eigenvalues
-    if not (s[0] > 0 and s[rank - 1] >= GRAM_MIN_RELATIVE * s[0]):
+    if check and not (s[0] > 0 and s[rank - 1] >= GRAM_MIN_RELATIVE * s[0]):
         return None
     return s, vectors[:, -rank:].flip(1)
 

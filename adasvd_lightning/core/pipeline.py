@@ -34,8 +34,8 @@ from .calibration import BlockInput, ProgressEvent, ProgressFn, StopForward, cap
 from .columns import ColumnSplit, column_preserving_factorize
 from .config import CompressionConfig
 from .distributed import all_reduce_sum, share_module, world
-from .factorization import LowRankFactors, factorize, saves_parameters
-from .linalg import decomposition_threads
+from .factorization import LowRankFactors, factorize, factorize_output_gram, output_gram, saves_parameters
+from .linalg import decomposition_threads, use_gram
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
@@ -179,6 +179,20 @@ def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight:
     H as it was, and then `_factor_replaces_gram` keeps it too."""
     return (stats is not None and stats.gram_sum is not None and spec.whitening == "truncation-aware"
             and _gram_replaceable(spec, stats, weight, damped_factor_ok=False))
+
+
+def _takes_output_gram(spec: MethodSpec, config: CompressionConfig, weight_shape: tuple[int, int],
+                       refined: bool) -> bool:
+    """Whether a target is fitted from G = W·H·Wᵀ (`factorize_output_gram`) instead of a whitening.
+
+    That route is the truncation-aware fit itself for a wide or square W (m ≤ n) and needs neither a
+    Cholesky factor nor damping; it is taken where nothing after the truncation reads whitened
+    coordinates or H's blocks (``refined``: a refinement runs on this target; preserved columns) and
+    the driver allows Gram routes (``svd_driver="svd"`` keeps LAPACK's SVD of W·L as the reference).
+    """
+    m, n = weight_shape
+    return (spec.whitening == "truncation-aware" and spec.form == "low-rank" and not refined and m <= n
+            and use_gram(config.torch_compute_dtype, config.svd_driver))
 
 
 def _relative(squared_error: float, energy: float) -> float:
@@ -347,6 +361,18 @@ def _factorize_target(
         report.compensated = compensate
         if not compensate:  # not a residual writer: the whitened fit to its own input, no refinement
             spec = dataclasses.replace(spec, refinement="none")
+    if input_stats is not None and input_stats.gram_sum is not None and _takes_output_gram(
+            spec, config, (out_features, in_features), refined=spec.refinement != "none"):
+        with phase("svd"):
+            gram = output_gram(weight, input_stats.gram, config.torch_compute_dtype)
+            if last_use and weight.dtype in (torch.float32, torch.float64):
+                input_stats.release_gram()  # H is read: the eigen-decomposition runs without it
+            factors = factorize_output_gram(weight, gram, rank)
+            del gram
+        sigma2 = factors.singular_values.to(torch.float64).square()
+        known_error = _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
+        return _swap_in(report, weight, bias, factors.up, factors.down, None, "output-gram", known_error,
+                        input_stats, target_energy)
     # A whole copy of W in the compute dtype only where refinement or preserved columns read it; the
     # plain factorization converts W a block at a time (0.36 GB less at 4096 × 11008 in float64).
     needs_copy = input_stats is not None and (spec.refinement != "none" or spec.form == "column-preserving")
@@ -436,7 +462,13 @@ def _factorize_target(
             known_error = _relative(value, target.target_energy)
     elif split is None and isinstance(whitening, CholeskyWhitening) and input_stats is not None:
         known_error = _whitened_truncation_error(factors, whitening, weight)
+    return _swap_in(report, weight, bias, up, down, split, whitening.kind, known_error, input_stats, target_energy)
 
+
+def _swap_in(report: ModuleReport, weight: torch.Tensor, bias: torch.Tensor | None, up: torch.Tensor,
+             down: torch.Tensor, split: ColumnSplit | None, kind: str, known_error: float | None,
+             input_stats: InputStatistics | None, target_energy: float | None) -> tuple[ModuleReport, nn.Module]:
+    """The factorized module in the weight's dtype, and the report's rank, size and output error."""
     with phase("surgery"):
         b = bias.detach() if bias is not None else None
         if split is not None:
@@ -449,7 +481,7 @@ def _factorize_target(
             new = LowRankLinear.from_factors(up.to(weight.device), down.to(weight.device), b, dtype=weight.dtype)
     report.rank = new.rank
     report.params_after = count_parameters(new)
-    report.whitening = whitening.kind
+    report.whitening = kind
     if input_stats is not None:
         with phase("report"):
             if known_error is not None and weight.dtype in (torch.float32, torch.float64):
@@ -532,12 +564,14 @@ def _factor_and_replace(
     index = {name: i for i, name in enumerate(targets)}
     whitenings: dict[int, Whitening] = {}
     holdout_cache: dict[int, Whitening] = {}
+    order = _freed_widest_first(names, targets, stats, ctx, compensated)
     # A shared input's statistics and whitening are dropped after the last target this rank factors
-    # with them: the block's largest matrix (down_proj, last) then runs without the others' n² data.
-    mine = [name for name in names if index[name] % world_size == rank_id]
+    # with them, so later targets run without that group's n² data.
+    mine = [name for name in order if index[name] % world_size == rank_id]
     last_use = {stats.leader(name): name for name in mine} if stats is not None else {}
     replaced: dict[str, nn.Module] = {}
-    for name in names:
+    reports: dict[str, ModuleReport] = {}
+    for name in order:
         module = targets[name]
         owner = index[name] % world_size
         new, module_report = None, None
@@ -565,8 +599,39 @@ def _factor_and_replace(
                 new.train(module.training)
                 replace_module(model, name, new)
                 replaced[name] = new
-        report.modules.append(module_report)
+        reports[name] = module_report
+    report.modules.extend(reports[name] for name in names)  # in the block's order, whatever ran first
     return replaced
+
+
+def _freed_widest_first(names: list[str], targets: dict[str, nn.Module], stats: BlockStatistics | None,
+                        ctx: PlanContext, compensated: set[str] | None) -> list[str]:
+    """The order to factor ``names`` in: input groups whose every member takes the output-Gram route
+    (`_takes_output_gram`) first, widest input first, then the rest in the block's order.
+
+    Why: all of a block's statistics exist when its first target is factorized. A group on the output-
+    Gram route frees its H once the last member's G = W·H·Wᵀ is formed, before that member's eigen-
+    decomposition; taking the widest such group first (down_proj: n = 11008 at Llama-7B width, H 970 MB)
+    means no decomposition of the block runs while that H is alive. In the block's own order down_proj
+    comes last and every other target's decomposition ran next to it. The order depends only on the
+    method and the shapes, so every rank walks the same sequence (`share_module`).
+    """
+    if stats is None:
+        return names
+    spec, config = ctx.spec, ctx.config
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(stats.leader(name), []).append(name)
+
+    def freed(group: list[str]) -> bool:
+        return all(_takes_output_gram(spec, config, linear_shape(targets[name]),
+                                      refined=spec.refinement != "none"
+                                      and (compensated is None or name in compensated))
+                   and next(targets[name].parameters()).dtype in (torch.float32, torch.float64) for name in group)
+
+    first = sorted((g for g in groups.values() if freed(g)), key=lambda g: -linear_shape(targets[g[0]])[1])
+    early = {name for g in first for name in g}
+    return [name for g in first for name in g] + [name for name in names if name not in early]
 
 
 def input_stages(block: nn.Module, targets: dict[str, nn.Module], inp: BlockInput, runner: BlockRunner) -> list[list[str]]:
