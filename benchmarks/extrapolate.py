@@ -4,14 +4,13 @@
     python benchmarks/extrapolate.py --no-write
 
 Each pipeline phase's dominant cost is counted per decoder block (FLOPs of the forwards, the Gram
-statistics, the Cholesky whitening, the whitened SVD and the closed-form refinement; the symmetric
+statistics, the Cholesky whitening, the factorization's products along the route each target takes
+(`core.factorization`) and the closed-form refinement of the residual writers; the symmetric
 eigensolver as c·n³ seconds because it is not FLOP-bound). The single-thread rates of this machine are
 measured in CPU seconds (`time.process_time`, one thread: immune to other jobs on shared cores) and
 the model is checked against the measured real-model run (`benchmarks/results/compression_speed_real.json`,
 its CPU seconds). Target hardware enters only through the assumed sustained rates in `HARDWARE`
-(stated in the table). Memory: the weights once, one block's float64 statistics (two n×n per distinct
-input with paired statistics), the widest input's Cholesky factor while its H is still alive, float64
-copies of the largest matrix and its whitened product, and the calibration activations (two streams).
+(stated in the table). Memory: see `peak_bytes`.
 """
 
 from __future__ import annotations
@@ -98,14 +97,21 @@ def phase_costs(shape: Shape, tokens: int, seq_len: int, rank_ratio: float = 0.6
     per_pass = 2 * shape.block_params * tokens + 2 * tokens * seq_len * shape.hidden  # linears + causal attention
     forward = 3 * shape.blocks * per_pass  # dense stream, compressed stream, propagation
     statistics = shape.blocks * sum(3 * tokens * n * n for n in shape.inputs())  # ~half Gram + cross, ×2 FLOP
-    whitening = shape.blocks * sum(n**3 / 3 for n in shape.inputs())
+    whitening = shape.blocks * sum(n**3 / 3 for n in shape.inputs()[1:])  # q/k/v's input needs no factor
     svd = refinement = eigh_n3 = 0.0
-    for m, n in shape.matrices():
+    writers = {3, 6}  # o_proj and down_proj write into the residual stream: refined; the rest are not
+    for i, (m, n) in enumerate(shape.matrices()):
         k = min(m, n)
         r = rank_ratio * m * n / (m + n)
-        svd += 2 * m * n * n + 2 * m * n * k + 2 * m * n * r + r * n * n  # whiten, Gram, U = A·V/σ, unwhiten
+        if m > n:  # tall: Gram of W·L from row blocks (triangular L), up = W·(L·V_r)/√σ, unwhiten
+            svd += m * n * n + 2 * m * n * n + n * n * r + 2 * m * n * r + r * n * n
+        elif i in writers:  # wide / square, refined: Gram of W·L from column blocks, down = U_rᵀ·W/√σ, down·L
+            svd += m * n * n + 2 * m * m * n + 2 * m * n * r + r * n * n
+        else:  # wide / square, unrefined: G = W·H·Wᵀ (upper blocks), down = U_rᵀ·W/√σ; no whitening
+            svd += 2 * m * n * n + m * m * n + 2 * m * n * r
         eigh_n3 += k**3
-        refinement += 2 * m * n * n + m * n * n + 4 * m * n * r  # G = W·H_oc, G·L⁻ᵀ, U-step products
+        if i in writers:
+            refinement += 2 * m * n * n + m * n * n + 4 * m * n * r  # G = W·H_oc, G·L⁻ᵀ, U-step products
     return {"calibration": forward, "statistics": statistics, "whitening": whitening,
             "svd": shape.blocks * svd, "refinement": shape.blocks * refinement, "eigh_n3": shape.blocks * eigh_n3}
 
@@ -121,16 +127,26 @@ def predict_seconds(costs: dict, rates: dict, eigh_c: float) -> dict:
 
 
 def peak_bytes(shape: Shape, tokens: int, weight_bytes: int = 4) -> dict:
-    """Peak host bytes of an in-place run: weights + one block's statistics + the widest matrix's work."""
+    """Peak host bytes of an in-place `svd-llm` run, at down_proj's validation (the widest input's stage).
+
+    Components as the Llama-7B-width allocation trace found them (BENCHMARKS.md, "Memory"): that stage's
+    H_cc and H_oc, the held-out pair the validated refinement reads, the fit split's Cholesky factor, and
+    float64 work (a copy of W, three m×n products and four n×r arrays of the validation) — 8.5 GB
+    predicted and 8.5 GB measured at hidden 4096 × 2 blocks. The earlier stages' statistics are freed
+    by then; the budget still counts one whole block's."""
     model = shape.params * weight_bytes
-    statistics = sum(2 * n * n * 8 for n in shape.inputs())  # H_cc and H_oc per distinct input
+    statistics = sum(2 * n * n * 8 for n in shape.inputs())  # H_cc and H_oc per distinct input: the budget's
     widest = max(shape.inputs())
-    factor = widest * widest * 8  # Cholesky factor, alive next to its H until H is released
+    stage = 2 * widest * widest * 8  # H_cc and H_oc of the widest input, alive at the peak
+    heldout = 2 * widest * widest * 8  # their held-out pair
+    factor = widest * widest * 8  # the fit split's Cholesky factor
     m, n = max(shape.matrices(), key=lambda s: s[0] * s[1])
-    work = 3 * m * n * 8  # float64 weight, W·L and the factor pair
+    r = 0.6 * m * n / (m + n)
+    work = (4 * m * n + 4 * n * r) * 8
     activations = 2 * tokens * shape.hidden * 4
-    return {"model": model, "statistics": statistics, "factor": factor, "work": work,
-            "activations": activations, "total": model + statistics + factor + work + activations}
+    return {"model": model, "statistics": statistics, "stage": stage, "heldout": heldout, "factor": factor,
+            "work": work, "activations": activations,
+            "total": model + stage + heldout + factor + work + activations}
 
 
 def main() -> None:
@@ -177,9 +193,11 @@ def main() -> None:
                                                          "total"))
             lines.append(f"| {shape.name} | {shape.params / 1e9:.1f} B | {name} | {cells} | "
                          f"{mem32['total'] / 2**30:.0f} / {mem16['total'] / 2**30:.0f} GiB |")
-    lines += ["", f"Calibration {args.tokens:,} tokens (sequences of {args.seq_len}). Memory = weights + one "
-              "block's paired float64 statistics + the widest input's Cholesky factor + float64 work copies of "
-              "the largest matrix + two streams of float32 activations; on one GPU with "
+    lines += ["", f"Calibration {args.tokens:,} tokens (sequences of {args.seq_len}). Memory (at down_proj's "
+              "validation) = weights + that stage's paired float64 statistics + their held-out pair + the fit "
+              "split's Cholesky factor + float64 work of the largest matrix + two streams of float32 "
+              "activations (components from the Llama-7B-width trace, where it predicts the measured 8.5 GB); "
+              "on one GPU with "
               "`execution_device=\"cuda\"` the host keeps weights and activations and the device holds one "
               "block, its statistics and the factor. Budget check (the issue's target, weights + one block's "
               "statistics ≤ 1.2 × weights + statistics): " + "; ".join(
@@ -192,10 +210,10 @@ def main() -> None:
 
 def _budget(shape: Shape, tokens: int) -> str:
     """Predicted peak against the issue's target 1.2 × weights + one block's statistics (float32 weights),
-    and the calibration tokens at which the activations alone would use the 0.2 × weights of headroom."""
+    and the calibration tokens up to which the predicted peak stays within it."""
     p = peak_bytes(shape, tokens)
     target = 1.2 * p["model"] + p["statistics"]
-    room = 0.2 * p["model"] - p["factor"] - p["work"]
+    room = target - (p["total"] - p["activations"])
     return (f"{shape.name} {p['total'] / target:.2f}× the target at {tokens:,} tokens (activations "
             f"{p['activations'] / 2**30:.0f} GiB; within it up to {max(room, 0) / (2 * shape.hidden * 4):,.0f} tokens)")
 
