@@ -45,6 +45,7 @@ from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
 from .residual import find_residual_writers
+from .runtime import release_free_heap
 from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
                          optimal_factors, u_step, validated_steps)
 from .report import CompressionReport, ModuleReport
@@ -858,6 +859,7 @@ def compress_model(
             # The plan holds the dense modules it found; once swapped out they must not stay alive,
             # or the run would end holding the dense and the compressed model side by side.
             targets.clear()
+            release_free_heap()
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))
     finally:

@@ -1,4 +1,5 @@
-"""Process-level settings for CPU inference (opt-in; nothing in the library calls them by itself).
+"""Process-level memory settings: `retain_freed_memory` for CPU inference (opt-in; nothing in the
+library calls it by itself) and `release_free_heap`, which compression calls between blocks.
 
 `retain_freed_memory`: glibc's ``malloc`` serves every block above its mmap threshold (128 KiB at
 start, adapting up to 32 MiB) with a fresh ``mmap`` and gives it back to the kernel on ``free``. A
@@ -23,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import sys
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "release_free_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -50,3 +51,34 @@ def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = _IN
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_MMAP_THRESHOLD, min(mmap_threshold, _INT_MAX))
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, _INT_MAX)))
+
+
+_LIBC: ctypes.CDLL | None | bool = None  # None: not looked up yet; False: no glibc malloc_trim here
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim(0)``); False where there is none.
+
+    Why compression calls it after every block: a block's factorization frees large float64
+    temporaries while the new factors it allocates stay alive, interleaved with them in glibc's heap
+    (aligned allocations fragment it, see the module docstring). The freed pages then stay in the
+    process: on SmolLM2-135M the RSS peak of `svd-llm` stood 160 MB above the live bytes. Trimming
+    between blocks returns them before the next block's statistics are allocated. It changes no
+    allocator setting and costs a walk over the heap (milliseconds).
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None)
+                libc.gnu_get_libc_version  # noqa: B018 - glibc only
+                libc.malloc_trim.argtypes = [ctypes.c_size_t]
+                libc.malloc_trim.restype = ctypes.c_int
+                _LIBC = libc
+            except (OSError, AttributeError):
+                pass
+    if _LIBC is False:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
