@@ -704,3 +704,24 @@ def test_decomposition_threads_are_validated(threads):
 
     with pytest.raises(InvalidInputError, match="decomposition_threads"):
         CompressionConfig(decomposition_threads=threads)
+
+
+def test_validation_start_of_a_wide_writer_needs_no_fit_split_factor(token_batches, monkeypatch):
+    """svd-llm validates its writers' steps from a start refitted on the fit split. For a wide or square
+    writer that start now comes from W·H_fit·Wᵀ: no Cholesky factor of the fit split (0.97 GB at
+    down_proj's width 11008), and the same held-out errors as the reference driver's whitened start."""
+    from adasvd_lightning.core import pipeline
+
+    widths = []
+    real = pipeline.compute_whitening
+    monkeypatch.setattr(pipeline, "compute_whitening", lambda gram, **kw: (widths.append(gram.shape[0]), real(gram, **kw))[1])
+    fast, fast_logits = _compressed("svd-llm", token_batches)
+    assert widths == []  # o_proj (64 × 64) and down_proj (64 × 128) both take the route
+    ref, ref_logits = _compressed("svd-llm", token_batches, svd_driver="svd")
+    assert sorted(set(widths)) == [64, 128]
+    validated = [(a, b) for a, b in zip(fast.modules, ref.modules) if b.heldout_error_start is not None]
+    assert len(validated) == 4  # o_proj and down_proj of both blocks
+    for a, b in validated:
+        assert a.heldout_error_start == pytest.approx(b.heldout_error_start, rel=1e-6)
+        assert a.heldout_error == pytest.approx(b.heldout_error, rel=1e-6)
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)
