@@ -187,9 +187,10 @@ def _takes_output_gram(spec: MethodSpec, config: CompressionConfig, weight_shape
     """Whether a target is fitted from G = W·H·Wᵀ (`factorize_output_gram`) instead of a whitening.
 
     That route is the truncation-aware fit itself for a wide or square W (m ≤ n) and needs neither a
-    Cholesky factor nor damping; it is taken where nothing after the truncation reads whitened
-    coordinates or H's blocks (``refined``: a refinement runs on this target; preserved columns) and
-    the driver allows Gram routes (``svd_driver="svd"`` keeps LAPACK's SVD of W·L as the reference).
+    Cholesky factor nor damping. It is taken where nothing after the truncation reads whitened
+    coordinates or blocks of H: no refinement on this target (``refined``) and no preserved columns
+    (low-rank form). The driver must allow Gram routes (``svd_driver="svd"`` keeps LAPACK's SVD of W·L
+    as the reference).
     """
     m, n = weight_shape
     return (spec.whitening == "truncation-aware" and spec.form == "low-rank" and not refined and m <= n
