@@ -129,24 +129,24 @@ def predict_seconds(costs: dict, rates: dict, eigh_c: float) -> dict:
 def peak_bytes(shape: Shape, tokens: int, weight_bytes: int = 4) -> dict:
     """Peak host bytes of an in-place `svd-llm` run, at down_proj's validation (the widest input's stage).
 
-    Components as the Llama-7B-width allocation trace found them (BENCHMARKS.md, "Memory"): that stage's
-    H_cc and H_oc, the held-out pair the validated refinement reads, the fit split's Cholesky factor, and
-    float64 work (a copy of W, three m×n products and four n×r arrays of the validation) — 8.5 GB
-    predicted and 8.5 GB measured at hidden 4096 × 2 blocks. The earlier stages' statistics are freed
-    by then; the budget still counts one whole block's."""
+    Components as the Llama-7B-width runs found them (BENCHMARKS.md, "Memory" and "Factorization without
+    a whitening factor"): that stage's H_cc and H_oc, the held-out pair the validated refinement reads,
+    and float64 work of the largest matrix (its copy, two m×n products, two n×r arrays). The fit
+    split's start needs no Cholesky factor for a wide down_proj. At hidden 4096 × 2 blocks this predicts
+    6.6 GB over the imports, 5 % under the 6.95 GB measured (`compression_speed_7b_width_svdllm.json`). The
+    earlier stages' statistics are freed by then; the budget still counts one whole block's."""
     model = shape.params * weight_bytes
     statistics = sum(2 * n * n * 8 for n in shape.inputs())  # H_cc and H_oc per distinct input: the budget's
     widest = max(shape.inputs())
     stage = 2 * widest * widest * 8  # H_cc and H_oc of the widest input, alive at the peak
     heldout = 2 * widest * widest * 8  # their held-out pair
-    factor = widest * widest * 8  # the fit split's Cholesky factor
     m, n = max(shape.matrices(), key=lambda s: s[0] * s[1])
     r = 0.6 * m * n / (m + n)
-    work = (4 * m * n + 4 * n * r) * 8
+    work = (3 * m * n + 2 * n * r) * 8
     activations = 2 * tokens * shape.hidden * 4
-    return {"model": model, "statistics": statistics, "stage": stage, "heldout": heldout, "factor": factor,
+    return {"model": model, "statistics": statistics, "stage": stage, "heldout": heldout,
             "work": work, "activations": activations,
-            "total": model + stage + heldout + factor + work + activations}
+            "total": model + stage + heldout + work + activations}
 
 
 def main() -> None:
@@ -194,9 +194,9 @@ def main() -> None:
             lines.append(f"| {shape.name} | {shape.params / 1e9:.1f} B | {name} | {cells} | "
                          f"{mem32['total'] / 2**30:.0f} / {mem16['total'] / 2**30:.0f} GiB |")
     lines += ["", f"Calibration {args.tokens:,} tokens (sequences of {args.seq_len}). Memory (at down_proj's "
-              "validation) = weights + that stage's paired float64 statistics + their held-out pair + the fit "
-              "split's Cholesky factor + float64 work of the largest matrix + two streams of float32 "
-              "activations (components from the Llama-7B-width trace, where it predicts the measured 8.5 GB); "
+              "validation) = weights + that stage's paired float64 statistics + their held-out pair + float64 "
+              "work of the largest matrix + two streams of float32 activations (components from the "
+              "Llama-7B-width runs; at hidden 4096 × 2 blocks it predicts 6.6 GB, 5 % under the measured 6.95 GB); "
               "on one GPU with "
               "`execution_device=\"cuda\"` the host keeps weights and activations and the device holds one "
               "block, its statistics and the factor. Budget check (the issue's target, weights + one block's "
