@@ -133,16 +133,6 @@ def _import_model_code(config) -> None:
         transformers.AutoModelForCausalLM.from_config(config)
 
 
-def _trim_heap() -> None:
-    """glibc's malloc_trim(0): return freed heap pages to the OS (a no-op elsewhere)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _peak_over_imports(row: dict) -> float:
     """Peak RSS over the imports (model code included) and the tokenizer / calibration text: the run's
     host memory against the issue's budget 1.2 × model + one block's statistics."""
@@ -215,13 +205,14 @@ def one(spec: dict) -> dict:
     import transformers  # noqa: F401  (imported before the baseline below, as loading would)
 
     from adasvd_lightning import compress_model, load_compressed, load_tokenizer
+    from adasvd_lightning.core.runtime import release_free_heap
     from adasvd_lightning.core.surgery import find_targets, linear_shape
     from adasvd_lightning.display import quiet_libraries
     from adasvd_lightning.training.reference import resolve_model
     from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
     # The interpreter and libraries (their code pages count in RSS), not the model's memory. The model
-    # class's own modules are imported lazily by transformers when the model is built (~100 MB of code
+    # class's own modules are imported lazily by transformers when the model is built (~20 MB of code
     # for Llama), so a skeleton is built on the meta device first: its RSS is code, never weights.
     rss_bare_imports = _rss()
     path = None
@@ -264,7 +255,7 @@ def one(spec: dict) -> dict:
     # The timing forwards above leave freed logits in glibc's heap; hand them back so the run starts
     # from what it really holds (the sampler's start and peak both move down by that amount).
     gc.collect()
-    _trim_heap()
+    release_free_heap()
     with warnings.catch_warnings(), _PeakSampler() as sampler:
         warnings.simplefilter("ignore")
         cpu0 = time.process_time()

@@ -176,7 +176,7 @@ def test_output_gram_route_is_exact_where_whitening_needs_damping():
 def test_widest_freed_input_is_released_before_any_decomposition_of_its_block(token_batches, monkeypatch):
     """svd-llm-w factors down_proj first: its H (the block's widest, n = 128 here) is freed right after
     G = W·H·Wᵀ is formed, before the first eigen-decomposition of the block; the report keeps the block's
-    order, and the model is the one the block's own order gives."""
+    order, and the model matches the reference driver's (every input whitened, the block's own order)."""
     from adasvd_lightning.core import linalg
     from adasvd_lightning.core.statistics import InputStatistics
 
