@@ -31,7 +31,9 @@ class CompressionConfig:
         propagation: which inputs block i+1 is calibrated on. ``"compressed"`` (default, SVD-LLM's
             sequential scheme) feeds it the outputs of the already compressed blocks, so each block is
             fitted to the inputs it will really see; ``"original"`` uses the dense model's activations.
-        damping: relative damping of the Cholesky retry (× mean diagonal of H).
+        damping: relative damping of the Cholesky retry (× mean diagonal of H). Only where a factor is
+            formed: wide or square targets without refinement or preserved columns are fitted from
+            W·H·Wᵀ, which needs no factor and is exact for a singular H (report: `output-gram`).
         compute_dtype: precision of the decompositions (``float64`` is the safe default).
         method_options: overrides of the preset's strategies and knobs, e.g.
             ``{"refinement": "adacomp", "adacomp_iterations": 5}`` (see `MethodSpec`).

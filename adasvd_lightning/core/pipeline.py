@@ -84,23 +84,36 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
 ROW_BLOCK = 512
 
 
+def _stored_exactly(dtype: torch.dtype) -> bool:
+    """Whether factors stored in ``dtype`` are the computed ones (float32/float64), so a target's error
+    can be read off the factorization and H need not be kept to measure the stored module."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def _dropped_relative(factors: LowRankFactors) -> float:
+    """‖(W′ − W)·S‖/‖W·S‖ from the singular values of W·S: the dropped σᵢ² against all of them."""
+    sigma2 = factors.singular_values.to(torch.float64).square()
+    return _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
+
+
 def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhitening, weight: torch.Tensor) -> float:
     """‖(W′ − W)X‖/‖W X‖ from the whitened SVD: with L Lᵀ = H + s·I, ‖E X‖² = ‖E L‖² − s‖E‖², where
     ‖(W′ − W)L‖² is the sum of the dropped σᵢ² of W·L and ‖W L‖² that of all of them (s = 0: exact
     Cholesky). m·n·r flops for ‖E‖² instead of the m·n² of the Gram form, and no H needed."""
+    if not whitening.shift:
+        return _dropped_relative(factors)
     sigma2 = factors.singular_values.to(torch.float64).square()
     dropped, energy = float(sigma2[factors.rank:].sum()), float(sigma2.sum())
-    if whitening.shift:
-        # ‖U V − W‖² a row block at a time: the whole m×n error and its square were two float64 copies
-        # of W (0.36 GB each at 4096 × 11008) at the run's memory peak.
-        up, down = factors.up.to(torch.float64), factors.down.to(torch.float64)
-        squared_error = squared_weight = 0.0
-        for start in range(0, weight.shape[0], ROW_BLOCK):
-            w = weight[start:start + ROW_BLOCK].to(torch.float64)
-            squared_error += float((up[start:start + ROW_BLOCK] @ down - w).square().sum())
-            squared_weight += float(w.square().sum())
-        dropped -= whitening.shift * squared_error
-        energy -= whitening.shift * squared_weight
+    # ‖U V − W‖² a row block at a time: the whole m×n error and its square were two float64 copies of W
+    # (0.36 GB each at 4096 × 11008) at the run's memory peak.
+    up, down = factors.up.to(torch.float64), factors.down.to(torch.float64)
+    squared_error = squared_weight = 0.0
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        w = weight[start:start + ROW_BLOCK].to(torch.float64)
+        squared_error += float((up[start:start + ROW_BLOCK] @ down - w).square().sum())
+        squared_weight += float(w.square().sum())
+    dropped -= whitening.shift * squared_error
+    energy -= whitening.shift * squared_weight
     return _relative(dropped, energy)
 
 
@@ -157,7 +170,7 @@ def _gram_replaceable(spec: MethodSpec, stats: InputStatistics | None, weight: t
     validation still to come (it fits on H_cc minus the held-out part) and single-stream refinement
     (where H is also H_oc).
     """
-    if stats is None or spec.form != "low-rank" or weight.dtype not in (torch.float32, torch.float64):
+    if stats is None or spec.form != "low-rank" or not _stored_exactly(weight.dtype):
         return False
     if spec.refinement == "none":
         return True
@@ -375,14 +388,12 @@ def _factorize_target(
             spec, config, (out_features, in_features), refined=spec.refinement != "none"):
         with phase("svd"):
             gram = output_gram(weight, input_stats.gram, config.torch_compute_dtype)
-            if last_use and weight.dtype in (torch.float32, torch.float64):
+            if last_use and _stored_exactly(weight.dtype):
                 input_stats.release_gram()  # H is read: the eigen-decomposition runs without it
             factors = factorize_output_gram(weight, gram, rank)
             del gram
-        sigma2 = factors.singular_values.to(torch.float64).square()
-        known_error = _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
-        return _swap_in(report, weight, bias, factors.up, factors.down, None, "output-gram", known_error,
-                        input_stats, target_energy)
+        return _swap_in(report, weight, bias, factors.up, factors.down, None, "output-gram",
+                        _dropped_relative(factors), input_stats, target_energy)
     # A whole copy of W in the compute dtype only where refinement or preserved columns read it; the
     # plain factorization converts W a block at a time (0.36 GB less at 4096 × 11008 in float64).
     needs_copy = input_stats is not None and (spec.refinement != "none" or spec.form == "column-preserving")
@@ -494,7 +505,7 @@ def _swap_in(report: ModuleReport, weight: torch.Tensor, bias: torch.Tensor | No
     report.whitening = kind
     if input_stats is not None:
         with phase("report"):
-            if known_error is not None and weight.dtype in (torch.float32, torch.float64):
+            if known_error is not None and _stored_exactly(weight.dtype):
                 report.relative_error = known_error
             else:  # e.g. bf16 factors: their rounding is part of the error, so measure the stored module
                 report.relative_error = _output_error(weight, new.dense_weight().detach(), input_stats.grams(),
@@ -637,7 +648,7 @@ def _freed_widest_first(names: list[str], targets: dict[str, nn.Module], stats: 
         return all(_takes_output_gram(spec, config, linear_shape(targets[name]),
                                       refined=spec.refinement != "none"
                                       and (compensated is None or name in compensated))
-                   and next(targets[name].parameters()).dtype in (torch.float32, torch.float64) for name in group)
+                   and _stored_exactly(next(targets[name].parameters()).dtype) for name in group)
 
     first = sorted((g for g in groups.values() if freed(g)), key=lambda g: -linear_shape(targets[g[0]])[1])
     early = {name for g in first for name in g}
