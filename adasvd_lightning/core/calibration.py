@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "StopForward", "normalise_batch", "model_forward", "capture_block_inputs", "run_block"]
+__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "StopForward", "normalise_batch", "model_forward", "capture_block_inputs", "run_block",
+           "first_sequences"]
 
 
 @dataclass
@@ -123,6 +124,39 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
     finally:
         handle.remove()
     return captured
+
+
+def first_sequences(inp: BlockInput, hidden: torch.Tensor | None = None,
+                    count: int = 1) -> tuple[BlockInput, torch.Tensor] | None:
+    """The first ``count`` sequences of a batch's block input (and of ``hidden``, another stream's
+    hidden states for the same batch), or None where there is nothing to cut.
+
+    For runs that learn the block's *structure* — which targets share an input, which ones add into
+    the residual stream — whose answer does not depend on how many sequences run: on one sequence of
+    a batch of 8 they cost an eighth. Cut generically: every tensor argument whose leading dimension is
+    the batch size and that has at least two dimensions (hidden states, B×T masks, B×1×T×T attention
+    masks, per-sequence rotary tables); 1-D tensors (cache positions) and broadcast ones (leading 1)
+    stay whole. A model whose block reads the batch some other way fails on the cut input, so callers
+    fall back to the whole batch on any error (the cut changes no value, only which rows run).
+    """
+    batch = inp.hidden.shape[0] if inp.hidden.ndim >= 2 else 0
+    if batch <= count:
+        return None
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value[:count] if value.ndim >= 2 and value.shape[0] == batch else value
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*(cut(v) for v in value))
+        if isinstance(value, (list, tuple)):
+            return type(value)(cut(v) for v in value)
+        return value  # other objects (caches, configs) pass as they are
+
+    sliced = BlockInput(hidden=inp.hidden[:count], args=cut(inp.args), kwargs=cut(inp.kwargs),
+                        mask=inp.mask[:count] if inp.mask is not None and inp.mask.ndim >= 1 else inp.mask)
+    return sliced, (hidden if hidden is not None else inp.hidden)[:count]
 
 
 def run_block(block: nn.Module, inp: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
