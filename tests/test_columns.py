@@ -7,6 +7,7 @@ from adasvd_lightning import CompressionConfig, get_method
 from adasvd_lightning.core.columns import column_preserving_factorize, preserved_columns_for, whitened_error
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear
+from adasvd_lightning.core.heldout_rows import HeldoutRows
 from adasvd_lightning.core.pipeline import _split_pays_after_compensation
 from adasvd_lightning.core.statistics import InputStatistics
 from adasvd_lightning.core.whitening import compute_whitening
@@ -152,9 +153,9 @@ def test_refusing_a_split_must_not_raise_the_plain_heldout_error():
     energy = float((xo @ w.T).square().sum() / xo.shape[0])
     sink = torch.randn(20, 64, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     sink[:, 6:12] *= 50.0
-    rows = (sink.float(), (sink @ w.T).float())
+    rows = HeldoutRows(sink.float(), (sink @ w.T).float())
     assert not _split_pays_after_compensation(spec, config, w, stats, split, base, energy)
     assert _split_pays_after_compensation(spec, config, w, stats, split, base, energy, rows)
     # Ordinary held-out tokens from the writer's own distribution do not overturn the refusal.
-    ordinary = xc[:200].float(), (xo[:200] @ w.T).float()
+    ordinary = HeldoutRows(xc[:200].float(), (xo[:200] @ w.T).float())
     assert not _split_pays_after_compensation(spec, config, w, stats, split, base, energy, ordinary)

@@ -193,3 +193,37 @@ def test_targets_that_are_not_writers_keep_the_whitened_fit_to_their_own_input(t
         assert reports["svd-llm"][name].compensated is False and reports["svd-llm"][name].refinement_steps == 0
         assert reports["svd-llm"][name].relative_error == pytest.approx(reports["svd-llm-w"][name].relative_error, rel=1e-5)
     assert reports["svd-llm"]["model.layers.0.self_attn.o_proj"].compensated is True
+
+
+def test_a_writers_heldout_tokens_are_rows_in_the_whole_sums_not_gram_sums():
+    """With held-out sequences a writer keeps no held-out Gram sums (two n×n float64 matrices): its
+    held-out tokens enter the whole weighted sums, and their compressed inputs, dense outputs and
+    √weights are kept as rows (`core.heldout_rows`), exactly the explicit token matrices."""
+    torch.manual_seed(0)
+    dense = _PreNorm()
+    x_o = torch.randn(4, 6, 8)
+    x_o[:, 0] *= 50
+    x_c = x_o + 0.05 * torch.randn_like(x_o)
+    held_rows = torch.tensor([False, True, False, True])
+    stats = BlockStatistics({"b": dense.b}, holdout=True, residual_sources={"b": None})
+    with stats, torch.no_grad():
+        with stats.masked(None, held_rows, x_o):
+            stats.mode = "original"
+            dense(x_o)
+            stats.mode = "compressed"
+            dense.b(torch.relu(dense.a(dense.norm(x_c))))
+    stats.finalize()
+    with torch.no_grad():
+        h_o, h_c = torch.relu(dense.a(dense.norm(x_o))), torch.relu(dense.a(dense.norm(x_c)))
+        y_o = dense.b(h_o)
+        w = residual_weights(x_o + y_o).double()
+    got = stats.for_module("b")
+    assert got.heldout is None and got.tokens == 24
+    xo, xc, wf = h_o.reshape(-1, 16).double(), h_c.reshape(-1, 16).double(), w.reshape(-1, 1)
+    assert torch.allclose(got.gram, (xc * wf).T @ xc / 24, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(got.grams().h_oc, (xo * wf).T @ xc / 24, rtol=1e-6, atol=1e-9)
+    rows = stats.writer_heldout("b")
+    assert rows.tokens == 12
+    torch.testing.assert_close(rows.inputs, h_c[held_rows].reshape(-1, 16))
+    torch.testing.assert_close(rows.outputs, (y_o - dense.b.bias)[held_rows].reshape(-1, 8))
+    torch.testing.assert_close(rows.root_weights.double().square(), w[held_rows].reshape(-1), rtol=1e-5, atol=0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,6 +40,7 @@ from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .params import count_parameters
+from .heldout_rows import HeldoutRows, complement_rows
 from .plain_guard import PlainHeldoutError
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
@@ -120,7 +121,7 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
 def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor,
                                    stats: InputStatistics, split: ColumnSplit, factors: LowRankFactors,
                                    target_energy: float | None,
-                                   plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> bool:
+                                   plain_rows: HeldoutRows | None = None) -> bool:
     """Whether a compensated writer keeps its column split.
 
     Duo-SVD chooses the split by the whitened error on the target's own input, ‖(W − W′)X_c‖². A
@@ -155,44 +156,47 @@ def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, 
         return True
     if plain_rows is None:
         return False
-    plain_form = PlainHeldoutError(weight, *plain_rows)(plain_up, plain_down)
-    split_form = PlainHeldoutError(weight, *plain_rows, kept=split.kept)(split_up, split_down)
+    plain_form = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs)(plain_up, plain_down)
+    split_form = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs, kept=split.kept)(split_up, split_down)
     return plain_form > split_form
 
 
 def _gram_replaceable(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor,
-                      damped_factor_ok: bool) -> bool:
+                      damped_factor_ok: bool, validation_pending: bool = False) -> bool:
     """Whether a Cholesky factor of H_cc can stand in for H_cc in everything after the whitening.
 
     It gives the report's error and every refinement product, except V-steps with a damped factor
     (``damped_factor_ok`` says whether the factor is known to be undamped, or V-steps do not run),
     preserved columns (their own Gram blocks), bf16/fp16 factors (whose error is measured with H),
-    validation still to come (it fits on H_cc minus the held-out part) and single-stream refinement
-    (where H is also H_oc).
+    validation still to come (it fits on H_cc minus the held-out part: held-out sums, or held-out rows
+    with ``validation_pending``) and single-stream refinement (where H is also H_oc).
     """
     if stats is None or spec.form != "low-rank" or not _stored_exactly(weight.dtype):
         return False
     if spec.refinement == "none":
         return True
-    if stats.heldout is not None and stats.heldout.tokens:
+    if validation_pending or (stats.heldout is not None and stats.heldout.tokens):
         return False
     return stats.cross_sum is not None and (spec.refinement != "adacomp" or damped_factor_ok)
 
 
 def _factor_replaces_gram(
-    spec: MethodSpec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor
+    spec: MethodSpec, whitening: Whitening, stats: InputStatistics | None, weight: torch.Tensor,
+    validation_pending: bool = False,
 ) -> bool:
     """Whether nothing after this whitening reads H_cc, so it can be freed (`_gram_replaceable`)."""
     return isinstance(whitening, CholeskyWhitening) and _gram_replaceable(spec, stats, weight,
-                                                                          whitening.shift == 0.0)
+                                                                          whitening.shift == 0.0, validation_pending)
 
 
-def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor) -> bool:
+def _may_overwrite_gram(spec: MethodSpec, stats: InputStatistics | None, weight: torch.Tensor,
+                        validation_pending: bool = False) -> bool:
     """Whether the whitening may write its Cholesky factor into H's storage (`core.inplace_cholesky`):
     `_gram_replaceable` before knowing whether the factor will need damping. The eigen fallback leaves
     H as it was, and then `_factor_replaces_gram` keeps it too."""
     return (stats is not None and stats.gram_sum is not None and spec.whitening == "truncation-aware"
-            and _gram_replaceable(spec, stats, weight, damped_factor_ok=False))
+            and _gram_replaceable(spec, stats, weight, damped_factor_ok=False,
+                                  validation_pending=validation_pending))
 
 
 def _takes_output_gram(spec: MethodSpec, config: CompressionConfig, weight_shape: tuple[int, int],
@@ -215,35 +219,63 @@ def _relative(squared_error: float, energy: float) -> float:
 
 
 @contextmanager
+def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float, weight: torch.Tensor,
+               damping: float, rows: HeldoutRows | None, score_rows: Callable | None):
+    """(fit split's Grams, removed cross rows, held-out score) for the ``with`` body, or None.
+
+    A residual writer's held-out tokens are rows (`core.heldout_rows`): the fit split is made from them
+    and they are scored directly. Other held-out tokens have their own Gram sums (`core.statistics`),
+    whose complement is the fit split and whose objective is the score.
+    """
+    held = stats.heldout
+    if held is None and rows is not None and rows.root_weights is not None and score_rows is not None:
+        if not 0 < rows.tokens < stats.tokens:
+            yield None
+            return
+        grams = stats.grams()
+        with complement_rows(grams.h_cc, grams.h_oc, stats.tokens, rows) as removed:
+            yield grams, removed, score_rows, rows.tokens
+        return
+    if held is None or not 0 < held.tokens < stats.tokens:
+        yield None
+        return
+    with complement(stats.grams(), stats.tokens, held.grams(), held.tokens) as grams:
+        check = RefinementTarget(weight, held.grams(), kept=kept, damping=damping, target_energy=heldout_energy)
+        yield grams, None, lambda up, down: objective(check, up, down), held.tokens
+
+
+@contextmanager
 def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
-    shared: dict[int, Whitening] | None = None,
-) -> Iterator[tuple[RefinementTarget, RefinementTarget, torch.Tensor, torch.Tensor] | None]:
-    """(fit target, held-out target, start U, start V) for validating a refinement, for the ``with``
-    body; None: nothing held out.
+    shared: dict[int, Whitening] | None = None, rows: HeldoutRows | None = None, score_rows: Callable | None = None,
+) -> Iterator[tuple[RefinementTarget, Callable, float, torch.Tensor, torch.Tensor] | None]:
+    """(fit target, held-out score f(U, V), held-out energy, start U, start V) for validating a
+    refinement, for the ``with`` body; None: nothing held out.
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
     held-out text and would be favoured over every step (with another whitening than the truncation-
     aware one, the given start is scored as it is). H_fit is ``stats``' own Grams turned into the fit
-    split in place for the body (`complement`), so the whole statistics must not be read inside it.
+    split in place for the body (`_fit_split`), so the whole statistics must not be read inside it.
+    ``rows`` / ``score_rows``: a writer's held-out rows and their weighted score (`core.heldout_rows`).
     ``shared`` caches the fit split's whitening per input (q/k/v, gate/up read the same one) when no
     column is preserved.
     """
-    held = stats.heldout
-    if (held is None or not 0 < held.tokens < stats.tokens or energy is None or not heldout_energy
-            or stats.gram_sum is None):
+    if energy is None or not heldout_energy or stats.gram_sum is None:
         yield None
         return
-    n, n_held = stats.tokens, held.tokens
-    fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
-    key = id(stats) if shared is not None and not kept.numel() else None
-    whitening = shared.get(key) if key is not None else None
-    with complement(stats.grams(), n, held.grams(), n_held) as grams:
-        fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy)
-        check = RefinementTarget(weight, held.grams(), kept=kept, damping=config.damping,
-                                 target_energy=heldout_energy)
+    with _fit_split(stats, kept, heldout_energy, weight, config.damping, rows, score_rows) as split:
+        if split is None:
+            yield None
+            return
+        grams, removed, score, n_held = split
+        n = stats.tokens
+        fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
+        key = id(stats) if shared is not None and not kept.numel() else None
+        whitening = shared.get(key) if key is not None else None
+        fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy,
+                               cross_removed=removed)
         # No column preserved: the rest is all of W, and indexing it would copy it.
         rest = weight if fit.rest.numel() == weight.shape[1] else weight[:, fit.rest]
         if whitening is None and _takes_output_gram(spec, config, tuple(rest.shape), refined=False):
@@ -261,23 +293,29 @@ def _holdout_targets(
             up, down = start.up, start.down
         if key is not None and whitening is not None:
             shared[key] = whitening
-        yield fit, check, up.to(torch.float64), down.to(torch.float64)
+        yield fit, score, heldout_energy, up.to(torch.float64), down.to(torch.float64)
 
 
 def _validate_refinement(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None,
     down: torch.Tensor | None, shared: dict[int, Whitening] | None, report: ModuleReport,
-    plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    plain_rows: HeldoutRows | None = None,
 ) -> tuple[int | None, bool]:
     """(validated half-step count, whether the optimal factors validate) on the held-out sequences.
 
-    ``plain_rows``: a residual writer's held-out (inputs, outputs) unweighted; a step must then also
-    not raise its plain output error (`core.plain_guard`).
+    ``plain_rows``: a residual writer's held-out rows; a step must then also not raise its plain output
+    error (`core.plain_guard`), and with the tokens' weights they are the held-out data itself (the
+    weighted score and the fit split, `core.heldout_rows`).
     """
-    guard = PlainHeldoutError(weight, *plain_rows, kept=kept) if plain_rows is not None else None
+    guard = None
+    if plain_rows is not None:
+        guard = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs, kept=kept,
+                                  root_weights=plain_rows.root_weights)
+    score_rows = guard.weighted if guard is not None and plain_rows.root_weights is not None else None
     with phase("refinement", absorb=True), _holdout_targets(spec, config, weight.to(torch.float64), stats, kept, energy,
-                                                            heldout_energy, rank, up, down, shared) as holdout:
+                                                            heldout_energy, rank, up, down, shared, plain_rows,
+                                                            score_rows) as holdout:
         if spec.refinement == "optimal":
             return None, _optimal_validates(holdout, rank, config.svd_driver, report, guard)
         return _validated_half_steps(spec, holdout, report, guard), True
@@ -292,12 +330,12 @@ def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: Modul
     """
     if holdout is None:
         return None
-    fit, check, up, down = holdout
-    best, scores = validated_steps(fit, check, up, down, iterations=spec.adacomp_iterations,
+    fit, score, energy, up, down = holdout
+    best, scores = validated_steps(fit, score, up, down, iterations=spec.adacomp_iterations,
                                    tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp",
                                    guard=guard)
-    report.heldout_error_start = _relative(scores[0], check.target_energy)
-    report.heldout_error = _relative(scores[best], check.target_energy)
+    report.heldout_error_start = _relative(scores[0], energy)
+    report.heldout_error = _relative(scores[best], energy)
     if guard is not None:
         report.heldout_plain_error_start, report.heldout_plain_error = guard.relative(0), guard.relative(best)
     return best
@@ -309,17 +347,18 @@ def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: Mo
     (and, with a guard, do not raise the plain held-out error)."""
     if holdout is None:
         return True
-    fit, check, up, down = holdout
-    start = objective(check, up, down)
+    fit, score, energy, up, down = holdout
+    start = score(up, down)
+    plain_start = guard(up, down) if guard is not None else None  # each right after its score: one pass
     opt_up, opt_down, _ = optimal_factors(fit, rank, driver=driver)
-    optimal = objective(check, opt_up, opt_down)
+    optimal = score(opt_up, opt_down)
     takes = optimal < start
     if guard is not None:
-        plain_start, plain_optimal = guard(up, down), guard(opt_up, opt_down)
+        plain_optimal = guard(opt_up, opt_down)
         takes = takes and plain_optimal <= plain_start
         report.heldout_plain_error_start, report.heldout_plain_error = guard.relative(0), guard.relative(int(takes))
-    report.heldout_error_start = _relative(start, check.target_energy)
-    report.heldout_error = _relative(optimal if takes else start, check.target_energy)
+    report.heldout_error_start = _relative(start, energy)
+    report.heldout_error = _relative(optimal if takes else start, energy)
     return takes
 
 
@@ -340,7 +379,7 @@ def _factorize_target(
     heldout_energy: float | None = None,
     holdout_cache: dict | None = None,
     compensate: bool = True,
-    plain_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    plain_rows: HeldoutRows | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
@@ -412,15 +451,19 @@ def _factorize_target(
             if holdout_cache is not None:
                 holdout_cache.pop(key, None)
             input_stats.release_heldout()
+    # A writer's held-out rows still to validate on need H_cc for the fit split (`core.heldout_rows`).
+    pending = (spec.validates_refinement and spec.refinement != "none" and validated is None
+               and plain_rows is not None)
     with phase("whitening"):
         if whitenings is not None and key in whitenings:
             whitening = whitenings[key]
         else:
             whitening = spec.make_whitening(input_stats, damping=config.damping,
-                                            overwrite=last_use and _may_overwrite_gram(spec, input_stats, weight))
+                                            overwrite=last_use and _may_overwrite_gram(spec, input_stats, weight,
+                                                                                       pending))
             if whitenings is not None:
                 whitenings[key] = whitening
-    if last_use and _factor_replaces_gram(spec, whitening, input_stats, weight):
+    if last_use and _factor_replaces_gram(spec, whitening, input_stats, weight, pending):
         input_stats.release_gram()
     # The optimal refinement replaces the whitened SVD's factors outright: no need to compute them.
     skip_svd = spec.refinement == "optimal" and spec.form == "low-rank" and input_stats is not None

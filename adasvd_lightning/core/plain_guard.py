@@ -47,6 +47,8 @@ class PlainHeldoutError:
     ``inputs``: the writer's held-out compressed inputs X_c (N × n); ``outputs``: the dense outputs
     W X_o without bias (N × m), row for row. ``weight`` is W (m × n); ``kept`` the preserved input
     columns (their dense part W_keep X_c[kept] is added to the low-rank part U V X_c[rest]).
+    ``root_weights`` (N, √ of each token's residual weight): `weighted` also gives the weighted error
+    Σ w_t‖·‖²/N — the validation's own score (`core.heldout_rows`) — from the same pass over the rows.
     """
 
     weight: torch.Tensor
@@ -54,6 +56,7 @@ class PlainHeldoutError:
     outputs: torch.Tensor
     kept: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     values: list[float] = field(default_factory=list)
+    root_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         m, n = self.weight.shape
@@ -61,6 +64,9 @@ class PlainHeldoutError:
             raise ValueError(f"held-out inputs must be N×{n}, got {tuple(self.inputs.shape)}")
         if tuple(self.outputs.shape) != (self.inputs.shape[0], m):
             raise ValueError(f"held-out outputs must be {self.inputs.shape[0]}×{m}, got {tuple(self.outputs.shape)}")
+        if self.root_weights is not None and tuple(self.root_weights.shape) != (self.inputs.shape[0],):
+            raise ValueError(f"held-out weights must be ({self.inputs.shape[0]},), got {tuple(self.root_weights.shape)}")
+        self._last: tuple | None = None
         mask = torch.ones(n, dtype=torch.bool)
         mask[self.kept.to(torch.long)] = False
         self.rest = mask.nonzero().squeeze(1)
@@ -75,21 +81,46 @@ class PlainHeldoutError:
         """Mean ‖W x_o‖² per held-out token (the plain error's denominator)."""
         return float(self.outputs.to(torch.float64).square().sum()) / max(1, self.tokens)
 
-    def __call__(self, up: torch.Tensor, down: torch.Tensor) -> float:
-        """Σ_t ‖U V x_t[rest] + W_keep x_t[kept] − y_t‖² / N, recorded in ``values``."""
-        up, down = up.to(torch.float64), down.to(torch.float64)
+    def _errors(self, up: torch.Tensor, down: torch.Tensor) -> tuple[float, float | None]:
+        """(plain, weighted) mean squared error per token; the weighted one None without weights.
+
+        The last candidate's pair is remembered: validation asks for the weighted score and then the
+        plain one of the very same factors.
+        """
+        key = (up, down, up._version, down._version)  # the same tensors, not changed in place since
+        last = self._last
+        if last is not None and last[0] is up and last[1] is down and last[2:4] == key[2:]:
+            return last[4]
+        u, v = up.to(torch.float64), down.to(torch.float64)
         kept = self.kept.to(torch.long)
-        total = 0.0
+        plain, weighted = 0.0, 0.0
         for start in range(0, self.tokens, CHUNK_ROWS):
             x = self.inputs[start:start + CHUNK_ROWS].to(torch.float64)
             y = self.outputs[start:start + CHUNK_ROWS].to(torch.float64)
-            pred = (x[:, self.rest] @ down.T) @ up.T
+            pred = (x[:, self.rest] @ v.T) @ u.T
             if kept.numel():
                 pred = pred + x[:, kept] @ self.w_keep.T
-            total += float((pred - y).square().sum())
-        value = total / max(1, self.tokens)
+            per_token = (pred - y).square().sum(dim=1)
+            plain += float(per_token.sum())
+            if self.root_weights is not None:
+                root = self.root_weights[start:start + CHUNK_ROWS].to(torch.float64)
+                weighted += float((per_token * root.square()).sum())
+        tokens = max(1, self.tokens)
+        errors = (plain / tokens, weighted / tokens if self.root_weights is not None else None)
+        self._last = (*key, errors)
+        return errors
+
+    def __call__(self, up: torch.Tensor, down: torch.Tensor) -> float:
+        """Σ_t ‖U V x_t[rest] + W_keep x_t[kept] − y_t‖² / N, recorded in ``values``."""
+        value = self._errors(up, down)[0]
         self.values.append(value)
         return value
+
+    def weighted(self, up: torch.Tensor, down: torch.Tensor) -> float:
+        """Σ_t w_t ‖U V x_t[rest] + W_keep x_t[kept] − y_t‖² / N (not recorded); needs ``root_weights``."""
+        if self.root_weights is None:
+            raise ValueError("the weighted held-out error needs the tokens' weights")
+        return self._errors(up, down)[1]
 
     def relative(self, index: int) -> float:
         """The recorded value ``index`` as a relative error ‖·‖ / ‖W X_o‖."""

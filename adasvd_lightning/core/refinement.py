@@ -101,6 +101,8 @@ class RefinementTarget:
     coordinates (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
     and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), V-steps then use the plain
     coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None).
+    ``cross_removed`` = (Ỹ, X̃), rows whose part W·H_oc must lose: every W·H_oc below is
+    W·H_oc − Ỹᵀ·X̃ (a fit split made from held-out rows, `core.heldout_rows.complement_rows`).
     """
 
     weight: torch.Tensor
@@ -110,6 +112,7 @@ class RefinementTarget:
     target_energy: float | None = None
     whitening_factor: torch.Tensor | None = None
     whitening_shift: float = 0.0
+    cross_removed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         w = self.weight.to(torch.float64)
@@ -127,8 +130,8 @@ class RefinementTarget:
             raise ValueError("without H_cc a refinement target needs the whitening factor and no preserved columns")
         if kept.numel():
             self.h_rr = s.h_cc[rest][:, rest]
-            w_hoc_kept = w @ s.h_oc[:, kept]
-            self._g = w @ s.h_oc[:, rest] - self.w_keep @ s.h_cc[kept][:, rest]
+            w_hoc_kept = self._w_h_oc(kept)
+            self._g = self._w_h_oc(rest) - self.w_keep @ s.h_cc[kept][:, rest]
         else:  # nothing preserved: the rest is everything, no n×n copies needed
             self.h_rr = s.h_cc
         if self.target_energy is None:
@@ -148,18 +151,33 @@ class RefinementTarget:
                 raise ValueError(f"whitening factor must be {n}×{n}, got {tuple(self.whitening_factor.shape)}")
             self.whitening_factor = self.whitening_factor.to(torch.float64)
 
+    def _w_h_oc(self, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """W·H_oc (its ``columns``), less the removed rows' part Ỹᵀ·X̃ when there is one."""
+        h_oc = self.stats.h_oc if columns is None else self.stats.h_oc[:, columns]
+        product = self._w @ h_oc
+        if self.cross_removed is not None:
+            y, x = self.cross_removed
+            x = x if columns is None else x[:, columns]
+            product -= y.T @ x.to(product.dtype)
+        return product
+
     @property
     def g(self) -> torch.Tensor:
         """G = Y X_restᵀ (m×n_rest); formed on first use (V-steps, kept columns)."""
         if self._g is None:
-            self._g = self._w @ self.stats.h_oc
+            self._g = self._w_h_oc()
         return self._g
 
     def g_times(self, right: torch.Tensor) -> torch.Tensor:
         """G·R. Without G formed and nothing preserved, W·(H_oc·R): n²·k + m·n·k flops instead of m·n²
-        — the closed-form update (one U-step, R = Vᵀ with k = r < m) never forms G at all."""
+        — the closed-form update (one U-step, R = Vᵀ with k = r < m) never forms G at all (removed
+        rows: minus Ỹᵀ·(X̃·R), N_v·k·(n + m) more)."""
         if self._g is None:
-            return self._w @ (self.stats.h_oc @ right)
+            product = self._w @ (self.stats.h_oc @ right)
+            if self.cross_removed is not None:
+                y, x = self.cross_removed
+                product -= y.T @ (x.to(right.dtype) @ right)
+            return product
         return self._g @ right
 
     @property
@@ -207,7 +225,7 @@ class RefinementTarget:
         G itself is not kept when nothing forced it earlier: every later product uses G̃.
         """
         if self._g_whitened is None:
-            g = self._g if self._g is not None else self._w @ self.stats.h_oc
+            g = self._g if self._g is not None else self._w_h_oc()
             self._g_whitened = torch.linalg.solve_triangular(self.factor.T, g, upper=True, left=False)
         return self._g_whitened
 
@@ -403,7 +421,7 @@ def adacomp(
 
 def validated_steps(
     fit: RefinementTarget,
-    heldout: RefinementTarget,
+    heldout: RefinementTarget | Callable[[torch.Tensor, torch.Tensor], float],
     up: torch.Tensor,
     down: torch.Tensor,
     *,
@@ -415,7 +433,8 @@ def validated_steps(
     """How many half-steps of the alternation to run: the count that scores best on held-out tokens.
 
     Runs `adacomp` on ``fit`` (the statistics without the held-out sequences) from the start (U, V)
-    and evaluates the held-out objective at the start and after every accepted half-step, stopping at
+    and evaluates the held-out objective (``heldout``: its Grams, or a function of (U, V) such as the
+    weighted error on held-out rows, `core.heldout_rows`) at the start and after every accepted half-step, stopping at
     the first rise (early stopping: past it the steps fit what the held-out text does not share).
     ``guard(U, V)``, when given, is a second held-out error (a residual writer's plain output error,
     `core.plain_guard`): only counts whose guard value is not above the start's are candidates, so a
@@ -427,7 +446,7 @@ def validated_steps(
 
     def observe(u: torch.Tensor, v: Callable[[], torch.Tensor]) -> bool:
         down = v()
-        scores.append(objective(heldout, u, down))
+        scores.append(heldout(u, down) if callable(heldout) else objective(heldout, u, down))
         if guard is not None:
             guarded.append(guard(u, down))
         return len(scores) < 2 or scores[-1] <= scores[-2]

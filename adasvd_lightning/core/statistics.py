@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .heldout_rows import HeldoutRows
 from .profiling import phase
 from .residual import residual_weights
 from .surgery import linear_bias, linear_shape
@@ -53,20 +54,20 @@ __all__ = ["InputStatistics", "BlockStatistics", "accumulate_gram", "accumulate_
 GRAM_BLOCK = 256
 
 
-def _add_product(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """h += a @ b; a product in a lower precision than h is formed in its own dtype, then added.
+def _add_product(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """h += alpha·a @ b; a product in a lower precision than h is formed in its own dtype, then added.
 
     The float32 product of a (b × n) row block is a small scratch (≤ GRAM_BLOCK rows); adding it into
     the float64 sum keeps the accumulation over chunks and batches in float64.
     """
     if a.dtype == h.dtype:
-        h.addmm_(a, b)
+        h.addmm_(a, b, alpha=alpha)
     else:
-        h.add_(a @ b)
+        h.add_(a @ b, alpha=alpha)
 
 
-def accumulate_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> None:
-    """h += xᵀx on the block lower triangle only (diagonal blocks whole); `mirror_lower` completes it.
+def accumulate_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK, alpha: float = 1.0) -> None:
+    """h += alpha·xᵀx on the block lower triangle only (diagonal blocks whole); `mirror_lower` completes it.
 
     H is symmetric, so half of a full GEMM's work is redundant. BLAS's symmetric rank-k update is not
     exposed by torch; row blocks of width b against the columns up to their diagonal do (k + 1)/(2k)
@@ -79,11 +80,11 @@ def accumulate_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -
     """
     n = x.shape[1]
     if n <= block:
-        _add_product(h, x.T, x)
+        _add_product(h, x.T, x, alpha)
         return
     for start in range(0, n, block):
         stop = min(start + block, n)
-        _add_product(h[start:stop, :stop], x[:, start:stop].T, x[:, :stop])
+        _add_product(h[start:stop, :stop], x[:, start:stop].T, x[:, :stop], alpha)
 
 
 def accumulate_cross(h: torch.Tensor, xo: torch.Tensor, xc: torch.Tensor, block: int = GRAM_BLOCK) -> None:
@@ -332,6 +333,7 @@ class BlockStatistics:
         # leader and dense outputs per writer, for the plain-error guard (`core.plain_guard`).
         self._plain_inputs: dict[str, list[torch.Tensor]] = {}
         self._plain_outputs: dict[str, list[torch.Tensor]] = {}
+        self._plain_weights: dict[str, list[torch.Tensor]] = {}  # writer -> √weight per held-out token (N×1)
         # "single" | "original" (stash) | "compressed" (pair with the stash) | "idle" (a pass that must
         # not count, e.g. the dense stream advancing through a stage that is not paired)
         self.mode = "single"
@@ -418,13 +420,16 @@ class BlockStatistics:
                         original, tokens = original * w, tokens * w
                     stats.add_pair(original, tokens)
                     if held is not None and name in self._stash_heldout:
-                        if name in self.residual_sources:
-                            self._plain_inputs.setdefault(name, []).append(held.detach().float())
                         original = self._stash_heldout.pop(name)
-                        if name in self._weights_heldout:
-                            w = self._weights_heldout.pop(name).to(held.device, held.dtype)
-                            original, held = original * w, held * w
-                        stats.heldout.add_pair(original, held)
+                        if name in self.residual_sources:
+                            # A writer keeps its held-out tokens as rows (`core.heldout_rows`) and
+                            # sums them into the whole now: no held-out Gram sums (two n×n float64).
+                            root = self._weights_heldout.pop(name).to(held.device, held.dtype)
+                            self._plain_inputs.setdefault(name, []).append(held.detach().float())
+                            self._plain_weights.setdefault(name, []).append(root.reshape(-1, 1).float())
+                            stats.add_pair(original * root, held * root)
+                        else:
+                            stats.heldout.add_pair(original, held)
                 else:
                     stats = self._stats_for(name, x)
                     stats.add(tokens)
@@ -480,8 +485,9 @@ class BlockStatistics:
 
     def _stats_for(self, name: str, x: torch.Tensor) -> InputStatistics:
         if name not in self._stats:
+            # Writers keep their held-out tokens as rows instead of sums (see the "compressed" hook).
             self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
-                                                      heldout=self.holdout)
+                                                      heldout=self.holdout and name not in self.residual_sources)
         return self._stats[name]
 
     def _select_tokens(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -532,7 +538,7 @@ class BlockStatistics:
         for name in sorted(n for n in self.residual_sources if n in self.targets):  # same order everywhere
             out_features, in_features = linear_shape(self.targets[name])
             for rows, key, width in ((self._plain_inputs, self.leader(name), in_features),
-                                     (self._plain_outputs, name, out_features)):
+                                     (self._plain_outputs, name, out_features), (self._plain_weights, name, 1)):
                 device = next(self.targets[name].parameters()).device  # NCCL gathers on the GPU
                 local = torch.cat(rows[key]) if rows.get(key) else torch.zeros(0, width, device=device)
                 rows[key] = [all_gather_rows(local)]
@@ -573,19 +579,24 @@ class BlockStatistics:
             if group == leader:
                 self._plain_outputs.pop(member, None)
         self._plain_outputs.pop(name, None)
+        self._plain_weights.pop(name, None)
 
-    def writer_heldout(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A residual writer's held-out (compressed inputs N×n, dense outputs N×m), unweighted, row for
-        row; None when it is not a writer, nothing was held out, or its input group is led by a
-        module that is not a writer (then its compressed inputs were not kept)."""
+    def writer_heldout(self, name: str) -> HeldoutRows | None:
+        """A residual writer's held-out tokens as rows: compressed inputs (N×n) and dense outputs (N×m),
+        unweighted, and each token's √weight (in the whole sums already, see the "compressed" hook);
+        None when it is not a writer, nothing was held out, or its input group is led by a module
+        that is not a writer (then its compressed inputs were not kept)."""
         inputs, outputs = self._plain_inputs.get(self.leader(name)), self._plain_outputs.get(name)
         if not inputs or not outputs:
             return None
         x, y = torch.cat(inputs), torch.cat(outputs)
         self._plain_inputs[self.leader(name)], self._plain_outputs[name] = [x], [y]  # joined once
-        if x.shape[0] != y.shape[0]:
-            raise RuntimeError(f"{name}: {x.shape[0]} held-out input rows but {y.shape[0]} output rows")
-        return (x, y) if x.shape[0] else None
+        root = None
+        if self._plain_weights.get(name):
+            root = torch.cat(self._plain_weights[name])
+            self._plain_weights[name] = [root]
+            root = root.reshape(-1)
+        return HeldoutRows(x, y, root) if x.shape[0] else None
 
     def target_energy(self, name: str, heldout: bool = False) -> float | None:
         """Mean ‖W x‖² per token of a target's dense output (bias removed), or None if never observed.

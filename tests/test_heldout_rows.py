@@ -1,0 +1,86 @@
+"""A writer's held-out tokens as rows (`core.heldout_rows`) give the validation exactly what the
+held-out Gram sums gave: the same fit split, the same held-out scores, the same chosen step count —
+and the whole data's Grams are back as they were afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adasvd_lightning.core.factorization import factorize
+from adasvd_lightning.core.heldout_rows import HeldoutRows, complement_rows
+from adasvd_lightning.core.plain_guard import PlainHeldoutError
+from adasvd_lightning.core.refinement import (GramStatistics, RefinementTarget, complement, objective,
+                                              validated_steps)
+from adasvd_lightning.core.whitening import compute_whitening
+
+M, N, RANK = 7, 20, 5
+
+
+def _writer(tokens: int = 300, held: int = 80, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """W, weighted whole Grams (means, held-out tokens included), held-out Grams and rows (in ``dtype``:
+    the statistics' product precision; the Grams are exact float64 products of the same numbers)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(M, N, generator=g, dtype=torch.float64)
+    x_c = (torch.randn(tokens, N, generator=g) @ torch.diag(torch.linspace(2.0, 0.1, N))).to(dtype)
+    drift = torch.eye(N) + 0.3 * torch.randn(N, N, generator=g)
+    x_o = (x_c.float() @ drift.T).to(dtype)
+    root = (0.5 + torch.rand(tokens, generator=g)).to(dtype)  # √ of each token's residual weight
+    xo, xc, r = x_o.double(), x_c.double(), root.double()[:, None]
+    whole = GramStatistics(h_cc=(xc * r).T @ (xc * r) / tokens, h_oc=(xo * r).T @ (xc * r) / tokens)
+    part = GramStatistics(h_cc=(xc[-held:] * r[-held:]).T @ (xc[-held:] * r[-held:]) / held,
+                          h_oc=(xo[-held:] * r[-held:]).T @ (xc[-held:] * r[-held:]) / held)
+    outputs = (xo[-held:] @ weight.T).to(dtype)
+    rows = HeldoutRows(x_c[-held:], outputs, root[-held:])
+    energy = float(((xo * r) @ weight.T).square().sum()) / tokens
+    held_energy = float(((xo[-held:] * r[-held:]) @ weight.T).square().sum()) / held
+    return weight, whole, part, rows, energy, held_energy
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+def test_rows_give_the_held_out_sums_fit_split_and_score(dtype, tol):
+    """float64 rows: the same numbers as the held-out sums, to rounding. float32 rows (the statistics'
+    default product precision, `CompressionConfig.statistics_dtype`): products rounded in float32,
+    as the sums' own products are."""
+    weight, whole, part, rows, energy, held_energy = _writer(dtype=dtype)
+    n, n_v = 300, 80
+    fit_energy = (n * energy - n_v * held_energy) / (n - n_v)
+    probe = torch.randn(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with complement(GramStatistics(whole.h_cc.clone(), whole.h_oc.clone()), n, part, n_v) as grams:
+        reference = RefinementTarget(weight, grams, target_energy=fit_energy)
+        ref_h, ref_g, ref_g_times = grams.h_cc.clone(), reference.g.clone(), reference.g_times(probe)
+    check = RefinementTarget(weight, part, target_energy=held_energy)
+
+    h_cc, h_oc = whole.h_cc.clone(), whole.h_oc.clone()
+    with complement_rows(h_cc, h_oc, n, rows) as removed:
+        fit = RefinementTarget(weight, GramStatistics(h_cc, h_oc), target_energy=fit_energy, cross_removed=removed)
+        scale = float(ref_h.abs().max())
+        torch.testing.assert_close(h_cc, ref_h, rtol=0, atol=tol * scale)
+        torch.testing.assert_close(fit.g_times(probe), ref_g_times, rtol=0, atol=tol * float(ref_g_times.abs().max()))
+        torch.testing.assert_close(fit.g, ref_g, rtol=0, atol=tol * float(ref_g.abs().max()))
+        start = factorize(weight, RANK, compute_whitening(h_cc))
+        score = PlainHeldoutError(weight, rows.inputs, rows.outputs, root_weights=rows.root_weights)
+        assert score.weighted(start.up, start.down) == pytest.approx(objective(check, start.up, start.down),
+                                                                     rel=tol / 10)  # outputs rounded to dtype
+        got = validated_steps(fit, score.weighted, start.up, start.down, v_steps=True, guard=score)
+    # The Gram path, from the same start.
+    with complement(GramStatistics(whole.h_cc.clone(), whole.h_oc.clone()), n, part, n_v) as grams:
+        reference = RefinementTarget(weight, grams, target_energy=fit_energy)
+        guard = PlainHeldoutError(weight, rows.inputs, rows.outputs)
+        want = validated_steps(reference, check, start.up, start.down, v_steps=True, guard=guard)
+    assert got[0] == want[0] and len(got[1]) == len(want[1]) >= 3
+    torch.testing.assert_close(torch.tensor(got[1]), torch.tensor(want[1]), rtol=100 * tol, atol=0)
+    assert score.values == pytest.approx(guard.values, rel=100 * tol)  # the plain error, same pass
+    # Back to the whole data's Grams.
+    torch.testing.assert_close(h_cc, whole.h_cc, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(h_oc, whole.h_oc, rtol=1e-12, atol=1e-13)
+
+
+def test_rows_that_leave_nothing_to_fit_are_refused():
+    weight, whole, _, rows, _, _ = _writer(tokens=80, held=80)
+    with pytest.raises(ValueError, match="nothing to fit"), complement_rows(whole.h_cc, whole.h_oc, 80, rows):
+        pass
+    with pytest.raises(ValueError, match="paired"), complement_rows(whole.h_cc, whole.h_cc, 300, rows):
+        pass
+    with pytest.raises(RuntimeError, match="weights"):
+        HeldoutRows(rows.inputs, rows.outputs, rows.root_weights[:3])
