@@ -7,7 +7,7 @@ from adasvd_lightning import CompressionConfig, get_method
 from adasvd_lightning.core.columns import column_preserving_factorize, preserved_columns_for, whitened_error
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear
-from adasvd_lightning.core.heldout_rows import HeldoutRows
+from adasvd_lightning.core.writer_heldout import HeldoutRows
 from adasvd_lightning.core.pipeline import _split_pays_after_compensation
 from adasvd_lightning.core.statistics import InputStatistics
 from adasvd_lightning.core.whitening import compute_whitening

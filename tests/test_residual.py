@@ -198,7 +198,7 @@ def test_targets_that_are_not_writers_keep_the_whitened_fit_to_their_own_input(t
 def test_a_writers_heldout_tokens_are_rows_in_the_whole_sums_not_gram_sums():
     """With held-out sequences a writer keeps no held-out Gram sums (two n×n float64 matrices): its
     held-out tokens enter the whole weighted sums, and their compressed inputs, dense outputs and
-    √weights are kept as rows (`core.heldout_rows`), exactly the explicit token matrices."""
+    √weights are kept as rows (`core.writer_heldout`), exactly the explicit token matrices."""
     torch.manual_seed(0)
     dense = _PreNorm()
     x_o = torch.randn(4, 6, 8)

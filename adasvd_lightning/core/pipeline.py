@@ -40,8 +40,7 @@ from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .params import count_parameters
-from .heldout_rows import HeldoutRows, complement_rows
-from .plain_guard import PlainHeldoutError
+from .writer_heldout import HeldoutScorer, WriterHeldout
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
@@ -121,7 +120,7 @@ def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhite
 def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor,
                                    stats: InputStatistics, split: ColumnSplit, factors: LowRankFactors,
                                    target_energy: float | None,
-                                   plain_rows: HeldoutRows | None = None) -> bool:
+                                   plain_rows: WriterHeldout | None = None) -> bool:
     """Whether a compensated writer keeps its column split.
 
     Duo-SVD chooses the split by the whitened error on the target's own input, ‖(W − W′)X_c‖². A
@@ -156,8 +155,8 @@ def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, 
         return True
     if plain_rows is None:
         return False
-    plain_form = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs)(plain_up, plain_down)
-    split_form = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs, kept=split.kept)(split_up, split_down)
+    plain_form = plain_rows.scorer(weight)(plain_up, plain_down)
+    split_form = plain_rows.scorer(weight, split.kept)(split_up, split_down)
     return plain_form > split_form
 
 
@@ -220,20 +219,21 @@ def _relative(squared_error: float, energy: float) -> float:
 
 @contextmanager
 def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float, weight: torch.Tensor,
-               damping: float, rows: HeldoutRows | None, score_rows: Callable | None):
-    """(fit split's Grams, removed cross rows, held-out score) for the ``with`` body, or None.
+               damping: float, rows: WriterHeldout | None, score_rows: Callable | None):
+    """(fit split's Grams, removed cross part, held-out score, held-out tokens) for the ``with`` body,
+    or None.
 
-    A residual writer's held-out tokens are rows (`core.heldout_rows`): the fit split is made from them
-    and they are scored directly. Other held-out tokens have their own Gram sums (`core.statistics`),
+    A residual writer's held-out tokens are rows or moments (`core.writer_heldout`): the fit split is
+    made from them and they score the candidates. Other held-out tokens have their own Gram sums (`core.statistics`),
     whose complement is the fit split and whose objective is the score.
     """
     held = stats.heldout
-    if held is None and rows is not None and rows.root_weights is not None and score_rows is not None:
+    if held is None and rows is not None and rows.weighted and score_rows is not None:
         if not 0 < rows.tokens < stats.tokens:
             yield None
             return
         grams = stats.grams()
-        with complement_rows(grams.h_cc, grams.h_oc, stats.tokens, rows) as removed:
+        with rows.fit_split(grams.h_cc, grams.h_oc, stats.tokens) as removed:
             yield grams, removed, score_rows, rows.tokens
         return
     if held is None or not 0 < held.tokens < stats.tokens:
@@ -248,7 +248,7 @@ def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float
 def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
-    shared: dict[int, Whitening] | None = None, rows: HeldoutRows | None = None, score_rows: Callable | None = None,
+    shared: dict[int, Whitening] | None = None, rows: WriterHeldout | None = None, score_rows: Callable | None = None,
 ) -> Iterator[tuple[RefinementTarget, Callable, float, torch.Tensor, torch.Tensor] | None]:
     """(fit target, held-out score f(U, V), held-out energy, start U, start V) for validating a
     refinement, for the ``with`` body; None: nothing held out.
@@ -258,7 +258,7 @@ def _holdout_targets(
     held-out text and would be favoured over every step (with another whitening than the truncation-
     aware one, the given start is scored as it is). H_fit is ``stats``' own Grams turned into the fit
     split in place for the body (`_fit_split`), so the whole statistics must not be read inside it.
-    ``rows`` / ``score_rows``: a writer's held-out rows and their weighted score (`core.heldout_rows`).
+    ``rows`` / ``score_rows``: a writer's held-out rows and their weighted score (`core.writer_heldout`).
     ``shared`` caches the fit split's whitening per input (q/k/v, gate/up read the same one) when no
     column is preserved.
     """
@@ -300,19 +300,16 @@ def _validate_refinement(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None,
     down: torch.Tensor | None, shared: dict[int, Whitening] | None, report: ModuleReport,
-    plain_rows: HeldoutRows | None = None,
+    plain_rows: WriterHeldout | None = None,
 ) -> tuple[int | None, bool]:
     """(validated half-step count, whether the optimal factors validate) on the held-out sequences.
 
     ``plain_rows``: a residual writer's held-out rows; a step must then also not raise its plain output
     error (`core.plain_guard`), and with the tokens' weights they are the held-out data itself (the
-    weighted score and the fit split, `core.heldout_rows`).
+    weighted score and the fit split, `core.writer_heldout`).
     """
-    guard = None
-    if plain_rows is not None:
-        guard = PlainHeldoutError(weight, plain_rows.inputs, plain_rows.outputs, kept=kept,
-                                  root_weights=plain_rows.root_weights)
-    score_rows = guard.weighted if guard is not None and plain_rows.root_weights is not None else None
+    guard = plain_rows.scorer(weight, kept) if plain_rows is not None else None
+    score_rows = guard.weighted if guard is not None and plain_rows.weighted else None
     with phase("refinement", absorb=True), _holdout_targets(spec, config, weight.to(torch.float64), stats, kept, energy,
                                                             heldout_energy, rank, up, down, shared, plain_rows,
                                                             score_rows) as holdout:
@@ -322,7 +319,7 @@ def _validate_refinement(
 
 
 def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: ModuleReport,
-                          guard: PlainHeldoutError | None = None) -> int | None:
+                          guard: HeldoutScorer | None = None) -> int | None:
     """The closed-form / adaComp step count chosen on the held-out sequences (`validated_steps`).
 
     The report gets the held-out relative errors (weighted, and plain with a guard) before refinement
@@ -342,7 +339,7 @@ def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: Modul
 
 
 def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: ModuleReport,
-                       guard: PlainHeldoutError | None = None) -> bool:
+                       guard: HeldoutScorer | None = None) -> bool:
     """Whether the optimal factors, fitted without the held-out sequences, beat the start on them
     (and, with a guard, do not raise the plain held-out error)."""
     if holdout is None:
@@ -379,7 +376,7 @@ def _factorize_target(
     heldout_energy: float | None = None,
     holdout_cache: dict | None = None,
     compensate: bool = True,
-    plain_rows: HeldoutRows | None = None,
+    plain_rows: WriterHeldout | None = None,
 ) -> tuple[ModuleReport, nn.Module | None]:
     """Factor one target at its allocated rank; returns its report and the new module (None = stays dense).
 
@@ -451,7 +448,7 @@ def _factorize_target(
             if holdout_cache is not None:
                 holdout_cache.pop(key, None)
             input_stats.release_heldout()
-    # A writer's held-out rows still to validate on need H_cc for the fit split (`core.heldout_rows`).
+    # A writer's held-out rows still to validate on need H_cc for the fit split (`core.writer_heldout`).
     pending = (spec.validates_refinement and spec.refinement != "none" and validated is None
                and plain_rows is not None)
     with phase("whitening"):
@@ -773,6 +770,7 @@ def _compress_block_paired(
                       "before the addition, or parallel attention and MLP?): its targets are fitted without "
                       "compensation", CompressionWarning, stacklevel=4)
     sources = {name: block.get_submodule(w.source) if w.source else None for name, w in writers.items()}
+    held_tokens = _heldout_token_count(inputs, heldout) if heldout is not None else None
     dense = dict(targets)
     replaced: dict[str, nn.Module] = {}
 
@@ -789,7 +787,8 @@ def _compress_block_paired(
             paired_stage = any(name in writers for name in stage)
             stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
                                     holdout=heldout is not None and paired_stage,
-                                    residual_sources={n: sources[n] for n in stage if n in sources})
+                                    residual_sources={n: sources[n] for n in stage if n in sources},
+                                    heldout_tokens=held_tokens)
             last = targets[stage[-1]]  # members share one input and run back to back
 
             def stop(module, args, output=None):
@@ -815,6 +814,20 @@ def _compress_block_paired(
                                                 compensated=set(writers)))
     finally:
         use(replaced)  # whatever happened, the block holds the factors computed so far
+
+
+def _heldout_token_count(inputs: list[BlockInput], heldout: list[torch.Tensor | None]) -> int:
+    """Held-out tokens over every process's batches (padding excluded): it picks the form a writer's
+    held-out data is kept in (`core.writer_heldout.rows_are_smaller`), the same on every process."""
+    count = 0
+    for inp, rows in zip(inputs, heldout):
+        if rows is None or not bool(rows.any()):
+            continue
+        if inp.mask is not None:
+            count += int(inp.mask[rows.to(inp.mask.device)].bool().sum())
+        else:
+            count += int(rows.sum()) * int(inp.hidden.shape[1])
+    return int(all_reduce_sum([float(count)], device=inputs[0].hidden.device)[0])
 
 
 def _block_structure(block: nn.Module, targets: dict[str, nn.Module], inp: BlockInput, hidden: torch.Tensor,

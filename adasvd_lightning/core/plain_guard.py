@@ -25,7 +25,8 @@ The weighted statistics are Gram sums; the plain error would need two more n×n 
 (970 MB each in float64 at Llama-7B's MLP width). The held-out sequences are few (a quarter of the
 calibration windows), so their compressed inputs X_c and dense outputs W X_o as float32 rows are
 smaller (N_v·(n + m): 0.25 GB at that width with 4 k held-out tokens) and give the error of any factors
-directly, in N_v·r·(n + m) flops per candidate.
+directly, in N_v·r·(n + m) flops per candidate. With the tokens' weights the same rows also replace
+the writer's held-out weighted sums (`core.writer_heldout`); one pass over them gives both errors.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class PlainHeldoutError:
     W X_o without bias (N × m), row for row. ``weight`` is W (m × n); ``kept`` the preserved input
     columns (their dense part W_keep X_c[kept] is added to the low-rank part U V X_c[rest]).
     ``root_weights`` (N, √ of each token's residual weight): `weighted` also gives the weighted error
-    Σ w_t‖·‖²/N — the validation's own score (`core.heldout_rows`) — from the same pass over the rows.
+    Σ w_t‖·‖²/N — the validation's own score (`core.writer_heldout`) — from the same pass over the rows.
     """
 
     weight: torch.Tensor

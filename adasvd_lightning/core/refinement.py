@@ -37,7 +37,8 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
   weights there that raise the error on new text (on a real 135M model the alternation lost to the
   U-step alone). With some calibration sequences held out (`core.holdout`), the alternation is run on
   the rest (H_fit = (N·H − N_v·H_v)/(N − N_v), exactly, from the sums) and scored after every
-  half-step on the held-out Grams; the number of half-steps that scored best is then run on all
+  half-step on the held-out Grams (a residual writer: on its held-out rows, `core.writer_heldout`, which
+  give the same fit split and score); the number of half-steps that scored best is then run on all
   tokens. Zero half-steps (the whitened start) is a candidate, so a refinement never does worse on
   held-out text than no refinement. A residual writer's counts must also pass a second held-out
   measure, its plain (unweighted) output error (`core.plain_guard`): its objective is on the
@@ -101,8 +102,9 @@ class RefinementTarget:
     coordinates (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
     and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), V-steps then use the plain
     coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None).
-    ``cross_removed`` = (Ỹ, X̃), rows whose part W·H_oc must lose: every W·H_oc below is
-    W·H_oc − Ỹᵀ·X̃ (a fit split made from held-out rows, `core.heldout_rows.complement_rows`).
+    ``cross_removed``: a part every W·H_oc below must lose — rows (Ỹ, X̃), subtracted as Ỹᵀ·X̃, or an
+    m×n matrix (a fit split made from a writer's held-out tokens, `core.writer_heldout`). ``w_h_oc``:
+    W·H_oc given outright (held-out moments' Σ y xᵀ), ``stats.h_oc`` then unread.
     """
 
     weight: torch.Tensor
@@ -112,7 +114,8 @@ class RefinementTarget:
     target_energy: float | None = None
     whitening_factor: torch.Tensor | None = None
     whitening_shift: float = 0.0
-    cross_removed: tuple[torch.Tensor, torch.Tensor] | None = None
+    cross_removed: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None
+    w_h_oc: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         w = self.weight.to(torch.float64)
@@ -152,13 +155,17 @@ class RefinementTarget:
             self.whitening_factor = self.whitening_factor.to(torch.float64)
 
     def _w_h_oc(self, columns: torch.Tensor | None = None) -> torch.Tensor:
-        """W·H_oc (its ``columns``), less the removed rows' part Ỹᵀ·X̃ when there is one."""
-        h_oc = self.stats.h_oc if columns is None else self.stats.h_oc[:, columns]
-        product = self._w @ h_oc
-        if self.cross_removed is not None:
-            y, x = self.cross_removed
-            x = x if columns is None else x[:, columns]
-            product -= y.T @ x.to(product.dtype)
+        """W·H_oc (its ``columns``), less the removed part when there is one."""
+        if self.w_h_oc is not None:
+            product = self.w_h_oc if columns is None else self.w_h_oc[:, columns]
+        else:
+            product = self._w @ (self.stats.h_oc if columns is None else self.stats.h_oc[:, columns])
+        removed = self.cross_removed
+        if isinstance(removed, torch.Tensor):
+            product = product - (removed if columns is None else removed[:, columns])
+        elif removed is not None:
+            y, x = removed
+            product = product - y.T @ (x if columns is None else x[:, columns]).to(product.dtype)
         return product
 
     @property
@@ -173,9 +180,12 @@ class RefinementTarget:
         — the closed-form update (one U-step, R = Vᵀ with k = r < m) never forms G at all (removed
         rows: minus Ỹᵀ·(X̃·R), N_v·k·(n + m) more)."""
         if self._g is None:
-            product = self._w @ (self.stats.h_oc @ right)
-            if self.cross_removed is not None:
-                y, x = self.cross_removed
+            product = self.w_h_oc @ right if self.w_h_oc is not None else self._w @ (self.stats.h_oc @ right)
+            removed = self.cross_removed
+            if isinstance(removed, torch.Tensor):
+                product -= removed @ right
+            elif removed is not None:
+                y, x = removed
                 product -= y.T @ (x.to(right.dtype) @ right)
             return product
         return self._g @ right
@@ -434,7 +444,7 @@ def validated_steps(
 
     Runs `adacomp` on ``fit`` (the statistics without the held-out sequences) from the start (U, V)
     and evaluates the held-out objective (``heldout``: its Grams, or a function of (U, V) such as the
-    weighted error on held-out rows, `core.heldout_rows`) at the start and after every accepted half-step, stopping at
+    weighted error on held-out rows, `core.writer_heldout`) at the start and after every accepted half-step, stopping at
     the first rise (early stopping: past it the steps fit what the held-out text does not share).
     ``guard(U, V)``, when given, is a second held-out error (a residual writer's plain output error,
     `core.plain_guard`): only counts whose guard value is not above the start's are candidates, so a

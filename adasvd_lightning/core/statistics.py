@@ -21,6 +21,9 @@ when the statistics are first read or finalized, so the refinement can fit on th
 held-out) and validate on them, then refit on everything with the number of steps that validated best
 (`core.refinement.validated_steps`). Summing them apart rather than twice (into the whole *and* their
 own sums) forms each token's Gram products once: with a quarter held out, a fifth less statistics work.
+Residual writers (``residual_sources``) are the exception: their held-out tokens go straight into the
+whole sums and are kept as rows (`BlockStatistics.writer_heldout`, `core.writer_heldout`), which carry
+everything their held-out sums did, without two more n×n float64 matrices at the memory peak.
 
 Product precision: each token chunk's products are formed in ``product_dtype`` (the pipeline passes
 `CompressionConfig.statistics_dtype`, float32 by default; this class alone defaults to float64, the
@@ -43,84 +46,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .heldout_rows import HeldoutRows
+from .gram import GRAM_BLOCK, accumulate_cross, accumulate_gram, mirror_lower, token_chunks  # noqa: F401 (re-exported)
+from .writer_heldout import HeldoutMoments, HeldoutRows, WriterHeldout, rows_are_smaller
 from .profiling import phase
 from .residual import residual_weights
 from .surgery import linear_bias, linear_shape
 
 __all__ = ["InputStatistics", "BlockStatistics", "accumulate_gram", "accumulate_cross", "mirror_lower"]
-
-#: Column-block width of the symmetric Gram update (large enough for full GEMM speed per block).
-GRAM_BLOCK = 256
-
-
-def _add_product(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """h += alpha·a @ b; a product in a lower precision than h is formed in its own dtype, then added.
-
-    The float32 product of a (b × n) row block is a small scratch (≤ GRAM_BLOCK rows); adding it into
-    the float64 sum keeps the accumulation over chunks and batches in float64.
-    """
-    if a.dtype == h.dtype:
-        h.addmm_(a, b, alpha=alpha)
-    else:
-        h.add_(a @ b, alpha=alpha)
-
-
-def accumulate_gram(h: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK, alpha: float = 1.0) -> None:
-    """h += alpha·xᵀx on the block lower triangle only (diagonal blocks whole); `mirror_lower` completes it.
-
-    H is symmetric, so half of a full GEMM's work is redundant. BLAS's symmetric rank-k update is not
-    exposed by torch; row blocks of width b against the columns up to their diagonal do (k + 1)/(2k)
-    of the work for k = ⌈n/b⌉ blocks (62 % at n = 1024, 55 % at n = 2816, 51 % at n = 11008) with the
-    same dot products, so every computed entry is what the full product would give. ``x`` may be of a
-    lower precision than ``h`` (float32 products, float64 sum): each row block's product is then formed
-    in x's dtype and added. That needs a b × n scratch, not n × n, and measured as fast as one n × n
-    float32 scratch added whole (0.057 s both at n = 1024, 0.364 vs 0.383 s at n = 2816, 8192 tokens,
-    2 CPU threads) and 1.4–1.75× faster than a full float32 GEMM added whole.
-    """
-    n = x.shape[1]
-    if n <= block:
-        _add_product(h, x.T, x, alpha)
-        return
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        _add_product(h[start:stop, :stop], x[:, start:stop].T, x[:, :stop], alpha)
-
-
-def accumulate_cross(h: torch.Tensor, xo: torch.Tensor, xc: torch.Tensor, block: int = GRAM_BLOCK) -> None:
-    """h += x_oᵀx_c (not symmetric: every entry); lower-precision inputs go through row-block scratches.
-
-    In h's own dtype this is one GEMM. In float32 the product is formed a row block at a time, so the
-    scratch is block × n instead of a full n×n float32 copy (485 MB at n = 11008).
-    """
-    if xo.dtype == h.dtype:
-        h.addmm_(xo.T, xc)
-        return
-    for start in range(0, h.shape[0], block):
-        stop = min(start + block, h.shape[0])
-        h[start:stop].add_(xo[:, start:stop].T @ xc)
-
-
-#: Bytes of token rows converted at a time: a calibration batch of 16 k tokens at width 11008 would
-#: otherwise make a 1.4 GB float64 copy per statistics update; chunks keep it at 64 MB.
-CHUNK_BYTES = 64 * 2**20
-
-
-def _token_chunks(x: torch.Tensor, dtype: torch.dtype = torch.float64, chunk_bytes: int = CHUNK_BYTES):
-    """Row chunks of x whose copy in ``dtype`` stays within ``chunk_bytes``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = max(256, chunk_bytes // (itemsize * max(1, x.shape[-1])))
-    return x.split(rows) if x.shape[0] > rows else (x,)
-
-
-def mirror_lower(h: torch.Tensor, block: int = GRAM_BLOCK) -> None:
-    """Copy the block lower triangle written by `accumulate_gram` onto the upper one, in place."""
-    n = h.shape[0]
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        if stop < n:
-            h[start:stop, stop:].copy_(h[stop:, start:stop].T)
-
 
 @dataclass
 class InputStatistics:
@@ -208,7 +140,7 @@ class InputStatistics:
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a (tokens × n) batch into float64 sums (float32 sums drift over millions of tokens)."""
         self._check_open()
-        for chunk in _token_chunks(x, self.product_dtype):
+        for chunk in token_chunks(x, self.product_dtype):
             self._add_chunk(chunk.detach().to(self.product_dtype))
 
     def _mirror(self) -> None:
@@ -231,7 +163,7 @@ class InputStatistics:
         if self.cross_sum is None:
             self.cross_sum = torch.zeros_like(self.gram_sum)
         dtype = self.product_dtype
-        for xo, xc in zip(_token_chunks(x_original, dtype), _token_chunks(x_compressed, dtype)):
+        for xo, xc in zip(token_chunks(x_original, dtype), token_chunks(x_compressed, dtype)):
             xc = xc.detach().to(dtype)
             self._add_chunk(xc)
             accumulate_cross(self.cross_sum, xo.detach().to(dtype), xc)
@@ -312,7 +244,8 @@ class BlockStatistics:
     """
 
     def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64,
-                 holdout: bool = False, residual_sources: dict[str, nn.Module | None] | None = None) -> None:
+                 holdout: bool = False, residual_sources: dict[str, nn.Module | None] | None = None,
+                 heldout_tokens: int | None = None) -> None:
         self.targets = targets
         # Paired mode: residual writers (`core.residual`) → the norm module whose input is the residual
         # before their addition (None: the block's input, `residual_input`). Their tokens are weighted
@@ -334,6 +267,12 @@ class BlockStatistics:
         self._plain_inputs: dict[str, list[torch.Tensor]] = {}
         self._plain_outputs: dict[str, list[torch.Tensor]] = {}
         self._plain_weights: dict[str, list[torch.Tensor]] = {}  # writer -> √weight per held-out token (N×1)
+        # Writers whose held-out tokens are many keep their moments instead of rows (`core.writer_heldout`,
+        # chosen from ``heldout_tokens``, all processes' held-out tokens per batch pass); the batch's
+        # dense outputs wait here for its compressed pass.
+        self.heldout_tokens = heldout_tokens
+        self._moments: dict[str, HeldoutMoments] = {}
+        self._stash_heldout_outputs: dict[str, torch.Tensor] = {}
         # "single" | "original" (stash) | "compressed" (pair with the stash) | "idle" (a pass that must
         # not count, e.g. the dense stream advancing through a stage that is not paired)
         self.mode = "single"
@@ -422,11 +361,14 @@ class BlockStatistics:
                     if held is not None and name in self._stash_heldout:
                         original = self._stash_heldout.pop(name)
                         if name in self.residual_sources:
-                            # A writer keeps its held-out tokens as rows (`core.heldout_rows`) and
+                            # A writer keeps its held-out tokens as rows (`core.writer_heldout`) and
                             # sums them into the whole now: no held-out Gram sums (two n×n float64).
                             root = self._weights_heldout.pop(name).to(held.device, held.dtype)
-                            self._plain_inputs.setdefault(name, []).append(held.detach().float())
-                            self._plain_weights.setdefault(name, []).append(root.reshape(-1, 1).float())
+                            if self._keeps_moments(name):
+                                self._moments[name].add(held, self._stash_heldout_outputs.pop(name), root)
+                            else:
+                                self._plain_inputs.setdefault(name, []).append(held.detach().float())
+                                self._plain_weights.setdefault(name, []).append(root.reshape(-1, 1).float())
                             stats.add_pair(original * root, held * root)
                         else:
                             stats.heldout.add_pair(original, held)
@@ -463,7 +405,10 @@ class BlockStatistics:
                 if held is not None:
                     held = held - bias.detach() if bias is not None else held
                     if held_weights is not None:
-                        self._plain_outputs.setdefault(name, []).append(held.float())
+                        if self._keeps_moments(name):
+                            self._stash_heldout_outputs[name] = held.float()
+                        else:
+                            self._plain_outputs.setdefault(name, []).append(held.float())
                         held = held * held_weights.to(held.dtype)
                     _add_energy(self._energy_heldout, self._energy_heldout_tokens, name, held)
 
@@ -488,7 +433,17 @@ class BlockStatistics:
             # Writers keep their held-out tokens as rows instead of sums (see the "compressed" hook).
             self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
                                                       heldout=self.holdout and name not in self.residual_sources)
+            if self._keeps_moments(name):  # created up front: every process all-reduces the same tensors
+                out_features = linear_shape(self.targets[name])[0]
+                self._moments[name] = HeldoutMoments.empty(x.shape[-1], out_features, x.device, self.product_dtype)
         return self._stats[name]
+
+    def _keeps_moments(self, name: str) -> bool:
+        """Whether a writer's held-out tokens are kept as moments rather than rows (the smaller form)."""
+        if not self.holdout or name not in self.residual_sources or self.heldout_tokens is None:
+            return False
+        out_features, in_features = linear_shape(self.targets[name])
+        return not rows_are_smaller(self.heldout_tokens, in_features, out_features)
 
     def _select_tokens(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         mask = self.token_mask
@@ -516,6 +471,13 @@ class BlockStatistics:
         all_reduce_statistics({name: s.heldout for name, s in self._stats.items() if s.heldout is not None})
         if not is_distributed():
             return
+        import torch.distributed as dist
+
+        for name in sorted(self._moments):
+            moments = self._moments[name]
+            for t in moments.tensors():
+                dist.all_reduce(t)
+            moments.tokens = int(all_reduce_sum([float(moments.tokens)], device=moments.energies.device)[0])
         self._gather_plain_rows()
         if not self._energy:
             return
@@ -535,7 +497,7 @@ class BlockStatistics:
 
         if not self.holdout:
             return
-        for name in sorted(n for n in self.residual_sources if n in self.targets):  # same order everywhere
+        for name in sorted(n for n in self.residual_sources if n in self.targets and not self._keeps_moments(n)):
             out_features, in_features = linear_shape(self.targets[name])
             for rows, key, width in ((self._plain_inputs, self.leader(name), in_features),
                                      (self._plain_outputs, name, out_features), (self._plain_weights, name, 1)):
@@ -552,6 +514,8 @@ class BlockStatistics:
         self._seen.clear()
         for stats in self._stats.values():
             stats.finalize()
+        for moments in self._moments.values():
+            moments.finalize()
         if not self._energy_normalized:
             for energy, counts in ((self._energy, self._energy_tokens), (self._energy_heldout, self._energy_heldout_tokens)):
                 for name, tokens in counts.items():
@@ -580,12 +544,16 @@ class BlockStatistics:
                 self._plain_outputs.pop(member, None)
         self._plain_outputs.pop(name, None)
         self._plain_weights.pop(name, None)
+        self._moments.pop(name, None)
 
-    def writer_heldout(self, name: str) -> HeldoutRows | None:
+    def writer_heldout(self, name: str) -> WriterHeldout | None:
         """A residual writer's held-out tokens as rows: compressed inputs (N×n) and dense outputs (N×m),
-        unweighted, and each token's √weight (in the whole sums already, see the "compressed" hook);
-        None when it is not a writer, nothing was held out, or its input group is led by a module
-        that is not a writer (then its compressed inputs were not kept)."""
+        unweighted, and each token's √weight (in the whole sums already, see the "compressed" hook) —
+        or their moments where those are smaller (`core.writer_heldout`); None when it is not a writer,
+        nothing was held out, or its input group is led by a module that is not a writer (then its
+        compressed inputs were not kept)."""
+        if name in self._moments:
+            return self._moments[name] if self._moments[name].tokens else None
         inputs, outputs = self._plain_inputs.get(self.leader(name)), self._plain_outputs.get(name)
         if not inputs or not outputs:
             return None

@@ -1,4 +1,4 @@
-"""A writer's held-out tokens as rows (`core.heldout_rows`) give the validation exactly what the
+"""A writer's held-out tokens as rows (`core.writer_heldout`) give the validation exactly what the
 held-out Gram sums gave: the same fit split, the same held-out scores, the same chosen step count —
 and the whole data's Grams are back as they were afterwards."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adasvd_lightning.core.factorization import factorize
-from adasvd_lightning.core.heldout_rows import HeldoutRows, complement_rows
+from adasvd_lightning.core.writer_heldout import HeldoutRows, complement_rows
 from adasvd_lightning.core.plain_guard import PlainHeldoutError
 from adasvd_lightning.core.refinement import (GramStatistics, RefinementTarget, complement, objective,
                                               validated_steps)
@@ -84,3 +84,74 @@ def test_rows_that_leave_nothing_to_fit_are_refused():
         pass
     with pytest.raises(RuntimeError, match="weights"):
         HeldoutRows(rows.inputs, rows.outputs, rows.root_weights[:3])
+
+
+def test_moments_score_and_split_like_the_rows_they_summarise():
+    """The moments form (many held-out tokens) against the rows form of the same tokens: the same fit
+    split and W·H_oc, the same weighted and plain errors, with preserved columns too."""
+    from adasvd_lightning.core.writer_heldout import HeldoutMoments
+
+    weight, whole, _, rows, energy, held_energy = _writer(dtype=torch.float64)
+    moments = HeldoutMoments.empty(N, M)
+    for part in range(0, rows.tokens, 30):  # in batches, as calibration adds them
+        moments.add(rows.inputs[part:part + 30], rows.outputs[part:part + 30], rows.root_weights[part:part + 30])
+    moments.finalize()
+    assert moments.tokens == rows.tokens
+    probe = torch.randn(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for form in (rows, moments):
+        h_cc, h_oc = whole.h_cc.clone(), whole.h_oc.clone()
+        with form.fit_split(h_cc, h_oc, 300) as removed:
+            fit = RefinementTarget(weight, GramStatistics(h_cc, h_oc), target_energy=energy, cross_removed=removed)
+            results.append((h_cc.clone(), fit.g_times(probe), fit.g.clone()))
+        torch.testing.assert_close(h_cc, whole.h_cc, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(h_oc, whole.h_oc, rtol=1e-12, atol=1e-13)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(11)
+    up, down = torch.randn(M, RANK, generator=g, dtype=torch.float64), torch.randn(RANK, N - 2, generator=g,
+                                                                                   dtype=torch.float64)
+    kept = torch.tensor([3, 11])
+    for columns, v in ((None, torch.randn(RANK, N, generator=g, dtype=torch.float64)), (kept, down)):
+        by_rows, by_moments = rows.scorer(weight, columns), moments.scorer(weight, columns)
+        assert by_moments.weighted(up, v) == pytest.approx(by_rows.weighted(up, v), rel=1e-10)
+        assert by_moments(up, v) == pytest.approx(by_rows(up, v), rel=1e-10)
+        assert by_moments.relative(0) == pytest.approx(by_rows.relative(0), rel=1e-10)
+    assert moments.energies[0] == pytest.approx(held_energy, rel=1e-10)
+
+
+def test_the_smaller_form_is_chosen_from_the_held_out_token_count():
+    from adasvd_lightning.core.writer_heldout import rows_are_smaller
+
+    # Llama-7B's down_proj (n = 11008, m = 4096): rows 60 kB per token, moments 2.7 GB.
+    assert rows_are_smaller(512, 11008, 4096)  # 8 × 256 calibration tokens, a quarter held out
+    assert not rows_are_smaller(64 * 2048, 11008, 4096)  # 256 × 2048, a quarter held out: 7.9 GB of rows
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "adasvd"])
+def test_compression_is_the_same_with_either_form(method, token_batches, monkeypatch):
+    """The whole pipeline on a tiny Llama, every writer's held-out tokens kept as rows, then as moments:
+    the same validated step counts, held-out errors and compressed weights."""
+    from adasvd_lightning import CompressionConfig, compress_model
+    from adasvd_lightning.core import statistics
+
+    from conftest import tiny_model
+
+    runs = []
+    for rows in (True, False):
+        asked = []
+        monkeypatch.setattr(statistics, "rows_are_smaller", lambda *a, rows=rows: asked.append(a) or rows)
+        model = tiny_model("llama")
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.4), token_batches)
+        assert asked, "the form was never chosen"
+        runs.append((report, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (rows_report, rows_state), (moments_report, moments_state) = runs
+    validated = [m for m in rows_report.modules if m.heldout_error is not None]
+    assert len(validated) == 4  # o_proj and down_proj of both blocks
+    for a, b in zip(rows_report.modules, moments_report.modules):
+        assert a.refinement_steps == b.refinement_steps
+        if a.heldout_error is not None:
+            assert b.heldout_error == pytest.approx(a.heldout_error, rel=1e-6)
+            assert b.heldout_plain_error == pytest.approx(a.heldout_plain_error, rel=1e-6)
+    for key, value in rows_state.items():
+        torch.testing.assert_close(moments_state[key], value, rtol=1e-4, atol=1e-5)
