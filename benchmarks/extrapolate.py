@@ -54,6 +54,9 @@ class Shape:
         return self.blocks * self.block_params + 2 * self.vocab * self.hidden
 
 
+#: `MethodSpec.heldout_fraction`'s default: the share of calibration sequences held out for validation.
+HELDOUT_FRACTION = 0.25
+
 SHAPES = [
     Shape("SmolLM2-135M", 576, 1536, 192, 30, 49152),
     Shape("Llama-2-7B", 4096, 11008, 4096, 32, 32000),
@@ -130,17 +133,18 @@ def peak_bytes(shape: Shape, tokens: int, weight_bytes: int = 4) -> dict:
     """Peak host bytes of an in-place `svd-llm` run, at down_proj's validation (the widest input's stage).
 
     Components as the Llama-7B-width runs found them (BENCHMARKS.md, "Memory" and "Factorization without
-    a whitening factor"): that stage's H_cc and H_oc, the held-out pair the validated refinement reads,
-    and float64 work of the largest matrix (its copy, two m×n products, two n×r arrays). The fit
-    split's start needs no Cholesky factor for a wide down_proj. At hidden 4096 × 2 blocks this predicts
-    6.6 GB over the imports, 5 % under the 6.95 GB measured (`compression_speed_7b_width_svdllm.json`). The
-    earlier stages' statistics are freed by then; the budget still counts one whole block's."""
+    a whitening factor"): that stage's H_cc and H_oc, the writer's held-out tokens in the smaller of
+    their two forms (`core.writer_heldout`: float32 rows, or float64 moments of fixed size), and float64
+    work of the largest matrix (its copy, two m×n products, two n×r arrays). The fit split's start needs
+    no Cholesky factor for a wide down_proj. The earlier stages' statistics are freed by then; the
+    budget still counts one whole block's."""
     model = shape.params * weight_bytes
     statistics = sum(2 * n * n * 8 for n in shape.inputs())  # H_cc and H_oc per distinct input: the budget's
     widest = max(shape.inputs())
     stage = 2 * widest * widest * 8  # H_cc and H_oc of the widest input, alive at the peak
-    heldout = 2 * widest * widest * 8  # their held-out pair
     m, n = max(shape.matrices(), key=lambda s: s[0] * s[1])
+    held_tokens = int(tokens * HELDOUT_FRACTION)
+    heldout = min(held_tokens * (n + m + 1) * 4, (2 * n * n + 2 * m * n) * 8)  # rows or moments
     r = 0.6 * m * n / (m + n)
     work = (3 * m * n + 2 * n * r) * 8
     activations = 2 * tokens * shape.hidden * 4
@@ -194,9 +198,9 @@ def main() -> None:
             lines.append(f"| {shape.name} | {shape.params / 1e9:.1f} B | {name} | {cells} | "
                          f"{mem32['total'] / 2**30:.0f} / {mem16['total'] / 2**30:.0f} GiB |")
     lines += ["", f"Calibration {args.tokens:,} tokens (sequences of {args.seq_len}). Memory (at down_proj's "
-              "validation) = weights + that stage's paired float64 statistics + their held-out pair + float64 "
-              "work of the largest matrix + two streams of float32 activations (components from the "
-              "Llama-7B-width runs; at hidden 4096 × 2 blocks it predicts 6.6 GB, 5 % under the measured 6.95 GB); "
+              "validation) = weights + that stage's paired float64 statistics + the writer's held-out tokens (rows or "
+              "moments, the smaller) + float64 work of the largest matrix + two streams of float32 activations "
+              "(components from the Llama-7B-width runs); "
               "on one GPU with "
               "`execution_device=\"cuda\"` the host keeps weights and activations and the device holds one "
               "block, its statistics and the factor. Budget check (the issue's target, weights + one block's "

@@ -24,9 +24,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str) -> None:
+def _force_form(form: str) -> None:
+    """Keep every writer's held-out tokens as rows or as moments (`core.writer_heldout`), whatever their
+    count: this tiny calibration set would pick rows, and moments are all-reduced, not gathered."""
+    if form != "auto":
+        from adasvd_lightning.core import statistics
+
+        statistics.rows_are_smaller = lambda *args: form == "rows"
+
+
+def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str, form: str = "auto") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    _force_form(form)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = tiny_model("llama")
@@ -55,9 +65,10 @@ def _dense_weights(model_state: dict) -> dict[str, torch.Tensor]:
 # for 64 features), and used to amplify the round-off of the differently ordered distributed sums (4 %
 # on o_proj's product). The held-out validation of the refinement's steps (same held-out sequences on
 # every rank and in one process: content-hashed) no longer takes those steps.
-@pytest.mark.parametrize("method,options", [("svd-llm", {}), ("adasvd", {})])
-def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options):
-    mp.start_processes(_worker, args=(2, _free_port(), method, options, str(tmp_path)), nprocs=2,
+@pytest.mark.parametrize("method,options,form", [("svd-llm", {}, "auto"), ("adasvd", {}, "auto"),
+                                                 ("svd-llm", {}, "moments")])
+def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options, form, monkeypatch):
+    mp.start_processes(_worker, args=(2, _free_port(), method, options, str(tmp_path), form), nprocs=2,
                        join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -67,6 +78,10 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, metho
     assert r0["tokens"] == r1["tokens"] == 16 * 32  # statistics of the union of the shards
 
     single = tiny_model("llama")
+    if form != "auto":
+        from adasvd_lightning.core import statistics
+
+        monkeypatch.setattr(statistics, "rows_are_smaller", lambda *args: form == "rows")
     report = compress_model(single, CompressionConfig(method=method, ratio=0.5, method_options=options), _batches())
     assert [m.rank for m in report.modules] == r0["ranks"]
     expected = _dense_weights(single.state_dict())

@@ -22,8 +22,9 @@ held-out) and validate on them, then refit on everything with the number of step
 (`core.refinement.validated_steps`). Summing them apart rather than twice (into the whole *and* their
 own sums) forms each token's Gram products once: with a quarter held out, a fifth less statistics work.
 Residual writers (``residual_sources``) are the exception: their held-out tokens go straight into the
-whole sums and are kept as rows (`BlockStatistics.writer_heldout`, `core.writer_heldout`), which carry
-everything their held-out sums did, without two more n×n float64 matrices at the memory peak.
+whole sums and are kept as rows or as their moments, whichever is smaller (`BlockStatistics.writer_heldout`,
+`core.writer_heldout`), which carry everything their held-out sums did and what the plain-error guard
+needs, without two more n×n float64 matrices next to the whole data's at the memory peak.
 
 Product precision: each token chunk's products are formed in ``product_dtype`` (the pipeline passes
 `CompressionConfig.statistics_dtype`, float32 by default; this class alone defaults to float64, the
@@ -263,7 +264,7 @@ class BlockStatistics:
         self._energy_heldout: dict[str, torch.Tensor] = {}
         self._energy_heldout_tokens: dict[str, int] = {}
         # Residual writers' held-out rows, unweighted (float32): compressed inputs per input group
-        # leader and dense outputs per writer, for the plain-error guard (`core.plain_guard`).
+        # leader and dense outputs per writer (`core.writer_heldout`: the guard's and the validation's data).
         self._plain_inputs: dict[str, list[torch.Tensor]] = {}
         self._plain_outputs: dict[str, list[torch.Tensor]] = {}
         self._plain_weights: dict[str, list[torch.Tensor]] = {}  # writer -> √weight per held-out token (N×1)
@@ -361,8 +362,8 @@ class BlockStatistics:
                     if held is not None and name in self._stash_heldout:
                         original = self._stash_heldout.pop(name)
                         if name in self.residual_sources:
-                            # A writer keeps its held-out tokens as rows (`core.writer_heldout`) and
-                            # sums them into the whole now: no held-out Gram sums (two n×n float64).
+                            # A writer keeps its held-out tokens as rows or moments (`core.writer_heldout`)
+                            # and sums them into the whole now: no held-out Gram sums (two n×n float64).
                             root = self._weights_heldout.pop(name).to(held.device, held.dtype)
                             if self._keeps_moments(name):
                                 self._moments[name].add(held, self._stash_heldout_outputs.pop(name), root)
@@ -430,7 +431,7 @@ class BlockStatistics:
 
     def _stats_for(self, name: str, x: torch.Tensor) -> InputStatistics:
         if name not in self._stats:
-            # Writers keep their held-out tokens as rows instead of sums (see the "compressed" hook).
+            # Writers keep their held-out tokens as rows or moments, not sums (see the "compressed" hook).
             self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
                                                       heldout=self.holdout and name not in self.residual_sources)
             if self._keeps_moments(name):  # created up front: every process all-reduces the same tensors
@@ -465,18 +466,16 @@ class BlockStatistics:
         """Sum the statistics over ranks of a process group (no-op without one)."""
         from .distributed import all_reduce_statistics
 
-        from .distributed import all_reduce_sum, is_distributed
+        from .distributed import all_reduce_sum, all_reduce_tensor, is_distributed
 
         all_reduce_statistics(self._stats)
         all_reduce_statistics({name: s.heldout for name, s in self._stats.items() if s.heldout is not None})
         if not is_distributed():
             return
-        import torch.distributed as dist
-
-        for name in sorted(self._moments):
+        for name in sorted(self._moments):  # same order on every rank
             moments = self._moments[name]
             for t in moments.tensors():
-                dist.all_reduce(t)
+                all_reduce_tensor(t)
             moments.tokens = int(all_reduce_sum([float(moments.tokens)], device=moments.energies.device)[0])
         self._gather_plain_rows()
         if not self._energy:
