@@ -217,3 +217,32 @@ def test_compensation_is_fitted_to_the_inputs_the_compressed_model_produces(meth
         weight = weights[m.name] if m.compensated else torch.ones(len(y), 1, dtype=torch.float64)
         measured = float(((x_c[m.name] @ approx.T - y).square() * weight).sum() / (y.square() * weight).sum()) ** 0.5
         assert m.relative_error == pytest.approx(measured, rel=1e-6, abs=1e-9), m.name
+
+
+def test_a_writers_statistics_are_freed_before_its_factors_are_balanced(token_batches, monkeypatch):
+    """The balance of refitted factors (n×r work) runs after the writer's H_oc, whitening factor and
+    whitened SVD are gone: at Llama-7B width that moment was `svd-llm`'s memory peak with 2.3 GB of
+    them still alive. Each compensated writer's sums are released before its balance, and the reports
+    still carry the refinement's error."""
+    from adasvd_lightning.core import pipeline, refinement
+    from adasvd_lightning.core.statistics import InputStatistics
+
+    events: list[tuple[str, int]] = []
+    release, balance = InputStatistics.release_sums, refinement.balance_factors
+
+    def released(self):
+        events.append(("release", self.cross_sum is not None))  # H itself may be the factor's storage by now
+        return release(self)
+
+    def balanced(up, down):
+        events.append(("balance", up.shape[1]))
+        return balance(up, down)
+
+    monkeypatch.setattr(InputStatistics, "release_sums", released)
+    monkeypatch.setattr(pipeline, "balance_factors", balanced)
+    model = tiny_model("llama")
+    report = compress_model(model, CompressionConfig(method="svd-llm", ratio=0.4), token_batches)
+    assert [e[0] for e in events] == ["release", "balance"] * 4  # o_proj, down_proj of both blocks
+    assert all(held for kind, held in events if kind == "release")  # H_oc was still there
+    writers = [m for m in report.modules if m.compensated]
+    assert len(writers) == 4 and all(m.relative_error is not None and m.relative_error > 0 for m in writers)

@@ -460,6 +460,7 @@ def _factorize_target(
                                                                                        pending))
             if whitenings is not None:
                 whitenings[key] = whitening
+    kind = whitening.kind
     if last_use and _factor_replaces_gram(spec, whitening, input_stats, weight, pending):
         input_stats.release_gram()
     # The optimal refinement replaces the whitened SVD's factors outright: no need to compute them.
@@ -518,12 +519,24 @@ def _factorize_target(
                 )
                 report.refinement_steps = len(history) - 1
                 value = history[-1]
+                known_error = _relative(value, target.target_energy)
+                # Nothing reads the statistics, the whitening or the whitened SVD any more: free them
+                # before the balance's n×r work (at the widest input H_oc, the factor in H's storage and
+                # the whitened factors, 2.3 GB at n = 11008, were alive at the run's memory peak).
+                del target
+                factors = None
+                if last_use and _stored_exactly(weight.dtype):  # the report needs no Gram (`_swap_in`)
+                    whitening = None
+                    if whitenings is not None:
+                        whitenings.pop(key, None)
+                    input_stats.release_sums()
                 # Refitted factors lose the whitened SVD's √Σ split; the optimal ones have it already.
                 up, down = balance_factors(up, down)
-            known_error = _relative(value, target.target_energy)
+            if known_error is None:
+                known_error = _relative(value, target.target_energy)
     elif split is None and isinstance(whitening, CholeskyWhitening) and input_stats is not None:
         known_error = _whitened_truncation_error(factors, whitening, weight)
-    return _swap_in(report, weight, bias, up, down, split, whitening.kind, known_error, input_stats, target_energy)
+    return _swap_in(report, weight, bias, up, down, split, kind, known_error, input_stats, target_energy)
 
 
 def _swap_in(report: ModuleReport, weight: torch.Tensor, bias: torch.Tensor | None, up: torch.Tensor,

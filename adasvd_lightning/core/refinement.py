@@ -495,10 +495,17 @@ def optimal_factors(
 
 
 def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same product U·V, with the singular values split as √Σ on both sides (well-conditioned factors)."""
+    """Same product U·V, with the singular values split as √Σ on both sides (well-conditioned factors).
+
+    The scalings are in place: each product is a new m×r / r×n matrix already (158 MB for the r×n one
+    of a 4096 × 11008 down_proj at 40 %), and a scaled copy of it was the run's memory peak.
+    """
     with lapack_threads():
         q_u, r_u = torch.linalg.qr(up)
         q_v, r_v = torch.linalg.qr(down.T)
         p, s, qh = torch.linalg.svd(r_u @ r_v.T)
+    del r_u, r_v
     root = s.sqrt()
-    return (q_u @ p) * root, root[:, None] * (qh @ q_v.T)
+    new_up = (q_u @ p).mul_(root)
+    del q_u
+    return new_up, (qh @ q_v.T).mul_(root[:, None])

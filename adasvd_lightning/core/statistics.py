@@ -206,6 +206,13 @@ class InputStatistics:
         self.gram_sum = None
         self.lower_only = False
 
+    def release_sums(self) -> None:
+        """Free H and the cross sum (two n×n float64) once the last reader is done with both; the token
+        count and activation scales stay. Reading `gram` or `grams` afterwards is an error."""
+        self.release_gram()
+        self.cross_sum = None
+        self.heldout = None
+
     @property
     def gram(self) -> torch.Tensor:
         """Mean Gram matrix H/N (same eigenvectors as Σ x xᵀ, numbers of order one)."""
