@@ -23,6 +23,7 @@ __all__ = [
     "factorize",
     "output_gram",
     "factorize_output_gram",
+    "times_converted",
 ]
 
 
@@ -90,8 +91,8 @@ def _whitened(weight: torch.Tensor, whitening: Whitening, dtype: torch.dtype) ->
     return a
 
 
-def _times(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """W·B in B's dtype, W converted a row block at a time."""
+def times_converted(weight: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W·B in B's dtype, W converted a row block at a time (never all of W in B's dtype)."""
     out = torch.empty(weight.shape[0], b.shape[1], dtype=b.dtype, device=b.device)
     for start in range(0, weight.shape[0], ROW_BLOCK):
         rows = slice(start, start + ROW_BLOCK)
@@ -129,7 +130,7 @@ def _whitened_gram(weight: torch.Tensor, whitening: Whitening, dtype: torch.dtyp
         gram = torch.zeros(m, m, dtype=dtype, device=weight.device)
         for j0 in range(0, n, ROW_BLOCK):
             panel = factor[j0:, j0:j0 + ROW_BLOCK].to(dtype)
-            a_j = _times(weight[:, j0:], panel)
+            a_j = times_converted(weight[:, j0:], panel)
             gram.addmm_(a_j, a_j.T)
         return gram
     a = _whitened(weight, whitening, dtype)
@@ -156,7 +157,7 @@ def _factorize_by_gram(
     s, top = found
     root = s[:rank].sqrt()
     if tall:  # top = V_r
-        up = _times(weight, whitening.left_multiply(top)).div_(root)
+        up = times_converted(weight, whitening.left_multiply(top)).div_(root)
         whitened_down = root[:, None] * top.T
         return LowRankFactors(up=up, down=whitening.unwhiten(whitened_down), singular_values=s,
                               whitened_down=whitened_down if keep_whitened else None)

@@ -142,7 +142,7 @@ def _split_pays_after_compensation(spec: MethodSpec, config: CompressionConfig, 
     grams = stats.grams()
 
     def compensated(kept: torch.Tensor, up_factor: torch.Tensor, down_factor: torch.Tensor):
-        target = RefinementTarget(weight.to(torch.float64), grams, kept=kept, damping=config.damping,
+        target = RefinementTarget(weight, grams, kept=kept, damping=config.damping,
                                   target_energy=target_energy)
         down_factor = down_factor.to(torch.float64)
         up_factor = u_step(target, down_factor)
@@ -310,7 +310,7 @@ def _validate_refinement(
     """
     guard = plain_rows.scorer(weight, kept) if plain_rows is not None else None
     score_rows = guard.weighted if guard is not None and plain_rows.weighted else None
-    with phase("refinement", absorb=True), _holdout_targets(spec, config, weight.to(torch.float64), stats, kept, energy,
+    with phase("refinement", absorb=True), _holdout_targets(spec, config, weight, stats, kept, energy,
                                                             heldout_energy, rank, up, down, shared, plain_rows,
                                                             score_rows) as holdout:
         if spec.refinement == "optimal":
@@ -430,10 +430,8 @@ def _factorize_target(
             del gram
         return _swap_in(report, weight, bias, factors.up, factors.down, None, "output-gram",
                         _dropped_relative(factors), input_stats, target_energy)
-    # A whole copy of W in the compute dtype only where refinement or preserved columns read it; the
-    # plain factorization converts W a block at a time (0.36 GB less at 4096 × 11008 in float64).
-    needs_copy = input_stats is not None and (spec.refinement != "none" or spec.form == "column-preserving")
-    w64 = weight.to(config.torch_compute_dtype) if needs_copy else weight
+    # No whole copy of W in the compute dtype: the factorization, the refinement's products and the
+    # held-out scores convert it a row block at a time (0.36 GB less at 4096 × 11008 in float64).
     # Validation first when it does not need the whole-data factors (the truncation-aware start is
     # refitted on the fit split anyway): then the fit split's factor and the held-out sums are gone
     # before the whole data's factor exists — at the widest input one n×n float64 matrix less at the
@@ -442,7 +440,7 @@ def _factorize_target(
     kept = torch.empty(0, dtype=torch.long)
     if (spec.validates_refinement and spec.whitening == "truncation-aware" and spec.form == "low-rank"
             and input_stats is not None):
-        validated = _validate_refinement(spec, config, w64, input_stats, kept, target_energy, heldout_energy, rank,
+        validated = _validate_refinement(spec, config, weight, input_stats, kept, target_energy, heldout_energy, rank,
                                          None, None, holdout_cache, report, plain_rows)
         if last_use:
             if holdout_cache is not None:
@@ -468,19 +466,19 @@ def _factorize_target(
     factors = None
     if not skip_svd:
         with phase("svd"):
-            factors = factorize(w64, rank, whitening, compute_dtype=config.torch_compute_dtype,
+            factors = factorize(weight, rank, whitening, compute_dtype=config.torch_compute_dtype,
                                 driver=config.svd_driver, keep_whitened=spec.refinement != "none")
     up, down = (factors.up, factors.down) if factors is not None else (None, None)
     split = None
     if spec.form == "column-preserving" and input_stats is not None:
         with phase("columns", absorb=True):
             split = column_preserving_factorize(
-                w64, rank, input_stats.gram,
+                weight, rank, input_stats.gram,
                 lambda cols: spec.make_whitening(input_stats, damping=config.damping, columns=cols),
                 base=factors, min_gain=spec.column_min_gain, driver=config.svd_driver,
             )
             if (split is not None and spec.refinement != "none" and factors is not None
-                    and not _split_pays_after_compensation(spec, config, w64, input_stats, split, factors,
+                    and not _split_pays_after_compensation(spec, config, weight, input_stats, split, factors,
                                                            target_energy, plain_rows)):
                 report.refused_columns = split.kept.numel()
                 split = None
@@ -491,14 +489,14 @@ def _factorize_target(
         with phase("refinement", absorb=True):
             # A Cholesky whitening factors H_cc (+ its damping shift): refine in whitened coordinates.
             factored = split is None and isinstance(whitening, CholeskyWhitening)
-            target = RefinementTarget(w64.to(torch.float64), input_stats.grams(), kept=kept, damping=config.damping,
+            target = RefinementTarget(weight, input_stats.grams(), kept=kept, damping=config.damping,
                                       target_energy=target_energy,
                                       whitening_factor=whitening.factor if factored else None,
                                       whitening_shift=whitening.shift if factored else 0.0)
             r = rank if up is None else up.shape[1]
             steps, optimal_validates = validated or (None, True)
             if spec.validates_refinement and validated is None:
-                steps, optimal_validates = _validate_refinement(spec, config, w64, input_stats, kept, target_energy,
+                steps, optimal_validates = _validate_refinement(spec, config, weight, input_stats, kept, target_energy,
                                                                 heldout_energy, r, up, down, holdout_cache, report,
                                                                 plain_rows)
             if spec.refinement == "optimal" and optimal_validates:
@@ -507,7 +505,7 @@ def _factorize_target(
             elif spec.refinement == "optimal":  # the held-out sequences prefer the whitened start
                 if up is None:
                     with phase("svd"):
-                        factors = factorize(w64, r, whitening, compute_dtype=config.torch_compute_dtype,
+                        factors = factorize(weight, r, whitening, compute_dtype=config.torch_compute_dtype,
                                             driver=config.svd_driver)
                     up, down = factors.up, factors.down
                 value = objective(target, up.to(torch.float64), down.to(torch.float64))

@@ -71,7 +71,7 @@ class PlainHeldoutError:
         mask = torch.ones(n, dtype=torch.bool)
         mask[self.kept.to(torch.long)] = False
         self.rest = mask.nonzero().squeeze(1)
-        self.w_keep = self.weight.to(torch.float64)[:, self.kept.to(torch.long)]
+        self.w_keep = self.weight[:, self.kept.to(torch.long)].to(torch.float64)
 
     @property
     def tokens(self) -> int:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .factorization import factorize
+from .factorization import factorize, times_converted
 from .linalg import lapack_threads
 from .whitening import shifted_cholesky
 
@@ -118,7 +118,9 @@ class RefinementTarget:
     w_h_oc: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        w = self.weight.to(torch.float64)
+        # W stays in its own dtype: every product converts it a row block at a time (a float64 copy of
+        # a 4096 × 11008 down_proj is 360 MB at the run's memory peak).
+        w = self.weight
         n = w.shape[1]
         kept = self.kept.to(torch.long)
         mask = torch.ones(n, dtype=torch.bool)
@@ -126,7 +128,7 @@ class RefinementTarget:
         rest = mask.nonzero().squeeze(1)
         s = self.stats
         self.rest = rest
-        self.w_keep = w[:, kept]
+        self.w_keep = w[:, kept].to(torch.float64)
         self._w = w
         self._g: torch.Tensor | None = None
         if s.h_cc is None and (kept.numel() or self.whitening_factor is None):
@@ -159,7 +161,7 @@ class RefinementTarget:
         if self.w_h_oc is not None:
             product = self.w_h_oc if columns is None else self.w_h_oc[:, columns]
         else:
-            product = self._w @ (self.stats.h_oc if columns is None else self.stats.h_oc[:, columns])
+            product = times_converted(self._w, self.stats.h_oc if columns is None else self.stats.h_oc[:, columns])
         removed = self.cross_removed
         if isinstance(removed, torch.Tensor):
             product = product - (removed if columns is None else removed[:, columns])
@@ -180,7 +182,8 @@ class RefinementTarget:
         — the closed-form update (one U-step, R = Vᵀ with k = r < m) never forms G at all (removed
         rows: minus Ỹᵀ·(X̃·R), N_v·k·(n + m) more)."""
         if self._g is None:
-            product = self.w_h_oc @ right if self.w_h_oc is not None else self._w @ (self.stats.h_oc @ right)
+            product = (self.w_h_oc @ right if self.w_h_oc is not None
+                       else times_converted(self._w, self.stats.h_oc @ right))
             removed = self.cross_removed
             if isinstance(removed, torch.Tensor):
                 product -= removed @ right

@@ -215,7 +215,7 @@ class MomentsScorer:
     def __init__(self, weight: torch.Tensor, moments: HeldoutMoments, kept: torch.Tensor) -> None:
         if not moments.normalized:
             raise RuntimeError("held-out moments must be finalized before they score")
-        w = weight.to(torch.float64)
+        w = weight  # RefinementTarget converts it a row block at a time
         weighted_energy, plain_energy = (float(e) for e in moments.energies)
         self._plain = RefinementTarget(w, GramStatistics(h_cc=moments.h_plain, h_oc=None), kept=kept,
                                        target_energy=plain_energy, w_h_oc=moments.c_plain)
