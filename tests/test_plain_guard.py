@@ -10,6 +10,7 @@ dominates what later attention layers read — rises many-fold. The guard refuse
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from adasvd_lightning.core.factorization import factorize
@@ -100,3 +101,24 @@ def test_mismatched_rows_are_refused():
 
     with pytest.raises(ValueError, match="outputs must be"):
         PlainHeldoutError(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(4, 3))
+
+
+def test_weighted_and_plain_errors_come_from_one_pass_and_follow_in_place_changes():
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(5, 9, generator=g, dtype=torch.float64)
+    x, y = torch.randn(300, 9, generator=g), torch.randn(300, 5, generator=g)
+    root = torch.rand(300, generator=g) + 0.5
+    up, down = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(2, 9, generator=g, dtype=torch.float64)
+    guard = PlainHeldoutError(weight, x, y, root_weights=root)
+
+    def direct():
+        err = ((x.double() @ (up @ down).T - y.double()).square()).sum(dim=1)
+        return float(err.sum()) / 300, float((err * root.double().square()).sum()) / 300
+
+    plain, weighted = direct()
+    assert guard.weighted(up, down) == pytest.approx(weighted, rel=1e-12)
+    assert guard(up, down) == pytest.approx(plain, rel=1e-12) and guard.values == [guard.values[0]]
+    down.mul_(2.0)  # the same tensor, changed in place: not the remembered candidate any more
+    plain, weighted = direct()
+    assert guard.weighted(up, down) == pytest.approx(weighted, rel=1e-12)
+    assert guard(up, down) == pytest.approx(plain, rel=1e-12) and len(guard.values) == 2

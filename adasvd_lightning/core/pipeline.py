@@ -224,8 +224,8 @@ def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float
     or None.
 
     A residual writer's held-out tokens are rows or moments (`core.writer_heldout`): the fit split is
-    made from them and they score the candidates. Other held-out tokens have their own Gram sums (`core.statistics`),
-    whose complement is the fit split and whose objective is the score.
+    made from them and they score the candidates. Other held-out tokens have their own Gram sums
+    (`core.statistics`), whose complement is the fit split and whose objective is the score.
     """
     held = stats.heldout
     if held is None and rows is not None and rows.weighted and score_rows is not None:
@@ -258,7 +258,8 @@ def _holdout_targets(
     held-out text and would be favoured over every step (with another whitening than the truncation-
     aware one, the given start is scored as it is). H_fit is ``stats``' own Grams turned into the fit
     split in place for the body (`_fit_split`), so the whole statistics must not be read inside it.
-    ``rows`` / ``score_rows``: a writer's held-out rows and their weighted score (`core.writer_heldout`).
+    ``rows`` / ``score_rows``: a writer's held-out tokens (rows or moments, `core.writer_heldout`) and
+    their weighted score.
     ``shared`` caches the fit split's whitening per input (q/k/v, gate/up read the same one) when no
     column is preserved.
     """
@@ -304,9 +305,9 @@ def _validate_refinement(
 ) -> tuple[int | None, bool]:
     """(validated half-step count, whether the optimal factors validate) on the held-out sequences.
 
-    ``plain_rows``: a residual writer's held-out rows; a step must then also not raise its plain output
-    error (`core.plain_guard`), and with the tokens' weights they are the held-out data itself (the
-    weighted score and the fit split, `core.writer_heldout`).
+    ``plain_rows``: a residual writer's held-out tokens (rows or moments); a step must then also not
+    raise its plain output error (`core.plain_guard`), and with the tokens' weights they are the
+    held-out data itself (the weighted score and the fit split, `core.writer_heldout`).
     """
     guard = plain_rows.scorer(weight, kept) if plain_rows is not None else None
     score_rows = guard.weighted if guard is not None and plain_rows.weighted else None
@@ -385,7 +386,7 @@ def _factorize_target(
     ``target_energy`` is ‖W X_o‖² per token measured on the dense outputs (see `BlockStatistics`),
     ``heldout_energy`` the same over the held-out sequences (they validate the refinement's steps;
     ``holdout_cache`` shares their fit split's whitening like ``whitenings``; ``plain_rows``: a residual
-    writer's held-out inputs and outputs, unweighted, for the plain-error guard, `core.plain_guard`).
+    writer's held-out tokens, rows or moments, for the validation and its guard, `core.writer_heldout`).
     ``last_use``: no later target reads these statistics, so H_cc is freed as soon as the whitening's
     Cholesky factor can stand in for it (`_factor_replaces_gram`).
     ``compensate=False`` (a target that does not write into the residual stream, `core.residual`): no

@@ -31,6 +31,7 @@ the writer's held-out weighted sums (`core.writer_heldout`); one pass over them 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +89,11 @@ class PlainHeldoutError:
         The last candidate's pair is remembered: validation asks for the weighted score and then the
         plain one of the very same factors.
         """
-        key = (up, down, up._version, down._version)  # the same tensors, not changed in place since
+        # The same tensors (weak references: the cache must not keep a candidate alive), not changed
+        # in place since.
         last = self._last
-        if last is not None and last[0] is up and last[1] is down and last[2:4] == key[2:]:
+        if (last is not None and last[0]() is up and last[1]() is down
+                and last[2:4] == (up._version, down._version)):
             return last[4]
         u, v = up.to(torch.float64), down.to(torch.float64)
         kept = self.kept.to(torch.long)
@@ -108,7 +111,7 @@ class PlainHeldoutError:
                 weighted += float((per_token * root.square()).sum())
         tokens = max(1, self.tokens)
         errors = (plain / tokens, weighted / tokens if self.root_weights is not None else None)
-        self._last = (*key, errors)
+        self._last = (weakref.ref(up), weakref.ref(down), up._version, down._version, errors)
         return errors
 
     def __call__(self, up: torch.Tensor, down: torch.Tensor) -> float:
