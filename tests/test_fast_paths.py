@@ -145,6 +145,30 @@ def test_output_gram_route_matches_the_whitened_svd(shape, monkeypatch):
             factorize_output_gram(tall, output_gram(tall, _gram(shape[0])), 4)
 
 
+def test_output_gram_start_knows_its_down_gram_and_refines_like_without_it():
+    """The output-Gram fit's down·H·downᵀ is diagonal and known from its eigen-decomposition (floored
+    directions included): the refinement's start skips that r·n² product and takes the same steps."""
+    from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, adacomp
+
+    g = torch.Generator().manual_seed(5)
+    n, m, tokens = 40, 24, 30  # fewer tokens than features: some directions sit on the floor
+    x_c = torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    x_o = x_c + 0.1 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    h = x_c.T @ x_c / tokens
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    start = factorize_output_gram(w, output_gram(w, h), 20)
+    exact = (start.down @ h) @ start.down.T
+    torch.testing.assert_close(start.down_gram, exact, rtol=0, atol=1e-9 * float(exact.abs().max()))
+    target = RefinementTarget(w, GramStatistics(h_cc=h, h_oc=x_o.T @ x_c / tokens),
+                              target_energy=float((x_o @ w.T).square().sum()) / tokens)
+    for v_steps in (False, True):
+        known = adacomp(target, start.up, start.down, v_steps=v_steps, down_gram=start.down_gram)
+        formed = adacomp(target, start.up, start.down, v_steps=v_steps)
+        assert len(known[2]) == len(formed[2]) >= 2
+        torch.testing.assert_close(torch.tensor(known[2]), torch.tensor(formed[2]), rtol=1e-9, atol=0)
+        torch.testing.assert_close(known[0] @ known[1], formed[0] @ formed[1], rtol=1e-7, atol=1e-9)
+
+
 def test_output_gram_route_is_exact_where_whitening_needs_damping():
     """Fewer tokens than features: H is singular and the Cholesky factor needs a shift, so the whitened
     SVD fits H + s·I. Where W has large components in directions the tokens never reach, the shift

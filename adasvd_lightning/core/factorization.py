@@ -53,13 +53,15 @@ class LowRankFactors:
     ``up`` is m×r (applied second), ``down`` is r×n (applied first). ``singular_values`` are those of the
     whitened matrix W·S (all of them), so ``truncation_loss`` = √(Σ_{i>r} σᵢ²) is the predicted
     ‖(W − W′)X‖_F when S Sᵀ = X Xᵀ. ``whitened_down`` = down·S, the factor before unwhitening, which
-    refinement in whitened coordinates starts from.
+    refinement in whitened coordinates starts from. ``down_gram`` = down·H·downᵀ (r×r) where the
+    factorization knows it without the r·n² product (`factorize_output_gram`: diagonal).
     """
 
     up: torch.Tensor
     down: torch.Tensor
     singular_values: torch.Tensor
     whitened_down: torch.Tensor | None = None
+    down_gram: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -248,7 +250,9 @@ def factorize_output_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int) -
 
     The √σ split between the factors is floored at `GRAM_MIN_RELATIVE`·σ₁: a direction the calibration
     data barely excites (σ ≈ 0) would otherwise get a huge ``down`` row; the product U_r·U_rᵀ·W is the
-    same for any split.
+    same for any split. With root_i the split, down·H·downᵀ = diag(σᵢ² / root_i²) (U_rᵀ·G·U_r is
+    diagonal): ``down_gram``, which a refinement starting here would otherwise form in r·n² flops
+    (217 GFLOP for a 4096 × 11008 down_proj at 40 %).
     """
     m, n = weight.shape
     if m > n:
@@ -260,4 +264,4 @@ def factorize_output_gram(weight: torch.Tensor, gram: torch.Tensor, rank: int) -
     root = s[:rank].clamp_min(floor).sqrt() if floor > 0 else torch.ones(rank, dtype=s.dtype, device=s.device)
     up = top * root
     down = _project_rows(top, weight).div_(root[:, None])
-    return LowRankFactors(up=up, down=down, singular_values=s)
+    return LowRankFactors(up=up, down=down, singular_values=s, down_gram=torch.diag(s[:rank].square() / root.square()))

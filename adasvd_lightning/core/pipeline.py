@@ -249,9 +249,9 @@ def _holdout_targets(
     spec: MethodSpec, config: CompressionConfig, weight: torch.Tensor, stats: InputStatistics, kept: torch.Tensor,
     energy: float | None, heldout_energy: float | None, rank: int, up: torch.Tensor | None, down: torch.Tensor | None,
     shared: dict[int, Whitening] | None = None, rows: WriterHeldout | None = None, score_rows: Callable | None = None,
-) -> Iterator[tuple[RefinementTarget, Callable, float, torch.Tensor, torch.Tensor] | None]:
-    """(fit target, held-out score f(U, V), held-out energy, start U, start V) for validating a
-    refinement, for the ``with`` body; None: nothing held out.
+) -> Iterator[tuple[RefinementTarget, Callable, float, torch.Tensor, torch.Tensor, torch.Tensor | None] | None]:
+    """(fit target, held-out score f(U, V), held-out energy, start U, start V, start's V·H_fit·Vᵀ when its
+    factorization knows it) for validating a refinement, for the ``with`` body; None: nothing held out.
 
     Everything that is scored is fitted without the held-out sequences: the start too (the whitened
     rank-r fit of the same columns, recomputed from H_fit), since the start on all tokens has seen the
@@ -275,6 +275,7 @@ def _holdout_targets(
         fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
         key = id(stats) if shared is not None and not kept.numel() else None
         whitening = shared.get(key) if key is not None else None
+        down_gram = None
         fit = RefinementTarget(weight, grams, kept=kept, damping=config.damping, target_energy=fit_energy,
                                cross_removed=removed)
         # No column preserved: the rest is all of W, and indexing it would copy it.
@@ -284,7 +285,7 @@ def _holdout_targets(
             # matrix next to both splits' statistics at the widest input's validation: 0.97 GB at n = 11008).
             with phase("svd"):
                 start = factorize_output_gram(rest, output_gram(rest, fit.h_rr), rank)
-            up, down = start.up, start.down
+            up, down, down_gram = start.up, start.down, start.down_gram
         elif spec.whitening == "truncation-aware" or up is None:
             with phase("whitening"):
                 whitening = whitening or compute_whitening(fit.h_rr, damping=config.damping,
@@ -294,7 +295,7 @@ def _holdout_targets(
             up, down = start.up, start.down
         if key is not None and whitening is not None:
             shared[key] = whitening
-        yield fit, score, heldout_energy, up.to(torch.float64), down.to(torch.float64)
+        yield fit, score, heldout_energy, up.to(torch.float64), down.to(torch.float64), down_gram
 
 
 def _validate_refinement(
@@ -328,10 +329,10 @@ def _validated_half_steps(spec: MethodSpec, holdout: tuple | None, report: Modul
     """
     if holdout is None:
         return None
-    fit, score, energy, up, down = holdout
+    fit, score, energy, up, down, down_gram = holdout
     best, scores = validated_steps(fit, score, up, down, iterations=spec.adacomp_iterations,
                                    tolerance=spec.adacomp_tolerance, v_steps=spec.refinement == "adacomp",
-                                   guard=guard)
+                                   guard=guard, down_gram=down_gram)
     report.heldout_error_start = _relative(scores[0], energy)
     report.heldout_error = _relative(scores[best], energy)
     if guard is not None:
@@ -345,7 +346,7 @@ def _optimal_validates(holdout: tuple | None, rank: int, driver: str, report: Mo
     (and, with a guard, do not raise the plain held-out error)."""
     if holdout is None:
         return True
-    fit, score, energy, up, down = holdout
+    fit, score, energy, up, down, _ = holdout
     start = score(up, down)
     plain_start = guard(up, down) if guard is not None else None  # each right after its score: one pass
     opt_up, opt_down, _ = optimal_factors(fit, rank, driver=driver)

@@ -368,6 +368,7 @@ def adacomp(
     whitened_down: torch.Tensor | None = None,
     max_half_steps: int | None = None,
     observe: Callable[[torch.Tensor, Callable[[], torch.Tensor]], bool] | None = None,
+    down_gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Alternate U- and V-steps (``v_steps=False``: a single U-step, SVD-LLM's closed-form update).
 
@@ -378,7 +379,9 @@ def adacomp(
     whitened coordinates it costs a triangular solve — returns False. The V-dependent products are
     computed once per V and shared by the objective and the next U-step. A target with a whitening
     factor is iterated in whitened coordinates; ``whitened_down`` (= ``down``·L, which the whitened SVD
-    produces anyway) saves the r·n² product that would compute it.
+    produces anyway) saves the r·n² product that would compute it; so does ``down_gram`` (= V·H_rr·Vᵀ
+    of the start, where its factorization knows it: `LowRankFactors.down_gram`) in the model's
+    coordinates.
     """
     up, down = up.to(torch.float64), down.to(torch.float64)
     # V-steps in whitened coordinates need L Lᵀ = H exactly; a single U-step works with a damped L too.
@@ -386,6 +389,8 @@ def adacomp(
     if whitened:
         start = whitened_down.to(torch.float64) if whitened_down is not None else target.whiten(down)
         products = _DownProducts.of_whitened(target, start, down)
+    elif down_gram is not None:
+        products = _DownProducts(down, down_gram.to(torch.float64), target.g_times(down.T))
     else:
         products = _DownProducts.of(target, down)
     history = [products.objective(target, up)]
@@ -442,6 +447,7 @@ def validated_steps(
     tolerance: float = 1e-4,
     v_steps: bool = True,
     guard: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    down_gram: torch.Tensor | None = None,
 ) -> tuple[int, list[float]]:
     """How many half-steps of the alternation to run: the count that scores best on held-out tokens.
 
@@ -452,7 +458,7 @@ def validated_steps(
     ``guard(U, V)``, when given, is a second held-out error (a residual writer's plain output error,
     `core.plain_guard`): only counts whose guard value is not above the start's are candidates, so a
     step must help on both measures. Returns (best count, held-out objectives per half-step). The
-    count is then run on all tokens.
+    count is then run on all tokens. ``down_gram``: the start's V·H_rr·Vᵀ on ``fit``, when known.
     """
     scores: list[float] = []
     guarded: list[float] = []
@@ -464,7 +470,8 @@ def validated_steps(
             guarded.append(guard(u, down))
         return len(scores) < 2 or scores[-1] <= scores[-2]
 
-    adacomp(fit, up, down, iterations=iterations, tolerance=tolerance, v_steps=v_steps, observe=observe)
+    adacomp(fit, up, down, iterations=iterations, tolerance=tolerance, v_steps=v_steps, observe=observe,
+            down_gram=down_gram)
     allowed = [k for k in range(len(scores)) if guard is None or guarded[k] <= guarded[0]]
     best = min(allowed, key=lambda k: (scores[k], k))
     return best, scores
