@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "StopForward", "normalise_batch", "model_forward", "capture_block_inputs", "run_block",
-           "first_sequences"]
+__all__ = ["BlockInput", "ProgressEvent", "ProgressFn", "StopForward", "normalise_batch", "model_forward",
+           "capture_block_inputs", "run_block", "first_sequences"]
 
 
 @dataclass

@@ -67,7 +67,8 @@ class PlainHeldoutError:
         if tuple(self.outputs.shape) != (self.inputs.shape[0], m):
             raise ValueError(f"held-out outputs must be {self.inputs.shape[0]}×{m}, got {tuple(self.outputs.shape)}")
         if self.root_weights is not None and tuple(self.root_weights.shape) != (self.inputs.shape[0],):
-            raise ValueError(f"held-out weights must be ({self.inputs.shape[0]},), got {tuple(self.root_weights.shape)}")
+            raise ValueError(f"held-out weights must be ({self.inputs.shape[0]},), "
+                             f"got {tuple(self.root_weights.shape)}")
         self._last: tuple | None = None
         mask = torch.ones(n, dtype=torch.bool)
         mask[self.kept.to(torch.long)] = False

@@ -41,7 +41,8 @@ from .gram import accumulate_cross, accumulate_gram, mirror_lower, token_chunks
 from .plain_guard import PlainHeldoutError
 from .refinement import GramStatistics, RefinementTarget, objective
 
-__all__ = ["HeldoutRows", "HeldoutMoments", "MomentsScorer", "WriterHeldout", "HeldoutScorer", "complement_rows", "rows_are_smaller"]
+__all__ = ["HeldoutRows", "HeldoutMoments", "MomentsScorer", "WriterHeldout", "HeldoutScorer", "complement_rows",
+           "rows_are_smaller"]
 
 
 def rows_are_smaller(tokens: int, in_features: int, out_features: int) -> bool:
