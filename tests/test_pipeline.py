@@ -221,9 +221,8 @@ def test_compensation_is_fitted_to_the_inputs_the_compressed_model_produces(meth
 
 def test_a_writers_statistics_are_freed_before_its_factors_are_balanced(token_batches, monkeypatch):
     """The balance of refitted factors (n×r work) runs after the writer's H_oc, whitening factor and
-    whitened SVD are gone: at Llama-7B width that moment was `svd-llm`'s memory peak with 2.3 GB of
-    them still alive. Each compensated writer's sums are released before its balance, and the reports
-    still carry the refinement's error."""
+    whitened SVD are gone (2.3 GB of them at Llama-7B width). Each compensated writer's sums are
+    released before its balance, and the reports still carry the refinement's error."""
     from adasvd_lightning.core import pipeline, refinement
     from adasvd_lightning.core.statistics import InputStatistics
 

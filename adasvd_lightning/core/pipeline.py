@@ -522,7 +522,7 @@ def _factorize_target(
                 known_error = _relative(value, target.target_energy)
                 # Nothing reads the statistics, the whitening or the whitened SVD any more: free them
                 # before the balance's n×r work (at the widest input H_oc, the factor in H's storage and
-                # the whitened factors, 2.3 GB at n = 11008, were alive at the run's memory peak).
+                # the whitened factors: 2.3 GB at n = 11008).
                 del target
                 factors = None
                 if last_use and _stored_exactly(weight.dtype):  # the report needs no Gram (`_swap_in`)

@@ -37,10 +37,10 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
   weights there that raise the error on new text (on a real 135M model the alternation lost to the
   U-step alone). With some calibration sequences held out (`core.holdout`), the alternation is run on
   the rest (H_fit = (N·H − N_v·H_v)/(N − N_v), exactly, from the sums) and scored after every
-  half-step on the held-out Grams (a residual writer: on its held-out rows, `core.writer_heldout`, which
-  give the same fit split and score); the number of half-steps that scored best is then run on all
-  tokens. Zero half-steps (the whitened start) is a candidate, so a refinement never does worse on
-  held-out text than no refinement. A residual writer's counts must also pass a second held-out
+  half-step on the held-out Grams (a residual writer: on its held-out rows or their moments,
+  `core.writer_heldout`, which give the same fit split and score); the number of half-steps that
+  scored best is then run on all tokens. Zero half-steps (the whitened start) is a candidate, so a
+  refinement never does worse on held-out text than no refinement. A residual writer's counts must also pass a second held-out
   measure, its plain (unweighted) output error (`core.plain_guard`): its objective is on the
   residual's scale, where a step may give up the few attention-sink tokens every later layer reads.
 """
@@ -452,9 +452,9 @@ def validated_steps(
     """How many half-steps of the alternation to run: the count that scores best on held-out tokens.
 
     Runs `adacomp` on ``fit`` (the statistics without the held-out sequences) from the start (U, V)
-    and evaluates the held-out objective (``heldout``: its Grams, or a function of (U, V) such as the
-    weighted error on held-out rows, `core.writer_heldout`) at the start and after every accepted half-step, stopping at
-    the first rise (early stopping: past it the steps fit what the held-out text does not share).
+    and evaluates the held-out objective (``heldout``: its Grams, or a function of (U, V) such as a
+    writer's weighted held-out error, `core.writer_heldout`) at the start and after every accepted
+    half-step, stopping at the first rise (early stopping: past it the steps fit what the held-out text does not share).
     ``guard(U, V)``, when given, is a second held-out error (a residual writer's plain output error,
     `core.plain_guard`): only counts whose guard value is not above the start's are candidates, so a
     step must help on both measures. Returns (best count, held-out objectives per half-step). The
@@ -508,7 +508,7 @@ def balance_factors(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor,
     """Same product U·V, with the singular values split as √Σ on both sides (well-conditioned factors).
 
     The scalings are in place: each product is a new m×r / r×n matrix already (158 MB for the r×n one
-    of a 4096 × 11008 down_proj at 40 %), and a scaled copy of it was the run's memory peak.
+    of a 4096 × 11008 down_proj at 40 %); a scaled copy would be one more.
     """
     with lapack_threads():
         q_u, r_u = torch.linalg.qr(up)
