@@ -40,7 +40,6 @@ from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .params import count_parameters
-from .writer_heldout import HeldoutScorer, WriterHeldout
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
@@ -52,6 +51,7 @@ from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
 from .whitening import CholeskyWhitening, Whitening, compute_whitening
+from .writer_heldout import HeldoutScorer, WriterHeldout
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
 

@@ -47,11 +47,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .gram import GRAM_BLOCK, accumulate_cross, accumulate_gram, mirror_lower, token_chunks  # noqa: F401 (re-exported)
-from .writer_heldout import HeldoutMoments, HeldoutRows, WriterHeldout, rows_are_smaller
+from .gram import accumulate_cross, accumulate_gram, mirror_lower, token_chunks
 from .profiling import phase
 from .residual import residual_weights
 from .surgery import linear_bias, linear_shape
+from .writer_heldout import HeldoutMoments, HeldoutRows, WriterHeldout, rows_are_smaller
 
 __all__ = ["InputStatistics", "BlockStatistics", "accumulate_gram", "accumulate_cross", "mirror_lower"]
 
