@@ -14,7 +14,7 @@ import pytest
 
 from adasvd_lightning.core.calibration import BlockInput, capture_block_inputs, first_sequences
 from adasvd_lightning.core.offload import BlockRunner
-from adasvd_lightning.core.pipeline import _block_structure, input_stages
+from adasvd_lightning.core.pipeline import CompressionWarning, _block_structure, input_stages
 from adasvd_lightning.core.residual import find_residual_writers
 from adasvd_lightning.core.surgery import find_targets
 
@@ -83,7 +83,7 @@ def test_a_block_the_cut_cannot_follow_is_asked_on_the_whole_batch(strict):
     assert first_sequences(inp) is not None
     rows, handle = _rows_seen(block)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pytest.warns(CompressionWarning, match="whole first batch"):
             stages, writers = _block_structure(block, targets, inp, x, BlockRunner(None))
     finally:
         handle.remove()

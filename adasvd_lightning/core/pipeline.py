@@ -865,8 +865,10 @@ def _block_structure(block: nn.Module, targets: dict[str, nn.Module], inp: Block
     if cut is not None:
         try:
             return ask(*cut)
-        except Exception:  # noqa: BLE001 — the block reads the batch in a way the cut does not follow
-            pass
+        except Exception as error:  # noqa: BLE001 — the block reads the batch in a way the cut does not follow
+            warnings.warn(f"the block's structure is learnt on the whole first batch, not on one sequence "
+                          f"({type(error).__name__}: {error}); same result, more time", CompressionWarning,
+                          stacklevel=4)
     return ask(inp, hidden)
 
 
