@@ -169,6 +169,48 @@ def test_output_gram_start_knows_its_down_gram_and_refines_like_without_it():
         torch.testing.assert_close(known[0] @ known[1], formed[0] @ formed[1], rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (32, 32)])
+def test_closed_form_writer_from_output_gram_matches_the_whitened_route(shape):
+    """SVD-LLM's closed-form update on a wide or square writer starts from W·H_cc·Wᵀ's eigenpairs
+    (`pipeline._refined_from_output_gram`): the same factors and objective as the reference route —
+    undamped Cholesky whitening, LAPACK's SVD of W·L, the U-step in whitened coordinates — with H_cc
+    freed before the eigen-decomposition and no whitening factor ever formed."""
+    from adasvd_lightning.core.pipeline import _refined_from_output_gram
+    from adasvd_lightning.core.report import ModuleReport
+    from adasvd_lightning.core.statistics import InputStatistics
+    from adasvd_lightning.core.whitening import CholeskyWhitening
+
+    m, n = shape
+    g = torch.Generator().manual_seed(11)
+    x_o = torch.randn(300, n, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    x_c = x_o + 0.2 * torch.randn(300, n, generator=g, dtype=torch.float64)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    stats = InputStatistics.empty(n)
+    stats.add_pair(x_o, x_c)
+    stats.finalize()
+    energy = float((x_o @ w.T).square().sum()) / 300
+    h_cc, h_oc = stats.gram.clone(), stats.grams().h_oc.clone()
+    rank = 9
+
+    whitening = compute_whitening(h_cc.clone())
+    assert isinstance(whitening, CholeskyWhitening) and whitening.shift == 0.0
+    start = factorize(w, rank, whitening, driver="svd")
+    reference = RefinementTarget(w, GramStatistics(h_cc, h_oc), whitening_factor=whitening.factor,
+                                 target_energy=energy)
+    ref_up, ref_down, ref_history = adacomp(reference, start.up, start.down, v_steps=False,
+                                            whitened_down=start.whitened_down)
+
+    report = ModuleReport(name="t", out_features=m, in_features=n, params_before=m * n, params_after=m * n)
+    released = []
+    stats.release_gram = lambda: (released.append(stats.gram_sum is not None), InputStatistics.release_gram(stats))
+    report, module = _refined_from_output_gram(report, w, None, rank, CompressionConfig(method="svd-llm"), stats,
+                                               energy, steps=None, last_use=True)
+    assert report.whitening == "output-gram" and report.refinement_steps == len(ref_history) - 1 == 1
+    torch.testing.assert_close(module.dense_weight().double(), ref_up @ ref_down, rtol=1e-9, atol=1e-9)
+    assert report.relative_error == pytest.approx((ref_history[-1] / energy) ** 0.5, rel=1e-8)
+    assert released[0] and stats.gram_sum is None and stats.cross_sum is None  # H_cc freed, then the sums
+
+
 def test_output_gram_route_is_exact_where_whitening_needs_damping():
     """Fewer tokens than features: H is singular and the Cholesky factor needs a shift, so the whitened
     SVD fits H + s·I. Where W has large components in directions the tokens never reach, the shift
@@ -428,8 +470,9 @@ def test_reported_error_with_singular_statistics_and_released_gram(method, monke
     dtype = "float64" if method == "adasvd" else "float32"
     report = _check_reported_errors(method, few, statistics_dtype=dtype, heldout_fraction=0.0)
     kinds = {m.whitening for m in report.modules}
-    # svd-llm-w fits its wide and square targets from W·H·Wᵀ, exact for a singular H without damping.
-    assert ("output-gram" if method == "svd-llm-w" else "damped-cholesky") in kinds
+    # svd-llm(-w) fit their wide and square targets from W·H·Wᵀ, exact for a singular H without damping
+    # (svd-llm's closed-form update needs only the start's known V·H·Vᵀ and W·H_oc·Vᵀ).
+    assert ("output-gram" if method in ("svd-llm-w", "svd-llm") else "damped-cholesky") in kinds
     # adaComp's V-steps need H with a damped factor, so it keeps those; everything else frees H per input.
     assert len(released) >= (2 if method == "adasvd" else 6)
 

@@ -101,7 +101,8 @@ class RefinementTarget:
     undamped Cholesky factor of the whitening, nothing preserved): `adacomp` then iterates in whitened
     coordinates (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
     and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), V-steps then use the plain
-    coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None).
+    coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None);
+    nor without one, where U-steps refine a start whose V·H_cc·Vᵀ is known (`adacomp`'s ``down_gram``).
     ``cross_removed``: a part every W·H_oc below must lose — rows (Ỹ, X̃), subtracted as Ỹᵀ·X̃, or an
     m×n matrix (a fit split made from a writer's held-out tokens, `core.writer_heldout`). ``w_h_oc``:
     W·H_oc given outright (held-out moments' Σ y xᵀ), ``stats.h_oc`` then unread.
@@ -131,8 +132,8 @@ class RefinementTarget:
         self.w_keep = w[:, kept].to(torch.float64)
         self._w = w
         self._g: torch.Tensor | None = None
-        if s.h_cc is None and (kept.numel() or self.whitening_factor is None):
-            raise ValueError("without H_cc a refinement target needs the whitening factor and no preserved columns")
+        if s.h_cc is None and kept.numel():
+            raise ValueError("without H_cc a refinement target cannot preserve columns")
         if kept.numel():
             self.h_rr = s.h_cc[rest][:, rest]
             w_hoc_kept = self._w_h_oc(kept)
@@ -204,6 +205,16 @@ class RefinementTarget:
             self._g_solved = torch.cholesky_solve(self.g.T, self.h_rr_chol).T
         return self._g_solved
 
+    def plain_h(self) -> torch.Tensor:
+        """H_rr, for products in the model's coordinates; a clear error where it was released.
+
+        H_cc may be released without a whitening factor standing in when only a start whose V·H·Vᵀ is
+        known is refined by U-steps (`adacomp` with ``down_gram``): every other product needs it.
+        """
+        if self.h_rr is None:
+            raise ValueError("this product needs H_cc (or the whitening factor), which was released")
+        return self.h_rr
+
     @property
     def h_rr_chol(self) -> torch.Tensor:
         """Damped Cholesky of H_rr for the V-step's solve (H_rr may be singular: dead channels).
@@ -268,7 +279,7 @@ class _DownProducts:
 
     @classmethod
     def of(cls, target: "RefinementTarget", down: torch.Tensor) -> "_DownProducts":
-        return cls(down, (down @ target.h_rr) @ down.T, target.g_times(down.T))
+        return cls(down, (down @ target.plain_h()) @ down.T, target.g_times(down.T))
 
     @classmethod
     def of_whitened(
@@ -329,7 +340,7 @@ def objective(target: RefinementTarget, up: torch.Tensor, down: torch.Tensor) ->
     Evaluated in factored form, tr((UᵀU)(V H Vᵀ)) − 2 tr(Uᵀ G Vᵀ) + ‖Y‖²: r·n² + m·n·r flops instead of
     forming the m×n product and multiplying it by H (m·n² + m·n·r) — the dense form costs m/r times more.
     """
-    if target.h_rr is None:  # H released: the whitening factor stands in for it
+    if target.h_rr is None and target.whitening_factor is not None:  # H released: the factor stands in for it
         return _DownProducts.of_whitened(target, target.whiten(down), down).objective(target, up)
     return _DownProducts.of(target, down).objective(target, up)
 
