@@ -1,12 +1,13 @@
 """Each fast linear-algebra path matches its reference path to tolerance."""
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model, get_method
-from adasvd_lightning.core import factorization
+from adasvd_lightning.core import factorization, pipeline
 from adasvd_lightning.core.factorization import factorize, factorize_output_gram, output_gram
 from adasvd_lightning.core.linalg import GRAM_MIN_RELATIVE, singular_values, thin_svd
 from adasvd_lightning.core.pipeline import _output_error
@@ -203,12 +204,77 @@ def test_closed_form_writer_from_output_gram_matches_the_whitened_route(shape):
     report = ModuleReport(name="t", out_features=m, in_features=n, params_before=m * n, params_after=m * n)
     released = []
     stats.release_gram = lambda: (released.append(stats.gram_sum is not None), InputStatistics.release_gram(stats))
-    report, module = _refined_from_output_gram(report, w, None, rank, CompressionConfig(method="svd-llm"), stats,
-                                               energy, steps=None, last_use=True)
+    unvalidated = dataclasses.replace(get_method("svd-llm"), heldout_fraction=0.0)
+    report, module = _refined_from_output_gram(report, w, None, rank, unvalidated, CompressionConfig(method="svd-llm"),
+                                               stats, energy, None, None, last_use=True)
     assert report.whitening == "output-gram" and report.refinement_steps == len(ref_history) - 1 == 1
     torch.testing.assert_close(module.dense_weight().double(), ref_up @ ref_down, rtol=1e-9, atol=1e-9)
     assert report.relative_error == pytest.approx((ref_history[-1] / energy) ** 0.5, rel=1e-8)
-    assert released[0] and stats.gram_sum is None and stats.cross_sum is None  # H_cc freed, then the sums
+    # H_cc freed once G was formed (and again, as a no-op, with the other sums after the refinement).
+    assert released[0] and stats.gram_sum is None and stats.cross_sum is None
+
+
+def _weighted_writer(form: str, m: int = 24, n: int = 40, tokens: int = 300, held: int = 80):
+    """Paired statistics of a residual writer as the pipeline sums them (each token scaled by its √weight),
+    its held-out tokens as rows or moments (`core.writer_heldout`), and the weighted energies."""
+    from adasvd_lightning.core.statistics import InputStatistics
+    from adasvd_lightning.core.writer_heldout import HeldoutMoments, HeldoutRows
+
+    g = torch.Generator().manual_seed(13)
+    x_o = torch.randn(tokens, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, n, dtype=torch.float64)
+    x_c = x_o + 0.3 * torch.randn(tokens, n, generator=g, dtype=torch.float64)
+    root = 0.5 + torch.rand(tokens, generator=g, dtype=torch.float64)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    y = x_o @ w.T
+    stats = InputStatistics.empty(n)
+    stats.add_pair(x_o * root[:, None], x_c * root[:, None])
+    stats.finalize()
+    energy = float((y * root[:, None]).square().sum()) / tokens
+    heldout_energy = float((y[:held] * root[:held, None]).square().sum()) / held
+    if form == "rows":
+        part = HeldoutRows(x_c[:held].float(), y[:held].float(), root[:held].float())
+    else:
+        part = HeldoutMoments.empty(n, m)
+        part.add(x_c[:held], y[:held], root[:held])
+        part.finalize()
+    return w, stats, part, energy, heldout_energy
+
+
+@pytest.mark.parametrize("form", ["rows", "moments"])
+def test_closed_form_writer_validates_from_output_gram_like_from_the_fit_split_of_h_cc(form):
+    """A validated writer: the fit split's start comes from W·H_cc·Wᵀ less the held-out tokens' part
+    (`fit_split_output_gram`), after H_cc is freed. Same held-out errors, step count and factors as the
+    reference: H_cc turned into the fit split in place (`_validate_refinement`), then the whitened route."""
+    from adasvd_lightning.core.pipeline import _refined_from_output_gram, _validate_refinement
+    from adasvd_lightning.core.report import ModuleReport
+
+    rank, spec, config = 9, get_method("svd-llm"), CompressionConfig(method="svd-llm")
+    w, stats, part, energy, heldout_energy = _weighted_writer(form)
+    m, n = w.shape
+    ref = ModuleReport(name="t", out_features=m, in_features=n, params_before=m * n, params_after=m * n)
+    steps, _ = _validate_refinement(spec, config, w, stats, torch.empty(0, dtype=torch.long), energy, heldout_energy,
+                                    rank, None, None, None, ref, part)
+    whitening = compute_whitening(stats.gram.clone())
+    start = factorize(w, rank, whitening, driver="svd")
+    target = RefinementTarget(w, stats.grams(), whitening_factor=whitening.factor, target_energy=energy)
+    ref_up, ref_down, _ = adacomp(target, start.up, start.down, v_steps=False, whitened_down=start.whitened_down,
+                                  max_half_steps=steps)
+
+    w2, stats2, part2, _, _ = _weighted_writer(form)
+    order = []
+    stats2.release_gram = lambda: (order.append("released"), type(stats2).release_gram(stats2))[1]
+    report = ModuleReport(name="t", out_features=m, in_features=n, params_before=m * n, params_after=m * n)
+    real_validate = pipeline._validated_half_steps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "_validated_half_steps", lambda *a, **k: (order.append("validated"),
+                                                                          real_validate(*a, **k))[1])
+        report, module = _refined_from_output_gram(report, w2, None, rank, spec, config, stats2, energy,
+                                                   heldout_energy, part2, last_use=True)
+    assert order[:2] == ["released", "validated"]  # H_cc was gone before the validation's eigen-decomposition
+    assert report.refinement_steps == steps
+    for field in ("heldout_error_start", "heldout_error", "heldout_plain_error_start", "heldout_plain_error"):
+        assert getattr(report, field) == pytest.approx(getattr(ref, field), rel=1e-8), field
+    torch.testing.assert_close(module.dense_weight().double(), ref_up @ ref_down, rtol=1e-8, atol=1e-9)
 
 
 def test_output_gram_route_is_exact_where_whitening_needs_damping():

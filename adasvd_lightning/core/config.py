@@ -32,8 +32,9 @@ class CompressionConfig:
             sequential scheme) feeds it the outputs of the already compressed blocks, so each block is
             fitted to the inputs it will really see; ``"original"`` uses the dense model's activations.
         damping: relative damping of the Cholesky retry (× mean diagonal of H). Only where a factor is
-            formed: wide or square targets without refinement or preserved columns are fitted from
-            W·H·Wᵀ, which needs no factor and is exact for a singular H (report: `output-gram`).
+            formed: wide or square targets without preserved columns, and without refinement or with only
+            the closed-form U update, are fitted from W·H·Wᵀ, which needs no factor and is exact for a
+            singular H (report: `output-gram`).
         compute_dtype: precision of the decompositions (``float64`` is the safe default).
         method_options: overrides of the preset's strategies and knobs, e.g.
             ``{"refinement": "adacomp", "adacomp_iterations": 5}`` (see `MethodSpec`).

@@ -425,6 +425,10 @@ def _factorize_target(
         report.compensated = compensate
         if not compensate:  # not a residual writer: the whitened fit to its own input, no refinement
             spec = dataclasses.replace(spec, refinement="none")
+    if (spec.refinement == "closed-form" and input_stats is not None and input_stats.gram_sum is not None
+            and _takes_output_gram(spec, config, (out_features, in_features), refined=True)):
+        return _refined_from_output_gram(report, weight, bias, rank, spec, config, input_stats, target_energy,
+                                         heldout_energy, plain_rows, last_use)
     if (spec.refinement == "none" and input_stats is not None and input_stats.gram_sum is not None
             and _takes_output_gram(spec, config, (out_features, in_features), refined=False)):
         with phase("svd"):
@@ -454,10 +458,6 @@ def _factorize_target(
     # A writer's held-out rows still to validate on need H_cc for the fit split (`core.writer_heldout`).
     pending = (spec.validates_refinement and spec.refinement != "none" and validated is None
                and plain_rows is not None)
-    if (spec.refinement == "closed-form" and input_stats is not None and input_stats.gram_sum is not None
-            and not pending and _takes_output_gram(spec, config, (out_features, in_features), refined=True)):
-        return _refined_from_output_gram(report, weight, bias, rank, config, input_stats, target_energy,
-                                         validated[0] if validated is not None else None, last_use)
     with phase("whitening"):
         if whitenings is not None and key in whitenings:
             whitening = whitenings[key]
@@ -547,23 +547,48 @@ def _factorize_target(
 
 
 def _refined_from_output_gram(report: ModuleReport, weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
-                              config: CompressionConfig, input_stats: InputStatistics, target_energy: float | None,
-                              steps: int | None, last_use: bool) -> tuple[ModuleReport, nn.Module]:
-    """SVD-LLM's closed-form update from the output-Gram start: no whitening factor at all.
+                              spec: MethodSpec, config: CompressionConfig, input_stats: InputStatistics,
+                              target_energy: float | None, heldout_energy: float | None,
+                              plain_rows: WriterHeldout | None, last_use: bool) -> tuple[ModuleReport, nn.Module]:
+    """SVD-LLM's closed-form update from the output-Gram start, validated and fitted without H_cc.
 
     The truncation-aware start of a wide or square W is G = W·H_cc·Wᵀ's eigen-decomposition
     (`factorize_output_gram`), the same fit as the whitened SVD wherever H_cc is positive definite and
     the exact one where it is singular (the Cholesky route fits H_cc + s·I there). The U-step
-    U = W·H_oc·Vᵀ·(V·H_cc·Vᵀ)⁻¹ then needs V·H_cc·Vᵀ, which that start knows (diagonal), and W·H_oc·Vᵀ:
-    so H_cc is freed once G is formed (paired statistics; single-stream ones are H_oc too), and neither
-    its n³ Cholesky factor nor the r·n² whitened start Ṽ = V·L is computed. At a 4096 × 11008
-    down_proj that is one 0.97 GB n×n float64 matrix less at the run's memory peak, and 0.45 + 0.22
-    TFLOP less per matrix. ``steps``: the validated half-step count (None: not validated).
+    U = W·H_oc·Vᵀ·(V·H_cc·Vᵀ)⁻¹ needs V·H_cc·Vᵀ, which that start knows (diagonal), and W·H_oc·Vᵀ.
+    The validation's fit split needs H_cc only as its G too, and that is G less the held-out tokens'
+    part, formed from their rows or moments (`fit_split_output_gram`). So once G is formed nothing
+    reads H_cc: it is freed (paired statistics; single-stream ones are H_oc too) before either
+    eigen-decomposition, and neither a Cholesky factor (n³/3) nor the whitened start V·L (r·n²) is
+    computed. At a 4096 × 11008 down_proj, H_cc is 0.97 GB of the run's memory peak.
     """
+    dtype, n = config.torch_compute_dtype, input_stats.tokens
+    held = plain_rows if (spec.validates_refinement and plain_rows is not None and plain_rows.weighted
+                          and input_stats.heldout is None and target_energy is not None and heldout_energy
+                          and 0 < plain_rows.tokens < n) else None
+    steps = None
+    if spec.validates_refinement and held is None:  # held-out Gram sums (or nothing to validate on): as before
+        steps, _ = _validate_refinement(spec, config, weight, input_stats, torch.empty(0, dtype=torch.long),
+                                        target_energy, heldout_energy, rank, None, None, None, report, plain_rows)
     with phase("svd"):
-        gram = output_gram(weight, input_stats.gram, config.torch_compute_dtype)
+        gram = output_gram(weight, input_stats.gram, dtype)
+        fit_gram = held.fit_split_output_gram(gram, weight, n) if held is not None else None
         if last_use and input_stats.cross_sum is not None and _stored_exactly(weight.dtype):
             input_stats.release_gram()  # nothing below reads H_cc (the report's error is the objective's)
+    if held is not None:
+        guard = held.scorer(weight)
+        fit_energy = (n * target_energy - held.tokens * heldout_energy) / (n - held.tokens)
+        h_oc = input_stats.grams().h_oc
+        with phase("refinement", absorb=True), held.fit_split(None, h_oc, n) as removed:
+            fit = RefinementTarget(weight, GramStatistics(h_cc=None, h_oc=h_oc), damping=config.damping,
+                                   target_energy=fit_energy, cross_removed=removed)
+            with phase("svd"):
+                start = factorize_output_gram(weight, fit_gram, rank)
+            del fit_gram
+            steps = _validated_half_steps(spec, (fit, guard.weighted, heldout_energy, start.up.to(torch.float64),
+                                                 start.down.to(torch.float64), start.down_gram), report, guard)
+            del fit, start
+    with phase("svd"):
         factors = factorize_output_gram(weight, gram, rank)
         del gram
     with phase("refinement", absorb=True):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .factorization import output_gram, times_converted
 from .gram import accumulate_cross, accumulate_gram, mirror_lower, token_chunks
 from .plain_guard import PlainHeldoutError
 from .refinement import GramStatistics, RefinementTarget, objective
@@ -89,13 +90,28 @@ class HeldoutRows:
         return PlainHeldoutError(weight, self.inputs, self.outputs, kept=_empty_kept() if kept is None else kept,
                                  root_weights=self.root_weights)
 
-    def fit_split(self, h_cc: torch.Tensor, h_oc: torch.Tensor, tokens: int):
+    def fit_split(self, h_cc: torch.Tensor | None, h_oc: torch.Tensor, tokens: int):
         """`complement_rows` of these rows."""
         return complement_rows(h_cc, h_oc, tokens, self)
 
+    def fit_split_output_gram(self, gram: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The fit split's W·H_cc·Wᵀ from the whole data's ``gram`` (= W·H_cc·Wᵀ, mean over ``tokens``):
+        (N·G − Z·Zᵀ)/(N − N_v) with Z = W·X̃ᵀ (m × N_v), so H_cc itself is not needed (a new m×m matrix)."""
+        rest = _rest(self.tokens, tokens)
+        z = times_converted(weight, self._weighted(self.inputs.to(gram.dtype)).T)
+        fit = gram * (tokens / rest)
+        fit.addmm_(z, z.T, alpha=-1.0 / rest)
+        return fit
+
+
+def _rest(part: int, tokens: int) -> int:
+    if not 0 < part < tokens:
+        raise ValueError(f"a part of {part} tokens out of {tokens} leaves nothing to fit on")
+    return tokens - part
+
 
 @contextmanager
-def complement_rows(h_cc: torch.Tensor, h_oc: torch.Tensor, tokens: int,
+def complement_rows(h_cc: torch.Tensor | None, h_oc: torch.Tensor, tokens: int,
                     rows: HeldoutRows) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The whole data's mean Grams turned, in place and for the ``with`` body, into the fit split's:
     H_cc ← (N·H_cc − X̃ᵀX̃)/(N − N_v), H_oc ← N/(N − N_v)·H_oc. Yields the correction (Ỹ/(N − N_v), X̃)
@@ -104,25 +120,26 @@ def complement_rows(h_cc: torch.Tensor, h_oc: torch.Tensor, tokens: int,
     ``tokens`` = N, the whole data's token count (the rows are among them: their weighted products are
     in the sums). Restored on exit, up to a few float64 ulps of (N/(N − N_v))·|H| per entry, like
     `core.refinement.complement`. Nothing may read the Grams as the whole inside the block.
+    ``h_cc`` None: H_cc was released (its fit split is only needed as W·H_cc·Wᵀ,
+    `HeldoutRows.fit_split_output_gram`); H_oc alone is turned.
     """
     if h_oc is h_cc:
         raise ValueError("held-out rows complement paired statistics (H_oc distinct from H_cc)")
-    part = rows.tokens
-    if not 0 < part < tokens:
-        raise ValueError(f"a part of {part} tokens out of {tokens} leaves nothing to fit on")
-    rest = tokens - part
+    rest = _rest(rows.tokens, tokens)
     x = rows._weighted(rows.inputs)
     y = rows._weighted(rows.outputs.to(torch.float64)) / rest
-    h_cc.mul_(tokens / rest)
-    accumulate_gram(h_cc, x, alpha=-1.0 / rest)
-    mirror_lower(h_cc)
+    if h_cc is not None:
+        h_cc.mul_(tokens / rest)
+        accumulate_gram(h_cc, x, alpha=-1.0 / rest)
+        mirror_lower(h_cc)
     h_oc.mul_(tokens / rest)
     try:
         yield y, x
     finally:
-        accumulate_gram(h_cc, x, alpha=1.0 / rest)
-        mirror_lower(h_cc)
-        h_cc.mul_(rest / tokens)
+        if h_cc is not None:
+            accumulate_gram(h_cc, x, alpha=1.0 / rest)
+            mirror_lower(h_cc)
+            h_cc.mul_(rest / tokens)
         h_oc.mul_(rest / tokens)
 
 
@@ -189,24 +206,34 @@ class HeldoutMoments:
         return MomentsScorer(weight, self, _empty_kept() if kept is None else kept)
 
     @contextmanager
-    def fit_split(self, h_cc: torch.Tensor, h_oc: torch.Tensor, tokens: int) -> Iterator[torch.Tensor]:
+    def fit_split(self, h_cc: torch.Tensor | None, h_oc: torch.Tensor, tokens: int) -> Iterator[torch.Tensor]:
         """Like `complement_rows`, from the moments: H_cc ← (N·H_cc − N_v·H_w)/(N − N_v) and H_oc scaled,
-        in place for the ``with`` body; yields the m×n correction N_v·C_w/(N − N_v) of W·H_oc."""
+        in place for the ``with`` body; yields the m×n correction N_v·C_w/(N − N_v) of W·H_oc.
+        ``h_cc`` None: released, H_oc alone is turned (`fit_split_output_gram`)."""
         if h_oc is h_cc:
             raise ValueError("held-out moments complement paired statistics (H_oc distinct from H_cc)")
         if not self.normalized:
             raise RuntimeError("held-out moments must be finalized before the fit split is formed")
         part = self.tokens
-        if not 0 < part < tokens:
-            raise ValueError(f"a part of {part} tokens out of {tokens} leaves nothing to fit on")
-        rest = tokens - part
-        h_cc.mul_(tokens / rest).sub_(self.h_weighted, alpha=part / rest)
+        rest = _rest(part, tokens)
+        if h_cc is not None:
+            h_cc.mul_(tokens / rest).sub_(self.h_weighted, alpha=part / rest)
         h_oc.mul_(tokens / rest)
         try:
             yield self.c_weighted * (part / rest)
         finally:
-            h_cc.add_(self.h_weighted, alpha=part / rest).mul_(rest / tokens)
+            if h_cc is not None:
+                h_cc.add_(self.h_weighted, alpha=part / rest).mul_(rest / tokens)
             h_oc.mul_(rest / tokens)
+
+    def fit_split_output_gram(self, gram: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The fit split's W·H_cc·Wᵀ from the whole data's ``gram``: (N·G − N_v·W·H_w·Wᵀ)/(N − N_v)."""
+        if not self.normalized:
+            raise RuntimeError("held-out moments must be finalized before the fit split is formed")
+        rest = _rest(self.tokens, tokens)
+        fit = gram * (tokens / rest)
+        fit.sub_(output_gram(weight, self.h_weighted, gram.dtype), alpha=self.tokens / rest)
+        return fit
 
 
 class MomentsScorer:
