@@ -195,7 +195,7 @@ def test_merge_unprofitable_from_the_command_line(tiny_reference, tmp_path):
     assert len(merged["merged"]) == len(merged["modules"]) and merged["achieved_ratio"] == 0.0
     assert all(m["rank"] is None and "multiply-adds" in m["skipped"] for m in merged["modules"])
     assert merged["parameters_after"] == merged["parameters_before"]
-    assert "merged back to dense" in result.stderr
+    assert "merged back to dense" in " ".join(result.stderr.split())  # the summary may wrap at 80 columns
     scores = [last_json(run("evaluate", "--model", str(tmp_path / name), "--seq-len", "32", "--max-windows", "8",
                             "--json").stdout) for name in ("plain", "merged")]
     assert scores[1]["parameters"] == merged["parameters_after"] > plain["parameters_after"]
