@@ -120,6 +120,36 @@ def test_moments_score_and_split_like_the_rows_they_summarise():
     assert moments.energies[0] == pytest.approx(held_energy, rel=1e-10)
 
 
+@pytest.mark.parametrize("form", ["rows", "moments"])
+def test_fit_split_output_gram_is_w_h_fit_wt_without_h_cc(form, monkeypatch):
+    """The fit split's W·H_cc·Wᵀ formed from the whole data's W·H_cc·Wᵀ and the held-out tokens (rows a
+    chunk at a time, here three chunks; or moments) equals W·H_fit·Wᵀ of the fit split formed in place,
+    and leaves the rows as they were."""
+    from adasvd_lightning.core import writer_heldout
+    from adasvd_lightning.core.factorization import output_gram
+    from adasvd_lightning.core.writer_heldout import HeldoutMoments
+
+    weight, whole, _, rows, _, _ = _writer(tokens=900, held=600, dtype=torch.float64)
+    held = rows
+    if form == "moments":
+        held = HeldoutMoments.empty(N, M)
+        held.add(rows.inputs, rows.outputs, rows.root_weights)
+        held.finalize()
+    chunks = []
+    real = writer_heldout.token_chunks
+    monkeypatch.setattr(writer_heldout, "token_chunks",
+                        lambda x, dtype: chunks.append(1) or real(x, dtype, chunk_bytes=256 * 8 * N))
+    before = rows.inputs.clone()
+    got = held.fit_split_output_gram(output_gram(weight, whole.h_cc), weight, 900)
+    h_cc, h_oc = whole.h_cc.clone(), whole.h_oc.clone()
+    with held.fit_split(h_cc, h_oc, 900):
+        want = output_gram(weight, h_cc)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-11 * float(want.abs().max()))
+    assert torch.equal(rows.inputs, before)
+    if form == "rows":
+        assert len(list(real(rows.inputs, torch.float64, chunk_bytes=256 * 8 * N))) == 3 and chunks
+
+
 def test_the_smaller_form_is_chosen_from_the_held_out_token_count():
     from adasvd_lightning.core.writer_heldout import rows_are_smaller
 

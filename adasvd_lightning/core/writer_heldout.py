@@ -96,11 +96,21 @@ class HeldoutRows:
 
     def fit_split_output_gram(self, gram: torch.Tensor, weight: torch.Tensor, tokens: int) -> torch.Tensor:
         """The fit split's W·H_cc·Wᵀ from the whole data's ``gram`` (= W·H_cc·Wᵀ, mean over ``tokens``):
-        (N·G − Z·Zᵀ)/(N − N_v) with Z = W·X̃ᵀ (m × N_v), so H_cc itself is not needed (a new m×m matrix)."""
+        (N·G − Z·Zᵀ)/(N − N_v) with Z = W·X̃ᵀ (m × N_v), so H_cc itself is not needed (a new m×m matrix).
+
+        Z·Zᵀ is summed over row chunks (`token_chunks`): rows are kept up to the size of the moments
+        (2.7 GB at down_proj's Llama-7B width), and neither their float64 copy nor all of Z may exist.
+        """
         rest = _rest(self.tokens, tokens)
-        z = times_converted(weight, self._weighted(self.inputs.to(gram.dtype)).T)
         fit = gram * (tokens / rest)
-        fit.addmm_(z, z.T, alpha=-1.0 / rest)
+        start = 0
+        for chunk in token_chunks(self.inputs, gram.dtype):
+            x = chunk.to(gram.dtype)  # not in place below: float64 rows would be the rows themselves
+            if self.root_weights is not None:
+                x = x * self.root_weights[start:start + x.shape[0], None].to(x.dtype)
+            start += x.shape[0]
+            z = times_converted(weight, x.T)
+            fit.addmm_(z, z.T, alpha=-1.0 / rest)
         return fit
 
 
