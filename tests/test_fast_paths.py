@@ -205,8 +205,14 @@ def test_closed_form_writer_from_output_gram_matches_the_whitened_route(shape):
     released = []
     stats.release_gram = lambda: (released.append(stats.gram_sum is not None), InputStatistics.release_gram(stats))
     unvalidated = dataclasses.replace(get_method("svd-llm"), heldout_fraction=0.0)
-    report, module = _refined_from_output_gram(report, w, None, rank, unvalidated, CompressionConfig(method="svd-llm"),
-                                               stats, energy, None, None, last_use=True)
+    with pytest.MonkeyPatch.context() as patch:  # no whitening factor on this route
+        from adasvd_lightning.core import methods
+
+        for module in (pipeline, methods):
+            patch.setattr(module, "compute_whitening", lambda *a, **k: pytest.fail("a factor was formed"))
+        report, module = _refined_from_output_gram(report, w, None, rank, unvalidated,
+                                                   CompressionConfig(method="svd-llm"), stats, energy, None, None,
+                                                   last_use=True)
     assert report.whitening == "output-gram" and report.refinement_steps == len(ref_history) - 1 == 1
     torch.testing.assert_close(module.dense_weight().double(), ref_up @ ref_down, rtol=1e-9, atol=1e-9)
     assert report.relative_error == pytest.approx((ref_history[-1] / energy) ** 0.5, rel=1e-8)
