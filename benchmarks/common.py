@@ -52,6 +52,30 @@ def write_section(name: str, body: str) -> None:
     os.replace(tmp, path)
 
 
+def add_run_arguments(parser, samples: int) -> None:
+    """The options every single-run benchmark shares: which preset, at which ratio, on how much
+    calibration text (``samples`` × ``--seq-len`` tokens by default)."""
+    parser.add_argument("--method", default="svd-llm", help="a preset, options joined by + (adasvd+refinement=optimal)")
+    parser.add_argument("--ratio", type=float, default=0.4)
+    parser.add_argument("--samples", type=int, default=samples)
+    parser.add_argument("--seq-len", type=int, default=256)
+
+
+def run_config(parser, args):
+    """The run's `CompressionConfig`, with ``args.model`` (when given) checked to be a model folder:
+    bad input ends here with one line and exit code 2 (``parser.error``), before anything is loaded."""
+    from adasvd_lightning.core.errors import InvalidInputError
+    from adasvd_lightning.core.serialization import check_model_folder
+
+    try:
+        config = method_config(args.method, args.ratio)
+        if getattr(args, "model", None):
+            check_model_folder(Path(args.model).expanduser())
+    except InvalidInputError as error:
+        parser.error(str(error))
+    return config
+
+
 def method_config(method: str, ratio: float, **config):
     """`CompressionConfig` for a benchmark's method name: a preset, optionally with method options
     joined by ``+`` as in the CLI's ``--method-option`` (``adasvd+refinement=optimal``)."""

@@ -20,27 +20,24 @@ import argparse
 import gc
 import json
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine, method_config  # noqa: E402
-from compression_speed import BATCH, SYNTH_VOCAB, _allocated, _rss, _synthetic  # noqa: E402
+from common import RESULTS, add_run_arguments, machine, run_config  # noqa: E402
+from compression_speed import BATCH, SYNTH_VOCAB, _allocated, _PeakSampler, _rss, _synthetic  # noqa: E402
 
 
-class _Trace:
-    """Peak live bytes and RSS (over the start) per (target, phase stack)."""
+class _Trace(_PeakSampler):
+    """`compression_speed`'s sampler, keeping the peak live bytes and RSS (over the start) per
+    (target being factorized, phase stack) instead of one peak."""
 
     def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
+        super().__init__(interval)
         self.target = "-"
         self.peaks: dict[tuple[str, str], list[float]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.rss0, self.alloc0 = _rss(), _allocated()
 
     def _loop(self) -> None:
         from adasvd_lightning.core import profiling
@@ -48,19 +45,11 @@ class _Trace:
         while not self._stop.is_set():
             timer = profiling.active_timer()
             stack = "/".join(name for name, *_ in timer._stack) if timer is not None else ""
-            allocated = (_allocated() - self.alloc0) / 2**20
-            rss = (_rss() - self.rss0) / 2**20
+            allocated = (_allocated() - self.alloc_start) / 2**20
+            rss = (_rss() - self.start) / 2**20
             peak = self.peaks.setdefault((self.target, stack), [0.0, 0.0])
             peak[0], peak[1] = max(peak[0], allocated), max(peak[1], rss)
             self._stop.wait(self.interval)
-
-    def __enter__(self) -> "_Trace":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def main() -> None:
@@ -69,16 +58,13 @@ def main() -> None:
     source.add_argument("--model", help="a local Hugging Face causal-LM folder")
     source.add_argument("--hidden", type=int, help="a synthetic Llama of this width (random weights)")
     parser.add_argument("--blocks", type=int, default=2, help="decoder blocks of the synthetic model")
-    parser.add_argument("--method", default="svd-llm")
-    parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_run_arguments(parser, samples=16)
     parser.add_argument("--top", type=int, default=20, help="(target, phase) rows printed, largest first")
     parser.add_argument("--out", help="write the rows to benchmarks/results/OUT (JSON)")
     args = parser.parse_args()
     if _allocated() is None:
         sys.exit("error: this trace needs glibc ≥ 2.33 (mallinfo2)")
-    config = method_config(args.method, args.ratio)  # an unknown preset fails here, before loading
+    config = run_config(parser, args)
 
     import torch
 
@@ -88,11 +74,9 @@ def main() -> None:
 
     if args.model:
         from adasvd_lightning import load_compressed, load_tokenizer
-        from adasvd_lightning.core.serialization import check_model_folder
         from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
         folder = Path(args.model).expanduser()
-        check_model_folder(folder)
         model = load_compressed(folder)
         batches = calibration_batches(load_tokenizer(folder), CalibrationSpec(None, samples=args.samples,
                                                                               seq_len=args.seq_len))

@@ -19,26 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import method_config  # noqa: E402
+from common import add_run_arguments, run_config  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local Hugging Face causal-LM folder")
-    parser.add_argument("--method", default="svd-llm")
-    parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_run_arguments(parser, samples=16)
     parser.add_argument("--top", type=int, default=35, help="functions listed per ordering")
     args = parser.parse_args()
-    config = method_config(args.method, args.ratio)  # an unknown preset fails here, before loading
+    config = run_config(parser, args)
 
     from adasvd_lightning import compress_model, load_compressed, load_tokenizer
-    from adasvd_lightning.core.serialization import check_model_folder
     from adasvd_lightning.workflows import CalibrationSpec, calibration_batches
 
     folder = Path(args.model).expanduser()
-    check_model_folder(folder)
     model = load_compressed(folder)
     batches = calibration_batches(load_tokenizer(folder), CalibrationSpec(None, samples=args.samples,
                                                                           seq_len=args.seq_len))

@@ -19,17 +19,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import method_config  # noqa: E402
+from common import add_run_arguments, method_config  # noqa: E402
 from real_models import one  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local Hugging Face causal-LM folder")
-    parser.add_argument("--method", default="svd-llm")
-    parser.add_argument("--ratio", type=float, default=0.4)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_run_arguments(parser, samples=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the run's row as JSON here")
     args = parser.parse_args()

@@ -220,6 +220,11 @@ def _relative(squared_error: float, energy: float) -> float:
     return (max(squared_error, 0.0) / energy) ** 0.5 if energy > 0 else float("nan")
 
 
+def _fit_split_energy(energy: float, tokens: int, heldout_energy: float, heldout_tokens: int) -> float:
+    """Mean ‖W X_o‖² per token over the tokens not held out, from the whole's and the held-out mean."""
+    return (tokens * energy - heldout_tokens * heldout_energy) / (tokens - heldout_tokens)
+
+
 @contextmanager
 def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float, weight: torch.Tensor,
                damping: float, rows: WriterHeldout | None, score_rows: Callable | None):
@@ -275,7 +280,7 @@ def _holdout_targets(
             return
         grams, removed, score, n_held = split
         n = stats.tokens
-        fit_energy = (n * energy - n_held * heldout_energy) / (n - n_held)
+        fit_energy = _fit_split_energy(energy, n, heldout_energy, n_held)
         key = id(stats) if shared is not None and not kept.numel() else None
         whitening = shared.get(key) if key is not None else None
         down_gram = None
@@ -577,7 +582,7 @@ def _refined_from_output_gram(report: ModuleReport, weight: torch.Tensor, bias: 
             input_stats.release_gram()  # nothing below reads H_cc (the report's error is the objective's)
     if held is not None:
         guard = held.scorer(weight)
-        fit_energy = (n * target_energy - held.tokens * heldout_energy) / (n - held.tokens)
+        fit_energy = _fit_split_energy(target_energy, n, heldout_energy, held.tokens)
         h_oc = input_stats.grams().h_oc
         with phase("refinement", absorb=True), held.fit_split(None, h_oc, n) as removed:
             fit = RefinementTarget(weight, GramStatistics(h_cc=None, h_oc=h_oc), damping=config.damping,
