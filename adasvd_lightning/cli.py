@@ -260,7 +260,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
     return CompressionConfig(
         method=_pick(args.method, recipe, "method", "svd-llm"), ratio=ratio,
         include=_pick(args.include, recipe, "include", None), exclude=_pick(args.exclude, recipe, "exclude", []),
-        propagation=recipe.get("propagation", "compressed"), method_options=options,
+        propagation=recipe.get("propagation"), method_options=options,
         execution_device=_pick(args.execution_device, recipe, "execution_device", None),
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float32"),

@@ -184,6 +184,7 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model "
         f"{format_params(report.parameters_before)} → {format_params(report.parameters_after)} "
         f"({report.model_ratio:.2%}); {report.seconds:.1f}s"
+        + (f"; calibrated on the {report.propagation} model's inputs" if report.propagation else "")
         + (f"; whitening: {', '.join(whitening)}" if whitening else "")
         + (f"; {len(report.merged)} merged back to dense (would not run faster)" if report.merged else "")
         + (f"; {refused} column split(s) refused (they lost once compensated)" if refused else "")

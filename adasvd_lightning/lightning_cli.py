@@ -383,7 +383,7 @@ def one_shot_settings(config: Any) -> dict:
         "method_options": dict(args.get("method_options") or {}),
         "include": args.get("include"),
         "exclude": list(args.get("exclude") or []),
-        "propagation": args.get("propagation", "compressed"),
+        "propagation": args.get("propagation"),
         "execution_device": args.get("execution_device"),
         "svd_driver": args.get("svd_driver", "auto"),
         "statistics_dtype": args.get("statistics_dtype", "float32"),

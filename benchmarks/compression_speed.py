@@ -264,7 +264,7 @@ def one(spec: dict) -> dict:
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     compressed_decoder_s = _decoder_forward_seconds(model, batches)
     decomposition = _decomposition_seconds(shapes, config.decomposition_threads, spec.get("lapack_svd", True))
-    paired = config.spec.refinement != "none" and config.propagation == "compressed"
+    paired = config.spec.refinement != "none" and config.spec.propagation == "compressed"
     hidden = model.config.hidden_size
     best_decomposition = min(decomposition["lapack"], decomposition["gram"])
     return {

@@ -124,7 +124,8 @@ class SVDCompression(Callback):
         model_attr: attribute of the LightningModule holding the model to compress (default
             ``"model"``; ``None``: the LightningModule itself). A missing attribute is an error.
         include / exclude: regular expressions selecting target linears by full module name.
-        propagation: ``"compressed"`` (sequential, default) or ``"original"`` calibration inputs.
+        propagation: ``"compressed"`` (sequential) or ``"original"`` calibration inputs; ``None``
+            (default): the method's own (`MethodSpec.propagation`).
         method_options: overrides of the preset's strategies and knobs (see ``MethodSpec``).
         restart: where later schedule stages start: ``"factors"`` (current factors) or ``"dense"``.
         execution_device: move one decoder block at a time to this device for compression while the
@@ -156,7 +157,7 @@ class SVDCompression(Callback):
         model_attr: str | None = "model",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
-        propagation: str = "compressed",
+        propagation: str | None = None,
         method_options: dict | None = None,
         restart: str = "factors",
         execution_device: str | None = None,

@@ -72,13 +72,14 @@ def test_refinement_lowers_output_error_against_dense_model():
     was fitted to (unvalidated: 8 sequences are too few to hold any out on this random model)."""
     errors = {}
     batches = _outlier_batches()
-    for method, options in [("svd-llm-w", {}), ("svd-llm-w", {"refinement": "adacomp", "heldout_fraction": 0.0})]:
+    for refined, options in [(False, {}), (True, {"refinement": "adacomp", "heldout_fraction": 0.0})]:
         model = tiny_model("llama", seed=5)
         with torch.no_grad():
             dense = model(batches[0]).logits
-        compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), batches)
+        compress_model(model, CompressionConfig(method="svd-llm-w", ratio=0.5, propagation="compressed",
+                                                method_options=options), batches)
         with torch.no_grad():
-            errors[bool(options)] = float((model(batches[0]).logits - dense).norm())
+            errors[refined] = float((model(batches[0]).logits - dense).norm())
     assert errors[True] < errors[False]
 
 
@@ -89,6 +90,24 @@ def test_method_options_override_and_validate():
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"refinment": "adacomp"})
     with pytest.raises(InvalidInputError, match="unknown allocation"):
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"allocation": "magic"})
+
+
+def test_propagation_is_the_methods_unless_the_config_sets_it():
+    """svd, asvd and svd-llm-w calibrate on the dense model's activations (their papers' procedure),
+    the sequential update and the refinements on the compressed stream; the config or a method option
+    overrides that, and the two cannot disagree."""
+    methods = {name: CompressionConfig(method=name, ratio=0.4).spec.propagation for name in PRESETS}
+    assert methods == {"svd": "original", "asvd": "original", "svd-llm-w": "original", "svd-llm": "compressed",
+                       "svd-llm-v2": "compressed", "adasvd": "compressed", "duo-svd": "compressed",
+                       "adasvd-duo": "compressed"}
+    config = CompressionConfig(method="svd-llm-w", ratio=0.4, propagation="compressed")
+    assert config.spec.propagation == "compressed" and config.spec.name == "svd-llm-w"
+    assert CompressionConfig(method="svd", ratio=0.4,
+                             method_options={"propagation": "compressed"}).spec.propagation == "compressed"
+    with pytest.raises(InvalidInputError, match="contradicts the method option"):
+        CompressionConfig(method="svd", ratio=0.4, propagation="original", method_options={"propagation": "compressed"})
+    with pytest.raises(InvalidInputError, match="unknown propagation 'dense'"):
+        CompressionConfig(method="svd", ratio=0.4, method_options={"propagation": "dense"})
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher",

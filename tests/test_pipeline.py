@@ -172,6 +172,42 @@ def test_paired_refinement_with_a_block_left_out(method, token_batches):
         assert torch.isfinite(model(token_batches[0]).logits).all()
 
 
+def _block_calls(model):
+    """Forward calls per decoder block (a list, and the hooks' handles)."""
+    calls = [0] * len(model.model.layers)
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, layer in enumerate(model.model.layers)]
+    return calls, handles
+
+
+@pytest.mark.parametrize("propagation", ["original", "compressed"])
+def test_original_propagation_runs_each_block_once_on_the_dense_models_inputs(propagation, token_batches):
+    """``original`` takes the statistics pass's outputs as the next block's inputs: one forward per block
+    and batch, and block 1 is fitted to exactly what the dense model feeds it, so its factors are
+    bit-identical to a run that leaves block 0 dense. ``compressed`` runs every block but the last a
+    second time, compressed, and block 1 then sees (and is fitted to) block 0's compression."""
+    model = tiny_model("llama")
+    calls, handles = _block_calls(model)
+    config = CompressionConfig(method="svd-llm-w", ratio=0.4, propagation=propagation)
+    report = compress_model(model, config, token_batches)
+    for h in handles:
+        h.remove()
+    assert report.propagation == propagation
+    last = len(calls) - 1
+    per_batch = 1 if propagation == "original" else 2
+    assert calls == [len(token_batches) * (per_batch if i < last else 1) for i in range(len(calls))]
+    alone = tiny_model("llama")
+    compress_model(alone, CompressionConfig(method="svd-llm-w", ratio=0.4, propagation=propagation,
+                                            include=[r"layers\.1\."]), token_batches)
+    # The budget's flooring remainder goes to other targets when block 0 is left out: compare the
+    # factors of equal rank.
+    pairs = [(m, alone.get_submodule(n)) for n, m in model.model.layers[1].named_modules(prefix="model.layers.1")
+             if isinstance(m, LowRankLinear) and m.rank == alone.get_submodule(n).rank]
+    assert len(pairs) >= 6
+    same = [torch.equal(a.up, b.up) and torch.equal(a.down, b.down) for a, b in pairs]
+    assert all(same) if propagation == "original" else not any(same)
+
+
 def _target_inputs(model, names, batches):
     """Each named linear's input over the batches (tokens × n), recorded by hooks on a real forward."""
     seen = {n: [] for n in names}

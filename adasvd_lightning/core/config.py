@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -9,13 +10,11 @@ import torch
 
 from .errors import InvalidInputError
 from .linalg import SVD_DRIVERS
-from .methods import MethodSpec, get_method
+from .methods import PROPAGATIONS, MethodSpec, get_method
 from .offload import usable_device
 from .surgery import TargetSelector
 
 __all__ = ["CompressionConfig", "PROPAGATIONS"]
-
-PROPAGATIONS = ("compressed", "original")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -28,9 +27,12 @@ class CompressionConfig:
         ratio: compression ratio c in (0, 1): fraction of each target matrix's parameters removed.
         include / exclude: regular expressions on full module names selecting the target linears
             (default: every linear inside the decoder blocks).
-        propagation: which inputs block i+1 is calibrated on. ``"compressed"`` (default, SVD-LLM's
-            sequential scheme) feeds it the outputs of the already compressed blocks, so each block is
-            fitted to the inputs it will really see; ``"original"`` uses the dense model's activations.
+        propagation: which inputs block i+1 is calibrated on. ``None`` (default): the method's own
+            scheme (`MethodSpec.propagation`). ``"compressed"`` (SVD-LLM's sequential update) feeds it the
+            outputs of the already compressed blocks, so each block is fitted to the inputs it will
+            really see, at the price of a second, compressed pass through every block; ``"original"``
+            (``svd``, ``asvd``, ``svd-llm-w``: how their papers calibrate) uses the dense model's
+            activations, one pass per block.
         damping: relative damping of the Cholesky retry (× mean diagonal of H). Only where a factor is
             formed: wide or square targets without preserved columns, and without refinement or with only
             the closed-form U update, are fitted from W·H·Wᵀ, which needs no factor and is exact for a
@@ -72,7 +74,7 @@ class CompressionConfig:
     ratio: float = 0.4
     include: Sequence[str] | None = None
     exclude: Sequence[str] = field(default_factory=tuple)
-    propagation: str = "compressed"
+    propagation: str | None = None
     damping: float = 1e-6
     compute_dtype: str = "float64"
     method_options: dict = field(default_factory=dict)
@@ -93,8 +95,13 @@ class CompressionConfig:
                 f"ratio must be in (0, 1) (fraction of parameters removed), got {self.ratio}"
             )
         self.ratio = float(self.ratio)
-        if self.propagation not in PROPAGATIONS:
-            raise InvalidInputError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}")
+        if self.propagation is not None:
+            if self.propagation not in PROPAGATIONS:
+                raise InvalidInputError(f"propagation must be one of {PROPAGATIONS}, got {self.propagation!r}")
+            option = self.method_options.get("propagation", self.propagation)
+            if option != self.propagation:
+                raise InvalidInputError(f"propagation={self.propagation!r} contradicts the method option "
+                                        f"propagation={option!r}; give one of them")
         if not self.damping >= 0.0:
             raise InvalidInputError(f"damping must be >= 0, got {self.damping}")
         if self.compute_dtype not in _DTYPES:
@@ -127,7 +134,12 @@ class CompressionConfig:
 
     @property
     def spec(self) -> MethodSpec:
-        return get_method(self.method).with_overrides(self.method_options)
+        """The method with its options, and ``propagation`` when the config sets it (the one place the
+        pipeline reads the scheme from)."""
+        spec = get_method(self.method).with_overrides(self.method_options)
+        if self.propagation is not None and self.propagation != spec.propagation:
+            spec = dataclasses.replace(spec, propagation=self.propagation)
+        return spec
 
     @property
     def selector(self) -> TargetSelector:

@@ -14,19 +14,23 @@ pipeline, statistics, rank arithmetic and module surgery, so comparisons isolate
   refinement), ``optimal`` (the limit of that alternation in closed form: the rank-r minimiser of the
   output error against the dense model, one SVD of the whitened target G·L⁻ᵀ), all against the dense
   model's outputs in exact Gram form (:mod:`.refinement`).
+* propagation — which inputs block i+1 is calibrated on: ``compressed`` (the outputs of the already
+  compressed blocks: SVD-LLM's sequential update) or ``original`` (the dense model's activations, as
+  ASVD and SVD-LLM's whitening profile collect them). ``original`` runs each block once; ``compressed``
+  runs it a second time, compressed, to produce the next block's inputs.
 
 Presets (see the README's method table for sources and knobs):
 
-| preset       | whitening         | allocation    | form              | refinement  |
-|--------------|-------------------|---------------|-------------------|-------------|
-| `svd`        | none              | uniform       | low-rank          | none        |
-| `asvd`       | activation-scale  | uniform       | low-rank          | none        |
-| `svd-llm`    | truncation-aware  | uniform       | low-rank          | closed-form |
-| `svd-llm-w`  | truncation-aware  | uniform       | low-rank          | none        |
-| `svd-llm-v2` | truncation-aware  | grouped-loss  | low-rank          | none        |
-| `adasvd`     | truncation-aware  | adacr         | low-rank          | adacomp     |
-| `duo-svd`    | truncation-aware  | module-kl     | column-preserving | none        |
-| `adasvd-duo` | truncation-aware  | module-kl     | column-preserving | closed-form |
+| preset       | whitening         | allocation    | form              | refinement  | propagation |
+|--------------|-------------------|---------------|-------------------|-------------|-------------|
+| `svd`        | none              | uniform       | low-rank          | none        | original    |
+| `asvd`       | activation-scale  | uniform       | low-rank          | none        | original    |
+| `svd-llm`    | truncation-aware  | uniform       | low-rank          | closed-form | compressed  |
+| `svd-llm-w`  | truncation-aware  | uniform       | low-rank          | none        | original    |
+| `svd-llm-v2` | truncation-aware  | grouped-loss  | low-rank          | none        | compressed  |
+| `adasvd`     | truncation-aware  | adacr         | low-rank          | adacomp     | compressed  |
+| `duo-svd`    | truncation-aware  | module-kl     | column-preserving | none        | compressed  |
+| `adasvd-duo` | truncation-aware  | module-kl     | column-preserving | closed-form | compressed  |
 
 The module-KL presets probe every candidate of every module (``module-kl``): modules × candidates
 suffix forwards, about 5 hours for SmolLM2-135M (210 targets) on one CPU core. ``allocation=
@@ -50,13 +54,15 @@ from .errors import InvalidInputError
 from .statistics import InputStatistics
 from .whitening import DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening, overwrote
 
-__all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "FORMS", "REFINEMENTS"]
+__all__ = ["MethodSpec", "PRESETS", "get_method", "WHITENINGS", "ALLOCATIONS", "FORMS", "REFINEMENTS",
+           "PROPAGATIONS"]
 
 WHITENINGS = ("none", "activation-scale", "truncation-aware")
 ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher", "sensitivity-ppl")
 FORMS = ("low-rank", "column-preserving")
 REFINEMENTS = ("none", "closed-form", "adacomp", "optimal")
 FISHER_SCALES = ("probed", "none")
+PROPAGATIONS = ("compressed", "original")
 
 
 def _choice(field: str, value: str, choices: tuple[str, ...]) -> None:
@@ -89,6 +95,11 @@ class MethodSpec:
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
+        propagation: the method's calibration scheme across blocks (module docstring);
+            `CompressionConfig.propagation` overrides it. A refinement fits against the dense model's
+            outputs on the compressed stream's inputs, so it pairs the two streams only under
+            ``compressed``; under ``original`` both are the dense model's and it has no mismatch to
+            correct.
     """
 
     name: str
@@ -107,12 +118,14 @@ class MethodSpec:
     fisher_samples: int = 1
     fisher_scale: str = "none"
     heldout_fraction: float = 0.25
+    propagation: str = "compressed"
 
     def __post_init__(self) -> None:
         _choice("whitening", self.whitening, WHITENINGS)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("form", self.form, FORMS)
         _choice("refinement", self.refinement, REFINEMENTS)
+        _choice("propagation", self.propagation, PROPAGATIONS)
         if not 0.0 < self.asvd_alpha <= 2.0:
             raise InvalidInputError(f"asvd_alpha must be in (0, 2], got {self.asvd_alpha}")
         if self.adacomp_iterations < 1 or not 0 <= self.adacomp_tolerance < math.inf:
@@ -219,11 +232,15 @@ class MethodSpec:
 PRESETS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("svd", whitening="none", source="plain truncated SVD (baseline)"),
-        MethodSpec("asvd", whitening="activation-scale", source="ASVD (Yuan et al., 2023), alpha = 0.5"),
+        # Plain SVD reads no data: calibration only measures its errors for the report, so one pass.
+        MethodSpec("svd", whitening="none", propagation="original", source="plain truncated SVD (baseline)"),
+        # ASVD scales channels by activations collected on the original model in one pass.
+        MethodSpec("asvd", whitening="activation-scale", propagation="original",
+                   source="ASVD (Yuan et al., 2023), alpha = 0.5"),
         MethodSpec("svd-llm", refinement="closed-form",
                    source="SVD-LLM (Wang et al., 2024): truncation-aware whitening + closed-form U update"),
-        MethodSpec("svd-llm-w", source="SVD-LLM whitening only (no parameter update)"),
+        # SVD-LLM profiles its whitening matrices on the original model; only its update runs sequentially.
+        MethodSpec("svd-llm-w", propagation="original", source="SVD-LLM whitening only (no parameter update)"),
         MethodSpec("svd-llm-v2", allocation="grouped-loss",
                    source="SVD-LLM V2 (Wang et al., 2025): loss-based ratios within same-type groups"),
         MethodSpec("adasvd", allocation="adacr", refinement="adacomp",

@@ -13,7 +13,8 @@
    * factor each target at its allocated rank (whitening, then optionally column preservation and
      adaComp / closed-form refinement) and swap in the factorized module;
    * run the block again to produce the next block's inputs (``propagation="compressed"``: SVD-LLM's
-     sequential scheme) or reuse the dense outputs (``"original"``);
+     sequential scheme), or, with ``"original"``, let the statistics pass's dense outputs replace the
+     inputs batch by batch (one pass per block, one copy of the activations);
    * free the block's statistics: at most one block's statistics are alive at a time.
 """
 
@@ -648,39 +649,41 @@ def _compress_block(
     runner: BlockRunner,
     report: CompressionReport,
     heldout: list[torch.Tensor | None] | None = None,
-) -> list[torch.Tensor] | None:
-    """Statistics, factorization and surgery of one block; returns its dense outputs (if computed).
+) -> bool:
+    """Statistics, factorization and surgery of one block; returns whether ``inputs`` already hold the
+    next block's inputs.
 
     ``heldout``: per calibration batch, the sequences held out to validate the refinement (paired).
+    Single-stream with ``propagation="original"``: the statistics pass's outputs are the next block's
+    inputs, so each batch's output replaces its input as soon as the block has run on it. Nothing after
+    the pass reads the block's inputs (the factorization reads the statistics), so no second copy of
+    the calibration activations is kept and the block is not run again.
 
     The block's statistics live only inside this call, so at most one block's Gram matrices exist at
     any time (they are the largest float64 data of a run: n² per distinct linear input).
     """
     stats = None
-    dense_outputs = None
+    advanced = False
     if inputs is not None and paired and not targets:
         with phase("calibration"):  # nothing to compress here, but the dense stream still advances
             for b, inp in enumerate(inputs):
                 original_hidden[b] = runner.run(block, inp, original_hidden[b])
-        return original_hidden
+        return False
     if inputs is not None and targets and paired:
         _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report, heldout)
-        return original_hidden
+        return False
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
-        # Dense outputs are only needed as the next block's "original" stream or inputs; otherwise
-        # keeping them would hold a second copy of the calibration activations for nothing.
-        keep = ctx.config.propagation == "original"
-        dense_outputs = [] if keep else None
+        advanced = ctx.spec.propagation == "original"
         with stats, phase("calibration"):
             for inp in inputs:
                 with stats.masked(inp.mask):
-                    if keep:
-                        dense_outputs.append(runner.run(block, inp))
-                    else:
-                        runner.run(block, inp)
+                    out = runner.run(block, inp)
+                if advanced:
+                    inp.hidden = out
+                del out
     _factor_and_replace(model, targets, list(targets), stats, ranks, ctx, report)
-    return dense_outputs
+    return advanced
 
 
 def _factor_and_replace(
@@ -998,10 +1001,18 @@ def compress_model(
     spec = config.spec
     if spec.needs_calibration and not calibration:
         raise ValueError(f"method {spec.name!r} needs calibration batches")
+    if calibration and spec.refinement != "none" and spec.propagation == "original":
+        # Said, not ignored: with both streams the dense model's, the refinement has no earlier
+        # blocks' error to compensate; it can only move a damped or column-restricted start.
+        warnings.warn(f"refinement {spec.refinement!r} with propagation='original' fits each block to the dense "
+                      "model's outputs on the dense model's inputs, where the whitened fit is already optimal; "
+                      "use propagation='compressed' for it to compensate the earlier blocks' errors",
+                      CompressionWarning, stacklevel=2)
     plan = find_targets(model, config.selector)
     _, blocks = find_decoder_blocks(model)
     shapes = [MatrixShape(name, *linear_shape(m)) for _, _, targets in plan for name, m in targets.items()]
-    report = CompressionReport(method=spec.name, ratio=config.ratio, parameters_before=count_parameters(model),
+    report = CompressionReport(method=spec.name, ratio=config.ratio, propagation=spec.propagation if calibration else "",
+                               parameters_before=count_parameters(model),
                                budget_parameters=budget_for_ratio(shapes, config.ratio))
 
     was_training = model.training
@@ -1029,22 +1040,18 @@ def compress_model(
         with phase("allocation", absorb=True):
             ranks, report.allocation = plan_ranks(ctx)
 
-        paired = inputs is not None and spec.refinement != "none" and config.propagation == "compressed"
+        paired = inputs is not None and spec.refinement != "none" and spec.propagation == "compressed"
         original_hidden = [inp.hidden for inp in inputs] if paired else None
         heldout = _heldout_sequences(calibration, spec, report, inputs[0].hidden.device) if paired else None
         for index, block_name, targets in plan:
             block = blocks[index]
             with runner.resident(block):
-                dense_outputs = _compress_block(model, block, targets, inputs, original_hidden, paired,
-                                                ranks, ctx, runner, report, heldout)
-                if inputs is not None and index + 1 < len(blocks):
-                    if config.propagation == "compressed" or dense_outputs is None:
-                        with phase("calibration"):
-                            for inp in inputs:  # one batch at a time: no second full copy
-                                inp.hidden = runner.run(block, inp)
-                    else:
-                        for inp, h in zip(inputs, dense_outputs):
-                            inp.hidden = h
+                advanced = _compress_block(model, block, targets, inputs, original_hidden, paired,
+                                           ranks, ctx, runner, report, heldout)
+                if inputs is not None and index + 1 < len(blocks) and not advanced:
+                    with phase("calibration"):
+                        for inp in inputs:  # one batch at a time: no second full copy
+                            inp.hidden = runner.run(block, inp)
             # The plan holds the dense modules it found; once swapped out they must not stay alive,
             # or the run would end holding the dense and the compressed model side by side.
             targets.clear()

@@ -46,6 +46,8 @@ class CompressionReport:
     method: str
     ratio: float
     modules: list[ModuleReport] = field(default_factory=list)
+    # Which inputs each block was calibrated on (and its errors measured on): "original" / "compressed".
+    propagation: str = ""
     parameters_before: int = 0  # whole model, unique parameters
     parameters_after: int = 0
     seconds: float = 0.0
