@@ -255,6 +255,54 @@ def test_compensation_is_fitted_to_the_inputs_the_compressed_model_produces(meth
         assert m.relative_error == pytest.approx(measured, rel=1e-6, abs=1e-9), m.name
 
 
+@pytest.mark.parametrize("method", ["svd", "asvd"])
+def test_projection_methods_report_their_measured_error_on_the_dense_inputs(method, token_batches):
+    """svd and asvd read their error off the energy the projection keeps (``_projected_error``:
+    ‖WX‖² − ‖W′X‖², r·n² flops) instead of the Gram form. It must be the error the stored module makes
+    on what it was calibrated on, the dense model's inputs (their propagation is ``original``)."""
+    dense = tiny_model("llama", seed=3).double()
+    model = tiny_model("llama", seed=3).double()
+    # float64 statistics: the check is about the identity, not about the products' rounding.
+    config = CompressionConfig(method=method, ratio=0.5, statistics_dtype="float64")
+    report = compress_model(model, config, token_batches)
+    names = [m.name for m in report.modules if m.rank is not None]
+    assert len(names) == 14 and report.phase_seconds.get("report", 0.0) > 0
+    x = _target_inputs(dense, names, token_batches)
+    for m in report.modules:
+        w = dense.get_submodule(m.name).weight.detach().double()
+        approx = model.get_submodule(m.name).dense_weight().detach().double()
+        measured = float((x[m.name] @ (approx - w).T).norm() / (x[m.name] @ w.T).norm())
+        assert 0.05 < measured < 1.0
+        # ‖W X‖² is summed from float32 rows of the outputs (`statistics._add_energy`).
+        assert m.relative_error == pytest.approx(measured, rel=1e-6), m.name
+
+
+def test_projected_error_is_the_gram_forms_and_defers_near_exact_fits():
+    """``_projected_error`` (‖WX‖² − ‖W′X‖² for W′ = U_r U_rᵀ W) equals tr(E H Eᵀ) / tr(W H Wᵀ) for a
+    scaled SVD's truncation, and leaves a fit within 1 % to the Gram form, where the difference of two
+    nearly equal energies would lose the digits."""
+    from adasvd_lightning.core.pipeline import _output_error, _projected_error
+    from adasvd_lightning.core.refinement import GramStatistics
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, dtype=torch.float64, generator=g)
+    x = torch.randn(200, 40, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3.0, 40, dtype=torch.float64)
+    h = x.T @ x / 200
+    grams = GramStatistics(h_cc=h, h_oc=h)
+    energy = float((w @ h * w).sum())
+    scale = x.abs().mean(0).sqrt()  # ASVD's column scaling (α = ½)
+    for s in (torch.ones(40, dtype=torch.float64), scale):
+        u, sigma, vt = torch.linalg.svd(w * s, full_matrices=False)
+        for rank, projected in ((8, True), (24, False)):
+            up, down = u[:, :rank] * sigma[:rank].sqrt(), sigma[:rank, None].sqrt() * vt[:rank] / s
+            exact = _output_error(w, up @ down, grams, energy)
+            if projected:
+                assert 0.1 < exact and _projected_error(up, down, grams, energy) == pytest.approx(exact, rel=1e-10)
+            else:  # full rank: W′ = W, nothing dropped
+                assert exact < 1e-6 and _projected_error(up, down, grams, energy) is None
+    assert _projected_error(up, down, GramStatistics(h_cc=h, h_oc=h.clone()), energy) is None  # two streams
+
+
 def test_a_writers_statistics_are_freed_before_its_factors_are_balanced(token_batches, monkeypatch):
     """The balance of refitted factors (n×r work) runs after the writer's H_oc, whitening factor and
     whitened SVD are gone (2.3 GB of them at Llama-7B width). Each compensated writer's sums are

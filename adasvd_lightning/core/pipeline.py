@@ -51,7 +51,7 @@ from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_fact
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
-from .whitening import CholeskyWhitening, Whitening, compute_whitening
+from .whitening import CholeskyWhitening, DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening
 from .writer_heldout import HeldoutScorer, WriterHeldout
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
@@ -95,6 +95,28 @@ def _dropped_relative(factors: LowRankFactors) -> float:
     """‖(W′ − W)·S‖/‖W·S‖ from the singular values of W·S: the dropped σᵢ² against all of them."""
     sigma2 = factors.singular_values.to(torch.float64).square()
     return _relative(float(sigma2[factors.rank:].sum()), float(sigma2.sum()))
+
+
+def _projected_error(up: torch.Tensor, down: torch.Tensor, grams: GramStatistics,
+                     target_energy: float | None) -> float | None:
+    """‖(W′ − W)X‖/‖W X‖ for a truncated SVD of W·S, S an invertible column scaling (plain SVD: S = I;
+    ASVD: activation scales), from the factors W′ = up·down and single-stream statistics.
+
+    Such a W′ is P·W with P = U_r U_rᵀ an orthogonal projection, so tr(W′HWᵀ) = tr(P·WHWᵀ·P) =
+    tr(W′HW′ᵀ) and ‖(W′ − W)X‖² = ‖W X‖² − ‖W′X‖², with ‖W′X‖² = tr((upᵀup)(down·H·downᵀ)): r·n² flops
+    instead of the m·n² of the Gram form, i.e. the retention (r(m + n) = ρ·m·n) of its cost. ``None``
+    (measure it the long way) without the measured ‖W X‖², with two streams, or for a near-exact fit
+    (error below 1 %): ‖W X‖² is summed from float32 rows (~1e-8 relative), and the difference of the
+    two energies would lose that many more digits.
+    """
+    if target_energy is None or target_energy <= 0 or grams.h_cc is not grams.h_oc:
+        return None
+    u, d = up.to(torch.float64), down.to(torch.float64)
+    kept = float(((u.T @ u) * (d @ grams.h_cc @ d.T)).sum())  # tr(AB) = Σ A∘B for symmetric A, B
+    dropped = target_energy - kept
+    if dropped < 1e-4 * target_energy:
+        return None
+    return _relative(dropped, target_energy)
 
 
 def _whitened_truncation_error(factors: LowRankFactors, whitening: CholeskyWhitening, weight: torch.Tensor) -> float:
@@ -406,8 +428,9 @@ def _factorize_target(
     The report's relative output error is read off numbers the factorization already has whenever
     they are exact for the stored module (float32/float64 factors): the final refinement objective
     f = ‖W′X_c − W X_o‖², or — Cholesky whitening without refinement or preserved columns — the dropped
-    singular values of W·L (`_whitened_truncation_error`). Otherwise it is computed from the Gram
-    matrices (m·n² flops per matrix).
+    singular values of W·L (`_whitened_truncation_error`), or — plain and activation-scaled SVD — the
+    energy the projection keeps (`_projected_error`, r·n² flops). Otherwise it is computed from the
+    Gram matrices (m·n² flops per matrix).
     """
     spec, config = ctx.spec, ctx.config
     out_features, in_features = linear_shape(module)
@@ -549,6 +572,9 @@ def _factorize_target(
                 known_error = _relative(value, target.target_energy)
     elif split is None and isinstance(whitening, CholeskyWhitening) and input_stats is not None:
         known_error = _whitened_truncation_error(factors, whitening, weight)
+    elif split is None and isinstance(whitening, (IdentityWhitening, DiagonalWhitening)) and input_stats is not None:
+        with phase("report"):
+            known_error = _projected_error(up, down, input_stats.grams(), target_energy)
     return _swap_in(report, weight, bias, up, down, split, kind, known_error, input_stats, target_energy)
 
 
