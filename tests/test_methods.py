@@ -72,14 +72,13 @@ def test_refinement_lowers_output_error_against_dense_model():
     was fitted to (unvalidated: 8 sequences are too few to hold any out on this random model)."""
     errors = {}
     batches = _outlier_batches()
-    for refined, options in [(False, {}), (True, {"refinement": "adacomp", "heldout_fraction": 0.0})]:
+    for method, options in [("svd-llm-w", {}), ("svd-llm-w", {"refinement": "adacomp", "heldout_fraction": 0.0})]:
         model = tiny_model("llama", seed=5)
         with torch.no_grad():
             dense = model(batches[0]).logits
-        compress_model(model, CompressionConfig(method="svd-llm-w", ratio=0.5, propagation="compressed",
-                                                method_options=options), batches)
+        compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), batches)
         with torch.no_grad():
-            errors[refined] = float((model(batches[0]).logits - dense).norm())
+            errors[bool(options)] = float((model(batches[0]).logits - dense).norm())
     assert errors[True] < errors[False]
 
 
@@ -93,15 +92,15 @@ def test_method_options_override_and_validate():
 
 
 def test_propagation_is_the_methods_unless_the_config_sets_it():
-    """svd, asvd and svd-llm-w calibrate on the dense model's activations (their papers' procedure),
-    the sequential update and the refinements on the compressed stream; the config or a method option
-    overrides that, and the two cannot disagree."""
+    """svd (whose factors read no data) and asvd (as its paper calibrates) take the dense model's
+    activations, the others the compressed stream; the config or a method option overrides that, and
+    the two cannot disagree."""
     methods = {name: CompressionConfig(method=name, ratio=0.4).spec.propagation for name in PRESETS}
-    assert methods == {"svd": "original", "asvd": "original", "svd-llm-w": "original", "svd-llm": "compressed",
+    assert methods == {"svd": "original", "asvd": "original", "svd-llm-w": "compressed", "svd-llm": "compressed",
                        "svd-llm-v2": "compressed", "adasvd": "compressed", "duo-svd": "compressed",
                        "adasvd-duo": "compressed"}
-    config = CompressionConfig(method="svd-llm-w", ratio=0.4, propagation="compressed")
-    assert config.spec.propagation == "compressed" and config.spec.name == "svd-llm-w"
+    config = CompressionConfig(method="svd-llm-w", ratio=0.4, propagation="original")
+    assert config.spec.propagation == "original" and config.spec.name == "svd-llm-w"
     assert CompressionConfig(method="svd", ratio=0.4,
                              method_options={"propagation": "compressed"}).spec.propagation == "compressed"
     with pytest.raises(InvalidInputError, match="contradicts the method option"):

@@ -31,8 +31,8 @@ class CompressionConfig:
             scheme (`MethodSpec.propagation`). ``"compressed"`` (SVD-LLM's sequential update) feeds it the
             outputs of the already compressed blocks, so each block is fitted to the inputs it will
             really see, at the price of a second, compressed pass through every block; ``"original"``
-            (``svd``, ``asvd``, ``svd-llm-w``: how their papers calibrate) uses the dense model's
-            activations, one pass per block.
+            (``svd``, which reads data only for its report, and ``asvd``, as its paper calibrates) uses
+            the dense model's activations, one pass per block.
         damping: relative damping of the Cholesky retry (× mean diagonal of H). Only where a factor is
             formed: wide or square targets without preserved columns, and without refinement or with only
             the closed-form U update, are fitted from W·H·Wᵀ, which needs no factor and is exact for a
