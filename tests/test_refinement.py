@@ -66,6 +66,30 @@ def test_adacomp_never_increases_the_objective_and_improves_on_mismatch(seed):
     assert history[-1] < 0.95 * history[0]  # the mismatch leaves real room to improve
 
 
+def test_adacomp_with_a_damped_factor_takes_ridge_v_steps_without_h():
+    """Fewer tokens than features: H_cc is singular and the whitening's factor is damped (L Lᵀ = H + s·I).
+    adaComp then iterates in whitened coordinates without reading H_cc (released here), its V-step is
+    the ridge step (UᵀU)⁻¹ Uᵀ G (H + s·I)⁻¹, and every objective it records is the exact f on the tokens."""
+    w, x_o, x_c, stats = _streams(m=12, n=16, tokens=10)
+    whitening = compute_whitening(stats.h_cc.clone(), damping=1e-3)
+    assert whitening.kind == "damped-cholesky" and whitening.shift > 0
+    f = factorize(w, 4, whitening)
+    full = RefinementTarget(w, stats)
+    released = RefinementTarget(w, GramStatistics(h_cc=None, h_oc=stats.h_oc), target_energy=full.target_energy,
+                                whitening_factor=whitening.factor, whitening_shift=whitening.shift)
+    up, down, history = adacomp(released, f.up, f.down, iterations=1, tolerance=0.0, whitened_down=f.whitened_down)
+    assert len(history) == 3  # the U-step and the V-step both lowered f
+    u1 = u_step(full, f.down)
+    ridge = stats.h_cc + whitening.shift * torch.eye(16, dtype=torch.float64)
+    g = w @ stats.h_oc
+    v1 = torch.linalg.solve(u1.T @ u1, u1.T @ g @ torch.linalg.inv(ridge))
+    torch.testing.assert_close(up, u1, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(down, v1, rtol=1e-6, atol=1e-9)
+    explicit = [float(torch.linalg.norm(a @ b @ x_c - w @ x_o) ** 2 / x_o.shape[1])
+                for a, b in ((f.up, f.down), (u1, f.down), (u1, v1))]
+    assert history == pytest.approx(explicit, rel=1e-7)
+
+
 def test_adacomp_cannot_improve_the_whitened_optimum_without_mismatch():
     w, x_o, _, _ = _streams()
     h = x_o @ x_o.T / x_o.shape[1]

@@ -24,6 +24,11 @@ tr(W H_oo Wᵀ) from an explicit ``h_oo`` (tests, single-stream statistics where
   f = tr(UᵀU ṼṼᵀ) − 2 tr(Uᵀ G̃ Ṽᵀ) + ‖Y‖², U-step G̃ Ṽᵀ (ṼṼᵀ)⁻¹, V-step Ṽ = (UᵀU)⁻¹ Uᵀ G̃. The same
   iterates without any r·n² product per iteration (the n×n matrix is the identity there) and with one
   triangular solve per matrix for G̃ instead of a Cholesky solve; V = Ṽ L⁻¹ once at the end.
+  Where H_rr is singular (fewer tokens than features, dead channels) the whitening's factor is damped,
+  L Lᵀ = H_rr + s·I: f stays exact (V H_rr Vᵀ = ṼṼᵀ − s·V Vᵀ, so each V-step also recovers V, one
+  triangular solve), and the V-step becomes the ridge step (UᵀU)⁻¹ Uᵀ G (H_rr + s·I)⁻¹ with the
+  whitening's own shift, the smallest that covers the statistics' rounding
+  (`whitening.rounding_shift`). No second factor of H_rr is formed, and H_rr itself is not read.
 * In those coordinates f = ‖U Ṽ − G̃‖² + ‖Y‖² − ‖G̃‖²: adaComp is alternating least squares for the
   best rank-r approximation of G̃, whose global minimiser is its truncated SVD (Eckart–Young).
   `optimal_factors` computes that limit directly — one decomposition, no iterations, and an objective
@@ -97,12 +102,12 @@ class RefinementTarget:
     """W, its statistics and the preserved columns; precomputes G, H_rr and ‖Y‖².
 
     ``target_energy`` = ‖W X_o‖² per token when measured (see module docstring); otherwise computed
-    from ``stats.h_oo``. ``whitening_factor`` is a lower-triangular L with L Lᵀ = H_cc *exactly* (the
-    undamped Cholesky factor of the whitening, nothing preserved): `adacomp` then iterates in whitened
-    coordinates (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
-    and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), V-steps then use the plain
-    coordinates. With a factor and no V-steps, H_cc itself is never read (``stats.h_cc`` may be None);
-    nor without one, where U-steps refine a start whose V·H_cc·Vᵀ is known (`adacomp`'s ``down_gram``).
+    from ``stats.h_oo``. ``whitening_factor`` is the whitening's lower-triangular Cholesky factor L
+    (nothing preserved), with L Lᵀ = H_cc exactly: `adacomp` then iterates in whitened coordinates
+    (module docstring). A damped factor has L Lᵀ = H_cc + ``whitening_shift``·I; the U-step
+    and the objective stay exact with it (V H Vᵀ = Ṽ Ṽᵀ − shift·V Vᵀ), and V-steps are ridge steps of
+    that shift. With a factor, H_cc itself is never read (``stats.h_cc`` may be None); nor without
+    one, where U-steps refine a start whose V·H_cc·Vᵀ is known (`adacomp`'s ``down_gram``).
     ``cross_removed``: a part every W·H_oc below must lose — rows (Ỹ, X̃), subtracted as Ỹᵀ·X̃, or an
     m×n matrix (a fit split made from a writer's held-out tokens, `core.writer_heldout`). ``w_h_oc``:
     W·H_oc given outright (held-out moments' Σ y xᵀ), ``stats.h_oc`` then unread.
@@ -236,11 +241,6 @@ class RefinementTarget:
     def factor(self) -> torch.Tensor:
         """L with L Lᵀ = H_rr: the given whitening factor (exact), else the damped `h_rr_chol`."""
         return self.whitening_factor if self.whitening_factor is not None else self.h_rr_chol
-
-    @property
-    def exact_factor(self) -> bool:
-        """Whether L Lᵀ = H_rr without damping (then V-steps can run in whitened coordinates)."""
-        return self.whitening_factor is not None and self.whitening_shift == 0.0
 
     @property
     def g_whitened(self) -> torch.Tensor:
@@ -395,8 +395,9 @@ def adacomp(
     coordinates.
     """
     up, down = up.to(torch.float64), down.to(torch.float64)
-    # V-steps in whitened coordinates need L Lᵀ = H exactly; a single U-step works with a damped L too.
-    whitened = target.whitening_factor is not None and (target.exact_factor or not v_steps)
+    # With a damped factor (L Lᵀ = H + s·I) the whitened V-step is the ridge step of shift s; the
+    # objective stays exact (`_DownProducts.of_whitened`), so a step is only taken where f falls.
+    whitened = target.whitening_factor is not None
     if whitened:
         start = whitened_down.to(torch.float64) if whitened_down is not None else target.whiten(down)
         products = _DownProducts.of_whitened(target, start, down)
@@ -420,8 +421,9 @@ def adacomp(
         return up, products.plain_down(target), history
 
     def next_products(up: torch.Tensor) -> _DownProducts:
-        if whitened:  # Ṽ = (UᵀU)⁻¹ Uᵀ G̃
-            return _DownProducts.of_whitened(target, _solve_left(up.T @ up, up.T @ target.g_whitened))
+        if whitened:  # Ṽ = (UᵀU)⁻¹ Uᵀ G̃; V itself (one triangular solve) where the damping needs V·Vᵀ
+            new = _solve_left(up.T @ up, up.T @ target.g_whitened)
+            return _DownProducts.of_whitened(target, new, target.unwhiten(new) if target.whitening_shift else None)
         return _DownProducts.of(target, v_step(target, up))
 
     for _ in range(max(1, iterations) if v_steps else 1):
