@@ -545,8 +545,49 @@ def test_reported_error_with_singular_statistics_and_released_gram(method, monke
     # svd-llm(-w) fit their wide and square targets from W·H·Wᵀ, exact for a singular H without damping
     # (svd-llm's closed-form update needs only the start's known V·H·Vᵀ and W·H_oc·Vᵀ).
     assert ("output-gram" if method in ("svd-llm-w", "svd-llm") else "damped-cholesky") in kinds
-    # adaComp's V-steps need H with a damped factor, so it keeps those; everything else frees H per input.
-    assert len(released) >= (2 if method == "adasvd" else 6)
+    # A damped factor stands in for H too (adaComp's V-steps are then ridge steps of its shift): every
+    # input's H is freed, the 8 of the model's two blocks (q/k/v, o_proj, gate/up, down_proj).
+    assert len(released) >= 8
+
+
+def test_validation_factors_the_fit_split_in_its_own_storage_and_rebuilds_it(monkeypatch):
+    """adaComp's validation from an output-Gram start (wide and square writers) factors H_fit in place of
+    itself, iterates in its whitened coordinates and rebuilds H_fit from the factor before the statistics
+    are made whole again: no second damped factor of H_fit is formed (`h_rr_chol`), and the result is
+    the one with the factor in a copy of H_fit, up to the rebuild's round-off."""
+    from adasvd_lightning.core.refinement import RefinementTarget as Target
+
+    few = [torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(4))]  # 96 tokens < 128
+    rebuilt, chol, scores = [], [], []
+    real_rebuild, real_chol, real_steps = pipeline.rebuild_from_factor, Target.h_rr_chol, pipeline.validated_steps
+    monkeypatch.setattr(pipeline, "rebuild_from_factor", lambda h, shift: (rebuilt.append(h.shape[0]),
+                                                                           real_rebuild(h, shift))[1])
+    monkeypatch.setattr(Target, "h_rr_chol", property(lambda self: (chol.append(1), real_chol.fget(self))[1]))
+    # The held-out score of the start and of every step the fit split accepted (U- and V-steps).
+    monkeypatch.setattr(pipeline, "validated_steps", lambda *a, **k: (lambda r: (scores.append(r[1]), r)[1])(
+        real_steps(*a, **k)))
+    config = CompressionConfig(method="adasvd", ratio=0.4, statistics_dtype="float64")
+    model = tiny_model("llama")
+    report = compress_model(model, config, few)
+    assert sorted(set(rebuilt)) == [64, 128] and not chol  # o_proj's and down_proj's inputs
+    assert report.heldout_sequences > 0 and len(scores) == 4 and all(len(s) >= 2 for s in scores)
+    first, scores[:] = list(scores), []
+
+    real_whitening = pipeline.compute_whitening
+    monkeypatch.setattr(pipeline, "compute_whitening",
+                        lambda gram, **k: real_whitening(gram.clone(), **{**k, "overwrite": False}))
+    copied = tiny_model("llama")
+    again = compress_model(copied, config, few)
+    for a, b in zip(first, scores):
+        assert a == pytest.approx(b, rel=1e-6)
+    assert [m.refinement_steps for m in again.modules] == [m.refinement_steps for m in report.modules]
+    for a, b in zip(report.modules, again.modules):
+        assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6), a.name
+        assert (a.heldout_error is None) == (b.heldout_error is None), a.name
+        if a.heldout_error is not None:
+            assert a.heldout_error == pytest.approx(b.heldout_error, rel=1e-6), a.name
+    for (name, p), q in zip(model.named_parameters(), copied.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _check_reported_errors(method, token_batches, statistics_dtype: str | None = None, **options):

@@ -193,6 +193,21 @@ def test_failed_in_place_cholesky_restores_h_bit_for_bit(shift):
     assert torch.equal(h, before)
 
 
+@pytest.mark.parametrize("n,block,tokens", [(50, 7, 100), (64, 16, 20), (300, 256, 120)])
+def test_rebuild_from_factor_turns_the_in_place_factor_back_into_h(n, block, tokens):
+    """`rebuild_from_factor` writes L Lᵀ − shift·I over the factor in its own storage: H again, exactly
+    symmetric, to round-off, with or without the damping a singular H (fewer tokens than features) needs."""
+    from adasvd_lightning.core.inplace_cholesky import cholesky_in_place, rebuild_from_factor
+
+    h = _gram(tokens, n)
+    before, pointer = h.clone(), h.data_ptr()
+    shift = 0.0 if tokens > n else 1e-6 * float(h.diagonal().mean())
+    assert cholesky_in_place(h, shift=shift, block=block)
+    rebuild_from_factor(h, shift, block=block)
+    assert h.data_ptr() == pointer and torch.equal(h, h.T)
+    assert torch.allclose(h, before, rtol=0, atol=1e-13 * float(before.abs().max()))
+
+
 def test_overwriting_whitening_matches_the_copying_one_and_falls_back_without_touching_h():
     from adasvd_lightning.core.whitening import overwrote
 

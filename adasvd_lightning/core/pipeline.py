@@ -46,12 +46,14 @@ from .profiling import PhaseTimer, active_timer, phase
 from .holdout import heldout_rows
 from .residual import ResidualWriter, find_residual_writers
 from .runtime import release_free_heap
+from .inplace_cholesky import rebuild_from_factor
 from .refinement import (GramStatistics, RefinementTarget, adacomp, balance_factors, complement, objective,
                          optimal_factors, u_step, validated_steps)
 from .report import CompressionReport, ModuleReport
 from .statistics import BlockStatistics, InputStatistics
 from .surgery import find_decoder_blocks, find_targets, linear_bias, linear_shape, linear_weight, replace_module
-from .whitening import CholeskyWhitening, DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening
+from .whitening import (CholeskyWhitening, DiagonalWhitening, IdentityWhitening, Whitening, compute_whitening,
+                        overwrote)
 from .writer_heldout import HeldoutScorer, WriterHeldout
 
 __all__ = ["CompressionWarning", "BlockInput", "ProgressEvent", "ProgressFn", "capture_block_inputs", "compress_model"]
@@ -325,11 +327,28 @@ def _holdout_targets(
             up, down = start.up, start.down
         if key is not None and whitening is not None:
             shared[key] = whitening
+        rebuild = False
+        if whitening is None and spec.refinement in ("adacomp", "optimal") and not kept.numel():
+            # V-steps (or the optimal fit) need H_fit's factor after all. Nothing reads H_fit itself
+            # while it serves (the score is the held-out part's), so it is factored in its own
+            # storage and rebuilt from the factor before the statistics are made whole again.
+            with phase("whitening"):
+                whitening = compute_whitening(fit.h_rr, damping=config.damping, product_dtype=stats.product_dtype,
+                                              overwrite=True)
+            rebuild = overwrote(whitening, grams.h_cc)
+            if rebuild:
+                fit = dataclasses.replace(fit, stats=dataclasses.replace(grams, h_cc=None))
         if isinstance(whitening, CholeskyWhitening) and not kept.numel():
             # V-steps in the fit split's whitened coordinates: no second (damped) factor of H_fit and
             # no G·H_fit⁻¹ next to the whitening's (at n = 11008: 0.97 GB + m·n·8 bytes less).
             fit = dataclasses.replace(fit, whitening_factor=whitening.factor, whitening_shift=whitening.shift)
-        yield fit, score, heldout_energy, up.to(torch.float64), down.to(torch.float64), down_gram
+        try:
+            yield fit, score, heldout_energy, up.to(torch.float64), down.to(torch.float64), down_gram
+        finally:
+            if rebuild:
+                del fit
+                with phase("whitening"):
+                    rebuild_from_factor(whitening.factor, whitening.shift)
 
 
 def _validate_refinement(
