@@ -36,7 +36,8 @@ class CompressionConfig:
         damping: relative damping of the Cholesky retry (× mean diagonal of H). Only where a factor is
             formed: wide or square targets without preserved columns, and without refinement or with only
             the closed-form U update, are fitted from W·H·Wᵀ, which needs no factor and is exact for a
-            singular H (report: `output-gram`).
+            singular H (report: `output-gram`). Where a damped factor serves adaComp's V-steps, they are
+            ridge steps of its shift (`core.refinement`).
         compute_dtype: precision of the decompositions (``float64`` is the safe default).
         method_options: overrides of the preset's strategies and knobs, e.g.
             ``{"refinement": "adacomp", "adacomp_iterations": 5}`` (see `MethodSpec`).
