@@ -303,6 +303,38 @@ def test_projected_error_is_the_gram_forms_and_defers_near_exact_fits():
     assert _projected_error(up, down, GramStatistics(h_cc=h, h_oc=h.clone()), energy) is None  # two streams
 
 
+@pytest.mark.parametrize("method", ["svd-llm", "adasvd"])
+def test_the_last_stage_is_factorized_without_the_dense_modules_of_the_earlier_ones(method, token_batches,
+                                                                                    monkeypatch):
+    """A paired block keeps the dense modules of its replaced stages for the dense stream's passes. After
+    the last stage's pass none is run, so when down_proj is factorized (its n² statistics are the run's
+    largest) no dense q/k/v/o or gate/up is alive any more, while down_proj's own dense weight is."""
+    import gc
+    import weakref
+
+    from adasvd_lightning.core import pipeline
+
+    model = tiny_model("llama")
+    layer = model.model.layers[0]
+    earlier = {n: weakref.ref(m) for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in
+               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")}
+    assert len(earlier) == 6
+    alive: dict[str, list[str]] = {}
+    factorize = pipeline._factorize_target
+
+    def spy(name, module, *a, **k):
+        if name == "model.layers.0.mlp.down_proj":
+            gc.collect()
+            alive[name] = [n for n, ref in earlier.items() if ref() is not None]
+            assert isinstance(module, nn.Linear)
+        return factorize(name, module, *a, **k)
+
+    monkeypatch.setattr(pipeline, "_factorize_target", spy)
+    report = compress_model(model, CompressionConfig(method=method, ratio=0.4), token_batches)
+    assert alive == {"model.layers.0.mlp.down_proj": []}
+    assert sum(m.rank is not None for m in report.modules) == 14
+
+
 def test_a_writers_statistics_are_freed_before_its_factors_are_balanced(token_batches, monkeypatch):
     """The balance of refitted factors (n×r work) runs after the writer's H_oc, whitening factor and
     whitened SVD are gone (2.3 GB of them at Llama-7B width). Each compensated writer's sums are
