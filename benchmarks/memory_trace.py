@@ -5,7 +5,9 @@
 
 A thread samples glibc's allocated bytes (`mallinfo2`: the live data) and the resident set size every
 10 ms while `compress_model` runs, and keeps the largest value seen for each (target being factorized,
-phase stack) pair; "-" is outside any target's factorization (calibration passes, statistics). Both
+phase stack) pair; "-" is outside any target's factorization (calibration passes, statistics), and a
+refinement's validation on held-out tokens runs under its own "validation" phase, apart from the main
+fit. Both
 are printed over the values at the start of the run, i.e. over the loaded model and the calibration
 ids. The difference between them is memory glibc keeps after a free (fragmentation, its caches).
 
@@ -69,7 +71,7 @@ def main() -> None:
     import torch
 
     from adasvd_lightning import compress_model
-    from adasvd_lightning.core import pipeline
+    from adasvd_lightning.core import pipeline, profiling
     from adasvd_lightning.core.runtime import release_free_heap
 
     if args.model:
@@ -98,7 +100,13 @@ def main() -> None:
         finally:
             trace.target = "-"
 
-    pipeline._factorize_target = traced
+    validate = pipeline._validate_refinement
+
+    def validation(*a, **kw):  # a refinement's validation on held-out tokens, apart from its main fit
+        with profiling.phase("validation"):
+            return validate(*a, **kw)
+
+    pipeline._factorize_target, pipeline._validate_refinement = traced, validation
     warnings.simplefilter("ignore")
     try:
         with trace:
@@ -106,7 +114,7 @@ def main() -> None:
             report = compress_model(model, config, batches)
             seconds = time.perf_counter() - start
     finally:
-        pipeline._factorize_target = factorize
+        pipeline._factorize_target, pipeline._validate_refinement = factorize, validate
     rows = sorted(({"target": t, "phase": p, "allocated_mb": a, "rss_mb": r} for (t, p), (a, r) in trace.peaks.items()),
                   key=lambda row: -row["allocated_mb"])
     name = args.model or f"synthetic h{args.hidden}×{args.blocks}"
