@@ -13,7 +13,6 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
@@ -155,6 +154,10 @@ def _short_names(names: list[str]) -> tuple[list[str], str]:
     return [n[len(prefix):] for n in names], prefix
 
 
+#: What each block was calibrated on (and its errors measured on), per `CompressionReport.propagation`.
+_CALIBRATED_ON = {"original": "the dense model's activations", "compressed": "the compressed blocks' outputs"}
+
+
 def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Table:
     """Per-module table (shape, rank, kept columns, parameters, relative error) plus totals.
 
@@ -184,7 +187,7 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model "
         f"{format_params(report.parameters_before)} → {format_params(report.parameters_after)} "
         f"({report.model_ratio:.2%}); {report.seconds:.1f}s"
-        + (f"; calibrated on the {report.propagation} model's inputs" if report.propagation else "")
+        + (f"; calibrated on {_CALIBRATED_ON.get(report.propagation, report.propagation)}" if report.propagation else "")
         + (f"; whitening: {', '.join(whitening)}" if whitening else "")
         + (f"; {len(report.merged)} merged back to dense (would not run faster)" if report.merged else "")
         + (f"; {refused} column split(s) refused (they lost once compensated)" if refused else "")

@@ -20,11 +20,12 @@ A right-looking blocked Cholesky on the lower triangle, whose every update touch
 below the diagonal. The strict upper triangle keeps Hᵀ (H is symmetric) and the diagonal is saved
 (n numbers), so a failure restores H exactly: the lower triangle is copied back from the upper one.
 On success the upper triangle is zeroed and the storage holds L, equal to torch's factor up to
-round-off (the same arithmetic in another order). `rebuild_from_factor` turns it back into H (up to
-round-off) in the same storage, for statistics that are needed again after their factor served. Per diagonal block of width b: a b×b Cholesky, a
+round-off (the same arithmetic in another order). Per diagonal block of width b: a b×b Cholesky, a
 triangular solve for the panel below, and the trailing lower triangle updated in column blocks
 (temporaries of (n − k)×b, never n×n). Flops are LAPACK's n³/3 in GEMMs of width b; one ad-hoc timing
 (not a benchmark: 1 thread, shared machine) gave 0.22 s for both it and torch's Cholesky at n = 3000.
+`rebuild_from_factor` turns the factor back into H (up to round-off) in the same storage, for
+statistics that are needed again after their factor has served.
 """
 
 from __future__ import annotations

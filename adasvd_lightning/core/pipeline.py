@@ -1066,9 +1066,9 @@ def compress_model(
     plan = find_targets(model, config.selector)
     _, blocks = find_decoder_blocks(model)
     shapes = [MatrixShape(name, *linear_shape(m)) for _, _, targets in plan for name, m in targets.items()]
-    report = CompressionReport(method=spec.name, ratio=config.ratio, propagation=spec.propagation if calibration else "",
-                               parameters_before=count_parameters(model),
-                               budget_parameters=budget_for_ratio(shapes, config.ratio))
+    report = CompressionReport(method=spec.name, ratio=config.ratio, parameters_before=count_parameters(model),
+                               budget_parameters=budget_for_ratio(shapes, config.ratio),
+                               propagation=spec.propagation if calibration else "")
 
     was_training = model.training
     model.eval()
