@@ -443,6 +443,43 @@ def test_shared_inputs_share_one_whitening(token_batches, monkeypatch):
     assert [m.relative_error for m in report.modules] == [m.relative_error for m in again.modules]
 
 
+def test_grouped_loss_spectra_from_the_output_gram_match_the_whitened_svd(token_batches, monkeypatch):
+    """svd-llm-v2's planning pass takes a wide or square target's whitened spectrum from W·H·Wᵀ and
+    whitens each distinct input once (tall targets only); the spectra are those of LAPACK's SVD of W·L.
+
+    Whitenings over the whole run (2 phases, planning and compression, × 2 blocks): the default driver
+    makes one per block in each phase (gate/up's input), the reference driver one per distinct input (4);
+    before this path planning made one per target (7 per block: 16 and 22 in all)."""
+    import adasvd_lightning.core.methods as methods
+    from adasvd_lightning.core import planning
+
+    calls, spectra = [], []
+    original_whitening, original_ranks = methods.compute_whitening, planning.grouped_loss_ranks
+
+    def counting(gram, **kw):
+        calls.append(gram.shape[0])
+        return original_whitening(gram, **kw)
+
+    def recording(shapes, found, ratio):
+        spectra.append(found)
+        return original_ranks(shapes, found, ratio)
+
+    monkeypatch.setattr(methods, "compute_whitening", counting)
+    monkeypatch.setattr(planning, "grouped_loss_ranks", recording)
+    fast, _ = _compressed("svd-llm-v2", token_batches)
+    assert len(calls) == 2 * 2 * 1
+    calls.clear()
+    ref, _ = _compressed("svd-llm-v2", token_batches, svd_driver="svd")
+    assert len(calls) == 2 * 2 * 4
+    fast_spectra, ref_spectra = spectra
+    assert fast_spectra.keys() == ref_spectra.keys() and len(fast_spectra) == 14
+    for name, s in fast_spectra.items():
+        r = ref_spectra[name]
+        assert s.shape == r.shape
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-9 * float(r[0]))
+    assert [m.rank for m in fast.modules] == [m.rank for m in ref.modules]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
 def test_prefix_replay_matches_full_forward(family, token_batches):
     """Probes that replay the cached prefix see the logits of the full forward."""

@@ -22,15 +22,16 @@ from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
 from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch
 from .config import CompressionConfig
 from .distributed import all_reduce_sum
-from .factorization import LowRankFactors, saves_parameters
+from .factorization import LowRankFactors, output_gram, saves_parameters
 from .fisher import output_fisher, truncation_kl
-from .linalg import singular_values, thin_svd
+from .linalg import lapack_threads, singular_values, thin_svd, use_gram
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .replay import PrefixReplay
 from .statistics import BlockStatistics
 from .surgery import linear_bias, linear_weight, replace_module
+from .whitening import Whitening
 
 __all__ = ["PlanContext", "plan_ranks"]
 
@@ -116,15 +117,50 @@ def _whitened_svd(ctx: PlanContext, module: nn.Module, stats: BlockStatistics | 
     return s, (whitening, u, vh)
 
 
+def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor | None, config: CompressionConfig,
+                      whitening: Callable[[], Whitening]) -> torch.Tensor:
+    """The singular values of W·S, descending; S is the method's whitening (``whitening()`` makes it).
+
+    A wide or square W under the truncation-aware whitening (``gram`` = its input's H) takes them from
+    G = W·H·Wᵀ: W·S·(W·S)ᵀ = G for every S with S·Sᵀ = H, so the eigenvalues of G are the σ² and no
+    factor of H is needed. That drops the n³/3 Cholesky and the m·n² product W·L from five of a Llama
+    block's seven targets, and is exact where H is singular (the Cholesky route damps H there). A tall
+    W, another whitening or a driver that rules out the Gram route (``svd_driver="svd"``) takes the
+    spectrum of the whitened matrix W·S.
+    """
+    dtype = config.torch_compute_dtype
+    out_features, in_features = weight.shape
+    if gram is not None and out_features <= in_features and use_gram(dtype, config.svd_driver):
+        g = output_gram(weight, gram, dtype)
+        with lapack_threads():
+            return torch.linalg.eigvalsh(g).flip(0).clamp_min(0.0).sqrt()
+    return singular_values(whitening().whiten(weight.to(torch.float64)), driver=config.svd_driver)
+
+
 def _dense_spectra(ctx: PlanContext) -> dict[str, torch.Tensor]:
-    """Whitened singular values of every target under dense-model statistics (factors are dropped)."""
+    """Whitened singular values of every target under dense-model statistics (`whitened_spectrum`).
+
+    A whitening is made once per distinct input (q/k/v and gate/up share theirs), and only if a target
+    reading that input needs one.
+    """
     result: dict[str, torch.Tensor] = {}
+    spec, config = ctx.spec, ctx.config
 
     def visit(index, targets, hidden, outputs, stats):
-        for name, module in targets.items():
-            result[name] = singular_values(_whitened(ctx, module, stats, name)[1], driver=ctx.config.svd_driver)
+        whitenings: dict[int, Whitening] = {}
 
-    _dense_pass(ctx, visit, statistics=ctx.spec.whitening != "none")
+        def shared(input_stats) -> Whitening:
+            if id(input_stats) not in whitenings:
+                whitenings[id(input_stats)] = spec.make_whitening(input_stats, damping=config.damping)
+            return whitenings[id(input_stats)]
+
+        for name, module in targets.items():
+            input_stats = stats.for_module(name) if stats is not None else None
+            gram = input_stats.gram if spec.whitening == "truncation-aware" and input_stats is not None else None
+            result[name] = whitened_spectrum(linear_weight(module).detach(), gram, config,
+                                             lambda: shared(input_stats))
+
+    _dense_pass(ctx, visit, statistics=spec.whitening != "none")
     return result
 
 
