@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics-dtype", default=None, choices=["float64", "float32"],
                    help="precision of the calibration Gram products: float32 (default; the sums stay "
                         "float64) or float64 (the reference, ~1.3-2x slower statistics)")
+    p.add_argument("--probe-table", default=None, metavar="FILE",
+                   help="keep the module-KL probes in FILE as they are measured; run again with the same FILE "
+                        "after an interruption to probe only what is missing")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
@@ -265,6 +268,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         svd_driver=_pick(args.svd_driver, recipe, "svd_driver", "auto"),
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float32"),
         decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
+        probe_table=_pick(args.probe_table, recipe, "probe_table", None),
     )
 
 

@@ -387,6 +387,8 @@ def one_shot_settings(config: Any) -> dict:
         "execution_device": args.get("execution_device"),
         "svd_driver": args.get("svd_driver", "auto"),
         "statistics_dtype": args.get("statistics_dtype", "float32"),
+        "decomposition_threads": args.get("decomposition_threads", 1),
+        "probe_table": args.get("probe_table"),
         "merge_unprofitable": args.get("merge_unprofitable"),
         "text": str(files[0]) if files[0] is not None else None,
         "samples": _get(data, "calibration_samples", 64),

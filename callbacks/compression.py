@@ -135,6 +135,10 @@ class SVDCompression(Callback):
             statistics (``CompressionConfig.statistics_dtype``; the sums stay float64).
         decomposition_threads: CPU threads of each eigh/SVD/Cholesky (default 1; ``None`` = torch's;
             ``CompressionConfig.decomposition_threads``).
+        probe_table: a file that keeps the allocation's sensitivity probes as they are measured
+            (module-KL presets), so a run restarted after an interruption probes only what is missing
+            (``CompressionConfig.probe_table``). One compression per table: not with a schedule of
+            several stages (each stage probes another model).
         merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
             their multiply-adds back to dense (they would not run faster; e.g. 0.15). Default: keep all.
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
@@ -164,6 +168,7 @@ class SVDCompression(Callback):
         svd_driver: str = "auto",
         statistics_dtype: str = "float32",
         decomposition_threads: int | None = 1,
+        probe_table: str | None = None,
         merge_unprofitable: float | None = None,
         show_progress: bool = True,
         compress_evaluation: bool = False,
@@ -179,8 +184,12 @@ class SVDCompression(Callback):
         self.config = CompressionConfig(
             method=method, ratio=DEFAULT_RATIO if ratio is None else ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
-            statistics_dtype=statistics_dtype, decomposition_threads=decomposition_threads,
+            statistics_dtype=statistics_dtype, decomposition_threads=decomposition_threads, probe_table=probe_table,
         )
+        if probe_table is not None and schedule and len(schedule) > 1:
+            raise InvalidInputError(f"probe_table keeps the probes of one compression; this schedule has "
+                                    f"{len(schedule)} stages, each probing another model — drop probe_table or "
+                                    "use one stage")
         self.at = at
         self.compress_evaluation = compress_evaluation
         self.stages = self._validate_schedule(at, schedule, self.config.ratio)

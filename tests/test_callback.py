@@ -157,6 +157,8 @@ def test_progressive_schedule_compresses_in_stages():
     (dict(at="step", schedule=[(2, 0.4)], compress_evaluation=True), "only applies to at='setup'"),
     (dict(at="setup", schedule=[(1, 0.4)]), "only used with"),
     (dict(at="sometimes"), "at must be one of"),
+    (dict(method="duo-svd", at="step", schedule=[(2, 0.2), (4, 0.4)], probe_table="probes.jsonl"),
+     "this schedule has 2 stages"),
 ])
 def test_bad_schedules_fail_at_construction(kwargs, message):
     with pytest.raises(InvalidInputError, match=message):

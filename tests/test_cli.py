@@ -118,6 +118,21 @@ def test_decomposition_threads_flag_reaches_the_config(flags, expected):
     assert compression_config(args, {}).decomposition_threads == expected
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "svd-llm"], "probes nothing"),
+    (["--method", "duo-svd", "--probe-table", "{tmp}"], "is a folder"),
+])
+def test_probe_table_flag_is_checked_before_any_work(flags, message, tmp_path):
+    out = tmp_path / "out"
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    if "--probe-table" not in flags:
+        flags += ["--probe-table", str(tmp_path / "t.jsonl")]
+    result = run("compress", "--model", "reference", "--ratio", "0.4", *flags, "--out", str(out))
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and not (tmp_path / "t.jsonl").exists()
+
+
 def test_composed_method_from_the_command_line(tiny_reference, tmp_path):
     out = tmp_path / "duo"
     result = run("compress", "--model", str(tiny_reference), "--method", "adasvd-duo", "--ratio", "0.6",

@@ -33,7 +33,8 @@ def _force_form(form: str) -> None:
         statistics.rows_are_smaller = lambda *args: form == "rows"
 
 
-def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str, form: str = "auto") -> None:
+def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str, form: str = "auto",
+            table: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     _force_form(form)
@@ -41,9 +42,12 @@ def _worker(rank: int, world: int, port: int, method: str, options: dict, out_di
     try:
         model = tiny_model("llama")
         shard = _batches()[rank::world]
-        report = compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options), shard)
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options,
+                                                         probe_table=table), shard)
         torch.save({"state": model.state_dict(), "tokens": report.calibration_tokens,
-                    "ranks": [m.rank for m in report.modules]}, f"{out_dir}/rank{rank}.pt")
+                    "ranks": [m.rank for m in report.modules],
+                    "probes": [report.allocation.get("sensitivity_probes", 0),
+                               report.allocation.get("sensitivity_rows_reused", 0)]}, f"{out_dir}/rank{rank}.pt")
         # Both ranks leave together: tearing gloo down while the peer is still in a collective
         # aborts the process ("terminate called without an active exception").
         dist.barrier()
@@ -91,6 +95,28 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, metho
         rel = (got[name] - expected[name]).norm() / expected[name].norm()
         assert rel < 1e-4, (name, float(rel))
     assert sum(isinstance(m, FactorizedLinear) for m in single.modules()) == len(expected)
+
+
+def test_two_processes_resume_a_module_kl_allocation_from_one_probe_table(tmp_path):
+    """Rank 0 writes the table; every rank fingerprints its own shard; on the second run both ranks take
+    all rows from it (a rank that probed alone would hang the other's collectives) and build the model
+    of the first run."""
+    table = str(tmp_path / "probes.jsonl")
+    options = {"sensitivity_candidates": [0.4, 1.0]}
+    runs = []
+    for run in ("first", "again"):
+        out = tmp_path / run
+        out.mkdir()
+        mp.start_processes(_worker, args=(2, _free_port(), "duo-svd", options, str(out), "auto", table), nprocs=2,
+                           join=True, start_method="spawn")
+        runs.append([torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)])
+    (first0, first1), (again0, again1) = runs
+    assert first0["probes"] == first1["probes"] == [14 * 2, 0]
+    assert again0["probes"] == again1["probes"] == [0, 14]
+    assert len(open(table).read().splitlines()) == 1 + 14  # rank 0 alone wrote: no row twice
+    for a, b in ((first0, again0), (first0, first1), (again0, again1)):
+        assert a["ranks"] == b["ranks"]
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
 
 def test_lightning_ddp_two_cpu_processes_end_with_identical_compressed_models(tmp_path):

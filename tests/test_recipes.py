@@ -233,6 +233,24 @@ def test_compress_recipe_and_flag_set_the_statistics_dtype(tmp_path):
         assert compression_config(args, recipe).statistics_dtype == expected
 
 
+def test_compress_recipe_passes_decomposition_threads_and_probe_table(tmp_path):
+    """Both callback arguments reach `adasvd compress --recipe` (the threads were once dropped there)."""
+    from adasvd_lightning.cli import build_parser, compression_config
+    from adasvd_lightning.lightning_cli import one_shot_settings, parse_recipe
+
+    table = tmp_path / "probes.jsonl"
+    path = tmp_path / "recipe.yaml"
+    callback = _callback(method="duo-svd", decomposition_threads=3, probe_table=str(table))
+    path.write_text(yaml.safe_dump(_merge(BASE, callback)).replace("MODEL", "reference"))
+    recipe = one_shot_settings(parse_recipe(path))
+    args = build_parser().parse_args(["compress", "--recipe", str(path), "--out", "OUT"])
+    config = compression_config(args, recipe)
+    assert (config.decomposition_threads, config.probe_table) == (3, str(table))
+    other = tmp_path / "other.jsonl"
+    args = build_parser().parse_args(["compress", "--recipe", str(path), "--probe-table", str(other), "--out", "OUT"])
+    assert compression_config(args, recipe).probe_table == str(other)
+
+
 @pytest.mark.parametrize("text,message", [("model: [unclosed\n", "not valid YAML"), ("", "an empty file")])
 def test_unreadable_recipe_file(text, message, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"

@@ -12,6 +12,7 @@ from .errors import InvalidInputError
 from .linalg import SVD_DRIVERS
 from .methods import PROPAGATIONS, MethodSpec, get_method
 from .offload import usable_device
+from .probe_table import check_table_path
 from .surgery import TargetSelector
 
 __all__ = ["CompressionConfig", "PROPAGATIONS"]
@@ -69,6 +70,11 @@ class CompressionConfig:
             (:mod:`.linalg`), while on idle cores they gain little below a few thousand columns.
             ``None`` uses torch's thread count (worth it on a dedicated many-core node with hidden sizes
             of several thousand). No effect on GPU decompositions.
+        probe_table: a file that keeps the sensitivity probes' rows as they are measured (``module-kl``,
+            ``sensitivity-ppl``, and ``module-kl-fisher`` with ``fisher_scale="probed"``; other allocations
+            probe nothing, so it is refused there). A run given the file of an interrupted one reuses its
+            rows and probes only the rest; a file measured on another model, calibration set or
+            configuration is refused and left alone (:mod:`.probe_table`). ``None`` (default): no file.
     """
 
     method: str = "svd-llm"
@@ -83,6 +89,7 @@ class CompressionConfig:
     svd_driver: str = "auto"
     statistics_dtype: str = "float32"
     decomposition_threads: int | None = 1
+    probe_table: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_options, dict):
@@ -132,6 +139,13 @@ class CompressionConfig:
             except InvalidInputError as exc:
                 raise InvalidInputError(f"execution_device: {exc}") from None
             self.execution_device = str(self.execution_device)
+        if self.probe_table is not None:
+            spec = self.spec
+            if not spec.probes:
+                raise InvalidInputError(f"probe_table keeps sensitivity probes, and allocation {spec.allocation!r}"
+                                        + (" with fisher_scale='none'" if spec.allocation == "module-kl-fisher" else "")
+                                        + " probes nothing; drop probe_table")
+            self.probe_table = str(check_table_path(self.probe_table))
 
     @property
     def spec(self) -> MethodSpec:

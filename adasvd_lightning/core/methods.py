@@ -167,6 +167,12 @@ class MethodSpec:
         return self.refinement != "none" and self.heldout_fraction > 0.0
 
     @property
+    def probes(self) -> bool:
+        """Whether the allocation measures modules with sensitivity probes (`core.planning`)."""
+        return self.allocation in ("module-kl", "sensitivity-ppl") or (
+            self.allocation == "module-kl-fisher" and self.fisher_scale == "probed")
+
+    @property
     def needs_calibration(self) -> bool:
         return (
             self.whitening != "none"

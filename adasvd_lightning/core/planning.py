@@ -9,9 +9,11 @@ parameter budget (:mod:`.budget`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,13 +23,15 @@ from .allocation import adacr_block_retentions, block_importance, grouped_loss_r
 from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
 from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch
 from .config import CompressionConfig
-from .distributed import all_reduce_sum
+from .distributed import all_gather_rows, all_reduce_sum, share_module, world
+from .errors import InvalidInputError
 from .factorization import LowRankFactors, output_gram, saves_parameters
 from .fisher import output_fisher, truncation_kl
 from .linalg import lapack_threads, singular_values, thin_svd, use_gram
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
+from .probe_table import ProbeTable, fingerprint
 from .replay import PrefixReplay
 from .statistics import BlockStatistics
 from .surgery import linear_bias, linear_weight, replace_module
@@ -250,6 +254,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     def usable(shape: MatrixShape, rank: int | None) -> bool:
         return rank is not None and saves_parameters(shape.out_features, shape.in_features, rank)
 
+    table = _open_probe_table(ctx)  # before anything is replaced: the fingerprint reads the dense model
     base_modules: dict[str, nn.Module] = {}
 
     def build_baseline(index, targets, hidden, outputs, stats):
@@ -272,7 +277,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     options: list[list[tuple[int, float]]] = []
     option_ranks: list[list[int | None]] = []
     estimates: dict[str, list[float]] = {}
-    probes = 0
+    probes = reused = 0
     done = 0
     try:
         for s in ctx.shapes:
@@ -286,7 +291,9 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
             # (earlier blocks' outputs in ``hidden`` are already the dense model's).
             for name, module in targets.items():
                 replace_module(model, name, module)
-            hidden, stats = _dense_block(ctx, index, targets, hidden, whiten)
+            # A block whose every row is in the table needs its statistics only for the Fisher estimate.
+            measured = table is not None and fisher is None and all(table.row(name) is not None for name in targets)
+            hidden, stats = _dense_block(ctx, index, targets, hidden, whiten and not measured)
             for name in targets:
                 replace_module(model, name, base_modules[name])
             for name, module in targets.items():
@@ -309,9 +316,16 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                     estimates[name] = estimate
                     probe_at = probed_candidates(estimate)
                 row, row_ranks = [], []
+                kept = table.row(name) if table is not None else None
+                if kept is not None and len(kept) != len(ranks):
+                    raise InvalidInputError(f"probe table {table.path}: {name} has {len(kept)} values for "
+                                            f"{len(ranks)} candidates; delete the file to measure again")
+                reused += kept is not None
                 for i, rank in enumerate(ranks):
                     value = None
-                    if i in probe_at:
+                    if kept is not None:
+                        value = kept[i] if i in probe_at else None
+                    elif i in probe_at:
                         if usable(shape, rank):
                             cached = cached or _whitened_svd(ctx, module, stats, name, top)
                             candidate = _lowrank_module(module, _factors_at(cached, rank))
@@ -323,6 +337,8 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                         probes += 1
                     row.append((rank_cost(shape, rank), value))
                     row_ranks.append(rank)
+                if table is not None and kept is None:
+                    table.record(name, [value for _, value in row])
                 if fisher is not None:
                     row = list(zip([c for c, _ in row], probed_row(estimates[name], [v for _, v in row])))
                 replace_module(model, name, base_modules[name])
@@ -336,11 +352,48 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     finally:
         for name, module in modules.items():
             replace_module(model, name, module)
-    info = {"sensitivity_baseline": baseline, "sensitivity_probes": probes,
+    info = {"sensitivity_baseline": baseline, "sensitivity_probes": probes, "sensitivity_rows_reused": reused,
             "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
     if fisher is not None:
         info.update(fisher_tokens=fisher[1], fisher_estimate=estimates)
     return _knapsack_retentions(ctx, options, option_ranks), info
+
+
+def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
+    """The run's `ProbeTable` (``CompressionConfig.probe_table``), or None.
+
+    Under a process group every process fingerprints its own calibration shard and the digests are
+    gathered, so the fingerprint covers all of them; global rank 0 reads (or starts) the file and
+    passes its rows — or the reason it refused the file — to the others, so every process skips the
+    same probes (they are collectives) and all of them stop on a refused file.
+    """
+    if ctx.config.probe_table is None:
+        return None
+    rank, world_size = world()
+    device = _device_of(ctx.model)
+
+    def gather(digest: bytes) -> list[bytes]:
+        rows = all_gather_rows(torch.tensor(list(digest), dtype=torch.float64, device=device)[None])
+        return [bytes(int(b) for b in row.tolist()) for row in rows]
+
+    settings = {key: value for key, value in ctx.config.to_dict().items()
+                if key not in ("probe_table", "decomposition_threads", "execution_device")}
+    settings.update(spec=dataclasses.asdict(ctx.spec), processes=world_size)
+    key = fingerprint(ctx.model, ctx.calibration, settings, gather=gather if world_size > 1 else None)
+    table, refused = None, None
+    if rank == 0:
+        try:
+            table = ProbeTable.open(ctx.config.probe_table, key)
+        except InvalidInputError as error:
+            refused = str(error)
+    if world_size > 1:
+        _, (rows, refused) = share_module(None, (table.rows if table is not None else None, refused), 0, device,
+                                          torch.float32)
+        if rank != 0 and refused is None:
+            table = ProbeTable(Path(ctx.config.probe_table), rows, writer=False)
+    if refused is not None:
+        raise InvalidInputError(refused)
+    return table
 
 
 def probed_candidates(estimate: Sequence[float]) -> set[int]:
