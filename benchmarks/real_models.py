@@ -113,7 +113,7 @@ def prepare_smollm2() -> Path:
 
 
 def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, eval_windows: int,
-        eval_seq_len: int, statistics_dtype: str, seed: int = 0) -> dict:
+        eval_seq_len: int, statistics_dtype: str, seed: int = 0, probe_tables: str | None = None) -> dict:
     """Compress the model with one preset and evaluate it (in a child process of `main`, or in
     `writer_report.py`'s own)."""
     import torch
@@ -135,14 +135,20 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
     else:
         batches = calibration_batches(tokenizer, CalibrationSpec(None, samples=samples, seq_len=seq_len,
                                                                      seed=seed))
+        config = method_config(method, ratio, statistics_dtype=statistics_dtype)
+        if probe_tables and config.spec.probes:
+            # One table per model, ratio and calibration draw: the probing presets share it where their
+            # probes agree (`CompressionConfig.probe_table`); anything else is refused, not reused.
+            table = (f"{Path(model_dir).name}_{ratio}_{samples}x{seq_len}_seed{seed}_{statistics_dtype}_"
+                     f"{config.spec.allocation}.jsonl")
+            config.probe_table = str(Path(probe_tables) / table)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Progress on stderr (plain lines every 10 s when it is not a terminal): a module-KL row
             # runs for an hour on a CPU core, and the probes' stage says how far it is.
             with compression_progress() as progress:
-                report = compress_model(model, method_config(method, ratio, statistics_dtype=statistics_dtype),
-                                        batches, progress=progress)
+                report = compress_model(model, config, batches, progress=progress)
         # Per residual writer: validated steps and held-out errors (`writer_report.py` prints them).
         writers = [dict(name=m.name, steps=m.refinement_steps, heldout_start=m.heldout_error_start,
                         heldout_after=m.heldout_error, plain_start=m.heldout_plain_error_start,
@@ -187,6 +193,10 @@ def main() -> None:
                         help="precision of the calibration Gram products (CompressionConfig.statistics_dtype); "
                              "several values run each method with each, in this one invocation (default: the "
                              "config's default)")
+    parser.add_argument("--probe-tables", metavar="DIR",
+                        help="keep the module-KL probes of each (ratio, calibration) in a file under DIR "
+                             "(CompressionConfig.probe_table): rerun the same command after an interruption "
+                             "to probe only what is missing; duo-svd and adasvd-duo share the file")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results alone")
     parser.add_argument("--out", help="write the rows to benchmarks/results/OUT (JSON) and leave BENCHMARKS.md and "
@@ -202,7 +212,7 @@ def main() -> None:
     if args.one:
         model_dir, method, ratio = args.one
         print(json.dumps(one(model_dir, method, float(ratio), args.samples[0], args.seq_len, args.eval_windows,
-                             args.eval_seq_len, dtypes[0], args.seeds[0])))
+                             args.eval_seq_len, dtypes[0], args.seeds[0], args.probe_tables)))
         return
 
     if args.model:
@@ -214,6 +224,11 @@ def main() -> None:
         model_dir = prepare_smollm2()
     script = str(Path(__file__).resolve())
     evaluation = ["--eval-windows", str(args.eval_windows), "--eval-seq-len", str(args.eval_seq_len)]
+    if args.probe_tables:
+        tables = Path(args.probe_tables).expanduser().resolve()
+        if not tables.is_dir():
+            parser.error(f"--probe-tables {tables}: not a folder")
+        evaluation += ["--probe-tables", str(tables)]
 
     def child(method: str, ratio: float, samples: int, dtype: str, seed: int = 0) -> dict:
         return run_json([script, "--one", str(model_dir), method, str(ratio), "--samples", str(samples),

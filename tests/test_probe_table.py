@@ -60,7 +60,7 @@ def test_a_table_of_another_run_or_not_a_table_is_refused_and_left_alone(tmp_pat
     table = tmp_path / "probes.jsonl"
     _run(token_batches, table)
     before = table.read_bytes()
-    for change in (dict(ratio=0.5), dict(column_min_gain=0.02)):
+    for change in (dict(ratio=0.5), dict(sensitivity_batches=1)):
         with pytest.raises(InvalidInputError, match="measured for another model, calibration set or configuration"):
             _run(token_batches, table, **change)
         assert table.read_bytes() == before
@@ -74,6 +74,18 @@ def test_a_table_of_another_run_or_not_a_table_is_refused_and_left_alone(tmp_pat
     with pytest.raises(InvalidInputError, match="not a probe table written by adasvd-lightning"):
         _run(token_batches, notes)
     assert notes.read_text() == "my notes\n"
+
+
+def test_presets_that_differ_only_after_the_allocation_share_a_table(tmp_path, token_batches):
+    """duo-svd and adasvd-duo probe the same truncations (their compensation comes after the allocation):
+    one table serves both, and adasvd-duo allocates from it exactly as from its own probes."""
+    table = tmp_path / "probes.jsonl"
+    _run(token_batches, table, method="duo-svd")
+    shared, _ = _run(token_batches, table, method="adasvd-duo")
+    own, _ = _run(token_batches, method="adasvd-duo")
+    assert shared.allocation["sensitivity_rows_reused"] == 14 and shared.allocation["sensitivity_probes"] == 0
+    assert shared.allocation["sensitivity"] == own.allocation["sensitivity"]
+    assert [m.rank for m in shared.modules] == [m.rank for m in own.modules]
 
 
 def test_probe_table_settings_are_checked_before_any_work(tmp_path):

@@ -9,7 +9,6 @@ parameter budget (:mod:`.budget`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -359,8 +358,21 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     return _knapsack_retentions(ctx, options, option_ranks), info
 
 
+#: What a probe row depends on besides the model and the calibration batches: the settings
+#: `_allocate_sensitivity` reads (baseline ranks, whitening, candidate factors, probe batches). The
+#: form, the refinement and the propagation are not among them — the probes truncate with plain
+#: whitened SVDs — so `duo-svd` and `adasvd-duo` share a table. A setting the probes come to read must
+#: be added here, or a table measured without it would be reused.
+_PROBED_CONFIG = ("ratio", "include", "exclude", "damping", "compute_dtype", "svd_driver", "statistics_dtype")
+_PROBED_SPEC = ("whitening", "asvd_alpha", "allocation", "sensitivity_candidates", "sensitivity_batches",
+                "fisher_samples", "fisher_scale")
+
+
 def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
     """The run's `ProbeTable` (``CompressionConfig.probe_table``), or None.
+
+    Its fingerprint covers the model, the calibration and the settings in ``_PROBED_CONFIG`` and
+    ``_PROBED_SPEC``.
 
     Under a process group every process fingerprints its own calibration shard and the digests are
     gathered, so the fingerprint covers all of them; global rank 0 reads (or starts) the file and
@@ -376,9 +388,9 @@ def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
         rows = all_gather_rows(torch.tensor(list(digest), dtype=torch.float64, device=device)[None])
         return [bytes(int(b) for b in row.tolist()) for row in rows]
 
-    settings = {key: value for key, value in ctx.config.to_dict().items()
-                if key not in ("probe_table", "decomposition_threads", "execution_device")}
-    settings.update(spec=dataclasses.asdict(ctx.spec), processes=world_size)
+    config = ctx.config.to_dict()
+    settings = {key: config[key] for key in _PROBED_CONFIG}
+    settings.update({key: getattr(ctx.spec, key) for key in _PROBED_SPEC}, processes=world_size)
     key = fingerprint(ctx.model, ctx.calibration, settings, gather=gather if world_size > 1 else None)
     table, refused = None, None
     if rank == 0:
