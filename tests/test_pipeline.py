@@ -277,6 +277,33 @@ def test_projection_methods_report_their_measured_error_on_the_dense_inputs(meth
         assert m.relative_error == pytest.approx(measured, rel=1e-6), m.name
 
 
+def test_asvd_is_the_truncated_svd_of_the_activation_scaled_weight_and_never_beats_whitening(token_batches):
+    """asvd's modules are its definition, computed independently here: S = diag(mean |x_j|)^α from the
+    dense model's inputs, W·S's SVD truncated at the reported rank, S⁻¹ folded back. And at the same
+    rank its output error is never below the whitened truncation's, the optimum for ‖(W − W′)X‖ — why
+    asvd collapses on SmolLM2-135M where svd-llm-w does not (BENCHMARKS.md, "Where `asvd` breaks")."""
+    dense = tiny_model("llama", seed=3).double()
+    model = tiny_model("llama", seed=3).double()
+    report = compress_model(model, CompressionConfig(method="asvd", ratio=0.5, statistics_dtype="float64"),
+                            token_batches)
+    names = [m.name for m in report.modules]
+    x = _target_inputs(dense, names, token_batches)
+    worse = 0
+    for m in report.modules:
+        w = dense.get_submodule(m.name).weight.detach().double()
+        scale = x[m.name].abs().mean(0).pow(0.5)
+        u, sigma, vt = torch.linalg.svd(w * scale, full_matrices=False)
+        expected = (u[:, :m.rank] * sigma[:m.rank]) @ vt[:m.rank] / scale
+        got = model.get_submodule(m.name).dense_weight().detach().double()
+        assert (got - expected).norm() <= 1e-8 * w.norm(), m.name
+        h = x[m.name].T @ x[m.name]
+        whitened = torch.linalg.svdvals(w @ torch.linalg.cholesky(h))
+        optimal = float(whitened[m.rank:].square().sum() / whitened.square().sum()) ** 0.5
+        assert m.relative_error >= optimal * (1 - 1e-9), m.name
+        worse += m.relative_error > 1.05 * optimal
+    assert worse >= len(names) // 2  # not a tie: the scaling leaves real error on the table
+
+
 def test_projected_error_is_the_gram_forms_and_defers_near_exact_fits():
     """``_projected_error`` (‖WX‖² − ‖W′X‖² for W′ = U_r U_rᵀ W) equals tr(E H Eᵀ) / tr(W H Wᵀ) for a
     scaled SVD's truncation, and leaves a fit within 1 % to the Gram form, where the difference of two
