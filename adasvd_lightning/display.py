@@ -182,6 +182,7 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         table.add_row(f"… {len(report.modules) - max_rows} more", "", "", "", "", "")
     whitening = sorted({m.whitening for m in report.modules if m.whitening})
     refused = sum(1 for m in report.modules if m.refused_columns)
+    reused = report.allocation.get("sensitivity_rows_reused", 0)
     table.caption = (
         f"linears {format_params(report.linear_parameters_before)} → {format_params(report.linear_parameters_after)} "
         f"(achieved {report.achieved_ratio:.2%}, budget {report.budget_deviation:+.2%}); model "
@@ -191,5 +192,7 @@ def report_table(report: CompressionReport, *, max_rows: int | None = 40) -> Tab
         + (f"; whitening: {', '.join(whitening)}" if whitening else "")
         + (f"; {len(report.merged)} merged back to dense (would not run faster)" if report.merged else "")
         + (f"; {refused} column split(s) refused (they lost once compensated)" if refused else "")
+        + (f"; {reused} module(s) allocated from the probe table's rows, "
+           f"{report.allocation.get('sensitivity_probes', 0)} probes measured" if reused else "")
     )
     return table

@@ -39,6 +39,11 @@ def test_summary_table_lists_every_module_and_the_totals(token_batches):
     report.modules[-1].refused_columns = 7
     caption = " ".join(_render(display.report_table(report)).split())  # the caption wraps with its length
     assert "1 column split(s) refused" in caption
+    assert "probe table" not in caption
+    # Rows taken from a probe table (`CompressionConfig.probe_table`) are said too.
+    report.allocation.update(sensitivity_rows_reused=5, sensitivity_probes=27)
+    caption = " ".join(_render(display.report_table(report)).split())
+    assert "5 module(s) allocated from the probe table's rows, 27 probes measured" in caption
 
 
 @pytest.mark.parametrize("at", ["setup", "step"])
