@@ -315,15 +315,15 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                     estimates[name] = estimate
                     probe_at = probed_candidates(estimate)
                 row, row_ranks = [], []
-                kept = table.row(name) if table is not None else None
-                if kept is not None and len(kept) != len(ranks):
-                    raise InvalidInputError(f"probe table {table.path}: {name} has {len(kept)} values for "
+                stored = table.row(name) if table is not None else None
+                if stored is not None and len(stored) != len(ranks):
+                    raise InvalidInputError(f"probe table {table.path}: {name} has {len(stored)} values for "
                                             f"{len(ranks)} candidates; delete the file to measure again")
-                reused += kept is not None
+                reused += stored is not None
                 for i, rank in enumerate(ranks):
                     value = None
-                    if kept is not None:
-                        value = kept[i] if i in probe_at else None
+                    if stored is not None:
+                        value = stored[i] if i in probe_at else None
                     elif i in probe_at:
                         if usable(shape, rank):
                             cached = cached or _whitened_svd(ctx, module, stats, name, top)
@@ -336,7 +336,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                         probes += 1
                     row.append((rank_cost(shape, rank), value))
                     row_ranks.append(rank)
-                if table is not None and kept is None:
+                if table is not None and stored is None:
                     table.record(name, [value for _, value in row])
                 if fisher is not None:
                     row = list(zip([c for c, _ in row], probed_row(estimates[name], [v for _, v in row])))

@@ -6,10 +6,11 @@ module's row is final the moment it is measured (the other targets sit at their 
 it can be kept: `ProbeTable` appends one JSON line per module to a file, and a run pointed at the same
 file takes the rows it finds and probes only the rest.
 
-A row is only reused for the very run it was measured in. The file's first line holds a fingerprint
-of everything a probe reads (`fingerprint`): every parameter and buffer of the model, the calibration
-batches of every process, the method with its options, the ratio, the target selection and the
-numerical settings. A file written for anything else is refused with one line, and never changed.
+A row is only reused where it would be measured again to the same numbers. The file's first line
+holds a fingerprint of everything a probe reads (`fingerprint`): every parameter and buffer of the
+model, the calibration batches of every process, and the settings the probes depend on (allocation,
+whitening, candidates, probe batches, ratio, target selection, numerics; `core.planning` lists them).
+A file written for anything else is refused with one line, and never changed.
 
 The file is written so an interruption cannot leave it unusable: the header goes in atomically (a
 temporary file renamed over the path), each row is one appended line, flushed and synced, and a last
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def _batch_tensors(batch: Any) -> Iterable[torch.Tensor]:
 
 
 def fingerprint(model: nn.Module, calibration: Sequence[Any], settings: dict, *,
-                gather: Any = None) -> str:
+                gather: Callable[[bytes], list[bytes]] | None = None) -> str:
     """SHA-256 of what the probes read: the model's tensors, the calibration batches and ``settings``.
 
     ``gather`` (processes of a group: each holds its own calibration shard) turns this process's digest
