@@ -34,6 +34,7 @@ progress on stderr (calibration, probes, blocks; plain lines every ``ADASVD_PROG
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -141,7 +142,7 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
             # probes agree (`CompressionConfig.probe_table`); anything else is refused, not reused.
             table = (f"{Path(model_dir).name}_{ratio}_{samples}x{seq_len}_seed{seed}_{statistics_dtype}_"
                      f"{config.spec.allocation}.jsonl")
-            config.probe_table = str(Path(probe_tables) / table)
+            config = dataclasses.replace(config, probe_table=str(Path(probe_tables) / table))
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
