@@ -26,8 +26,10 @@ Default size: 64 × 256 calibration tokens (the library's default calibration) a
 tokens keep each of the presets without module-KL probes at a few minutes per ratio on one CPU core
 (SmolLM2-135M). The module-KL presets
 (``duo-svd``, ``adasvd-duo``) probe every module at every candidate: 2,100 probes of ~8 s each on
-SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, or run
-``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes). Each run prints its
+SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, run
+``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes), or give
+``--probe-tables DIR``: each probed row is kept there as it is measured, so the same command, run again
+after an interruption, probes only what is missing (and ``duo-svd`` / ``adasvd-duo`` share the rows). Each run prints its
 progress on stderr (calibration, probes, blocks; plain lines every ``ADASVD_PROGRESS_INTERVAL`` seconds).
 """
 
