@@ -8,8 +8,9 @@ file takes the rows it finds and probes only the rest.
 
 A row is only reused where it would be measured again to the same numbers. The file's first line
 holds a fingerprint of everything a probe reads (`fingerprint`): every parameter and buffer of the
-model, the calibration batches of every process, and the settings the probes depend on (allocation,
-whitening, candidates, probe batches, ratio, target selection, numerics; `core.planning` lists them).
+model, the calibration batches of every process, the settings the probes depend on (allocation,
+whitening, candidates, probe batches, ratio, target selection, numerics; `core.planning` lists them)
+and the library's version (another release may probe differently).
 A file written for anything else is refused with one line, and never changed.
 
 The file is written so an interruption cannot leave it unusable: the header goes in atomically (a
@@ -83,10 +84,20 @@ def fingerprint(model: nn.Module, calibration: Sequence[Any], settings: dict, *,
         data = b"".join(gather(data))
     whole = hashlib.sha256()
     whole.update(FORMAT.encode())
+    whole.update(_library_version().encode())  # another release may probe differently
     whole.update(model_hash.digest())
     whole.update(data)
     whole.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return whole.hexdigest()
+
+
+def _library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adasvd-lightning")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class ProbeTable:
