@@ -111,3 +111,18 @@ def test_a_damaged_row_is_an_error_not_a_silent_remeasure(tmp_path):
         handle.write("{not json\n")
     with pytest.raises(InvalidInputError, match="line 2 is damaged"):
         ProbeTable.open(path, "abc")
+
+
+def test_the_fisher_scaled_allocation_resumes_its_two_probes_per_module(tmp_path, token_batches):
+    """module-kl-fisher with fisher_scale=probed measures two candidates per module; the table keeps
+    them (None elsewhere) and a second run scales the same estimates to the same probes."""
+    table = tmp_path / "probes.jsonl"
+    options = dict(allocation="module-kl-fisher", fisher_scale="probed")
+    first, first_logits = _run(token_batches, table, method="adasvd-duo", **options)
+    rows = [json.loads(line)["values"] for line in _lines(table)[1:]]
+    assert len(rows) == 14 and all(sum(v is not None for v in row) <= 2 for row in rows)
+    assert first.allocation["sensitivity_probes"] == sum(v is not None for row in rows for v in row) > 0
+    again, again_logits = _run(token_batches, table, method="adasvd-duo", **options)
+    assert again.allocation["sensitivity_probes"] == 0 and again.allocation["sensitivity_rows_reused"] == 14
+    assert again.allocation["sensitivity"] == first.allocation["sensitivity"]
+    torch.testing.assert_close(again_logits, first_logits, rtol=0, atol=0)
