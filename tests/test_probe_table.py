@@ -126,3 +126,13 @@ def test_the_fisher_scaled_allocation_resumes_its_two_probes_per_module(tmp_path
     assert again.allocation["sensitivity_probes"] == 0 and again.allocation["sensitivity_rows_reused"] == 14
     assert again.allocation["sensitivity"] == first.allocation["sensitivity"]
     torch.testing.assert_close(again_logits, first_logits, rtol=0, atol=0)
+
+
+def test_only_the_first_line_of_a_foreign_file_is_read(tmp_path):
+    """A big binary file given by mistake is refused from its first line, and left as it is."""
+    path = tmp_path / "weights.bin"
+    data = bytes(range(256)) * 4096
+    path.write_bytes(data)
+    with pytest.raises(InvalidInputError, match="not a probe table"):
+        ProbeTable.open(path, "abc")
+    assert path.read_bytes() == data

@@ -117,12 +117,11 @@ class ProbeTable:
             if writer:
                 _write_atomically(p, [_header(fingerprint)])
             return cls(p, {}, writer)
-        text = p.read_text(encoding="utf-8", errors="replace")
-        lines = text.split("\n")
-        complete, cut = lines[:-1], lines[-1]  # a last line without its newline was cut off mid-write
+        with open(p, "rb") as handle:  # the first line alone decides, whatever else the file is
+            first = handle.readline(4096)
         try:
-            header = json.loads(complete[0]) if complete else None
-        except json.JSONDecodeError:
+            header = json.loads(first.decode("utf-8")) if first.endswith(b"\n") else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
             header = None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise InvalidInputError(f"{p} is not a probe table written by adasvd-lightning; it is left alone — "
@@ -130,6 +129,8 @@ class ProbeTable:
         if header.get("fingerprint") != fingerprint:
             raise InvalidInputError(f"probe table {p} was measured for another model, calibration set or "
                                     "configuration; it is left alone — delete it or give another path")
+        lines = p.read_text(encoding="utf-8", errors="replace").split("\n")
+        complete, cut = lines[:-1], lines[-1]  # a last line without its newline was cut off mid-write
         rows: dict[str, list[float | None]] = {}
         for number, line in enumerate(complete[1:], start=2):
             try:
