@@ -29,8 +29,9 @@ tokens keep each of the presets without module-KL probes at a few minutes per ra
 SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, run
 ``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes), or give
 ``--probe-tables DIR``: each probed row is kept there as it is measured, so the same command, run again
-after an interruption, probes only what is missing (and ``duo-svd`` / ``adasvd-duo`` share the rows). Each run prints its
-progress on stderr (calibration, probes, blocks; plain lines every ``ADASVD_PROGRESS_INTERVAL`` seconds).
+after an interruption, probes only what is missing (and ``duo-svd`` / ``adasvd-duo`` share the rows).
+Each run prints its progress on stderr (calibration, probes, blocks; plain lines every
+``ADASVD_PROGRESS_INTERVAL`` seconds).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from torch import nn
 
 from .lowrank import FactorizedLinear, module_from_entry
 
-__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_tensor", "all_gather_rows", "all_reduce_statistics", "share_module", "shutdown",
-           "gathered_parameters"]
+__all__ = ["world", "is_distributed", "all_reduce_sum", "all_reduce_tensor", "all_gather_rows", "all_reduce_statistics",
+           "broadcast_object", "share_module", "shutdown", "gathered_parameters"]
 
 
 def is_distributed() -> bool:
@@ -89,6 +89,15 @@ def all_reduce_statistics(stats: dict[str, Any]) -> None:
         s.tokens = int(all_reduce_sum([float(s.tokens)], device=s.gram_sum.device)[0])
 
 
+def broadcast_object(payload: Any, src: int = 0) -> Any:
+    """``src``'s picklable ``payload`` on every rank (the others pass anything); as is without a group."""
+    if not is_distributed():
+        return payload
+    box = [payload if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def share_module(module: nn.Module | None, payload: Any, owner: int, device: torch.device,
                  dtype: torch.dtype) -> tuple[nn.Module | None, Any]:
     """Broadcast a freshly built factorized module (or None = left dense) and a picklable payload.
@@ -99,9 +108,8 @@ def share_module(module: nn.Module | None, payload: Any, owner: int, device: tor
     if not is_distributed():
         return module, payload
     rank = dist.get_rank()
-    header = [(module.manifest_entry() if isinstance(module, FactorizedLinear) else None, payload)] if rank == owner else [None]
-    dist.broadcast_object_list(header, src=owner)
-    entry, payload = header[0]
+    entry, payload = broadcast_object(
+        (module.manifest_entry() if isinstance(module, FactorizedLinear) else None, payload), owner)
     if entry is None:
         return None, payload
     if rank != owner:

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import torch
 
 __all__ = ["SVD_DRIVERS", "GRAM_MIN_RELATIVE", "thin_svd", "gram_spectrum", "use_gram", "singular_values", "decomposition_threads",
-           "lapack_threads"]
+           "lapack_threads", "gram_singular_values"]
 
 _decomposition_threads: int | None = None
 
@@ -118,11 +118,15 @@ def thin_svd(a: torch.Tensor, rank: int, *, driver: str = "auto") -> tuple[torch
     return u[:, :k], s, vh[:k]
 
 
+def gram_singular_values(gram: torch.Tensor) -> torch.Tensor:
+    """The singular values of any A with A·Aᵀ (or Aᵀ·A) = ``gram``, descending: √ of its eigenvalues."""
+    with lapack_threads():
+        return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
+
+
 def singular_values(a: torch.Tensor, *, driver: str = "auto") -> torch.Tensor:
     """All singular values of ``a``, descending (the Gram's eigenvalues when the driver allows it)."""
     if use_gram(a.dtype, driver):
-        gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
-        with lapack_threads():
-            return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0).sqrt()
+        return gram_singular_values(a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T)
     with lapack_threads():
         return torch.linalg.svdvals(a)

@@ -22,11 +22,11 @@ from .allocation import adacr_block_retentions, block_importance, grouped_loss_r
 from .budget import MatrixShape, budget_for_ratio, rank_cost, ranks_for_budget
 from .calibration import BlockInput, ProgressEvent, ProgressFn, model_forward, normalise_batch
 from .config import CompressionConfig
-from .distributed import all_gather_rows, all_reduce_sum, share_module, world
+from .distributed import all_gather_rows, all_reduce_sum, broadcast_object, world
 from .errors import InvalidInputError
 from .factorization import LowRankFactors, output_gram, saves_parameters
 from .fisher import output_fisher, truncation_kl
-from .linalg import lapack_threads, singular_values, thin_svd, use_gram
+from .linalg import gram_singular_values, singular_values, thin_svd, use_gram
 from .lowrank import LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
@@ -134,9 +134,7 @@ def whitened_spectrum(weight: torch.Tensor, gram: torch.Tensor | None, config: C
     dtype = config.torch_compute_dtype
     out_features, in_features = weight.shape
     if gram is not None and out_features <= in_features and use_gram(dtype, config.svd_driver):
-        g = output_gram(weight, gram, dtype)
-        with lapack_threads():
-            return torch.linalg.eigvalsh(g).flip(0).clamp_min(0.0).sqrt()
+        return gram_singular_values(output_gram(weight, gram, dtype))
     return singular_values(whitening().whiten(weight.to(torch.float64)), driver=config.svd_driver)
 
 
@@ -399,8 +397,7 @@ def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
         except InvalidInputError as error:
             refused = str(error)
     if world_size > 1:
-        _, (rows, refused) = share_module(None, (table.rows if table is not None else None, refused), 0, device,
-                                          torch.float32)
+        rows, refused = broadcast_object((table.rows if table is not None else None, refused), 0)
         if rank != 0 and refused is None:
             table = ProbeTable(Path(ctx.config.probe_table), rows, writer=False)
     if refused is not None:
