@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-table", default=None, metavar="FILE",
                    help="keep the module-KL probes in FILE as they are measured; run again with the same FILE "
                         "after an interruption to probe only what is missing")
+    p.add_argument("--activation-dir", default=None, metavar="DIR",
+                   help="keep the calibration activations in files under DIR instead of memory (for large "
+                        "calibration sets; same results; the files vanish with the run)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     common(p)
@@ -269,6 +272,7 @@ def compression_config(args: argparse.Namespace, recipe: dict) -> CompressionCon
         statistics_dtype=_pick(args.statistics_dtype, recipe, "statistics_dtype", "float32"),
         decomposition_threads=_pick(args.decomposition_threads, recipe, "decomposition_threads", 1),
         probe_table=_pick(args.probe_table, recipe, "probe_table", None),
+        activation_dir=_pick(args.activation_dir, recipe, "activation_dir", None),
     )
 
 

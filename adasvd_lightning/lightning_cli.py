@@ -389,6 +389,7 @@ def one_shot_settings(config: Any) -> dict:
         "statistics_dtype": args.get("statistics_dtype", "float32"),
         "decomposition_threads": args.get("decomposition_threads", 1),
         "probe_table": args.get("probe_table"),
+        "activation_dir": args.get("activation_dir"),
         "merge_unprofitable": args.get("merge_unprofitable"),
         "text": str(files[0]) if files[0] is not None else None,
         "samples": _get(data, "calibration_samples", 64),

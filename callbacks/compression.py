@@ -139,6 +139,8 @@ class SVDCompression(Callback):
             (module-KL presets), so a run restarted after an interruption probes only what is missing
             (``CompressionConfig.probe_table``). One compression per table: not with a schedule of
             several stages (each stage probes another model).
+        activation_dir: a folder to keep the calibration activations in, as files that vanish with the
+            run, instead of memory (large calibration sets; ``CompressionConfig.activation_dir``).
         merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
             their multiply-adds back to dense (they would not run faster; e.g. 0.15). Default: keep all.
         show_progress: progress of calibration and per-block decomposition on global rank 0 (a
@@ -169,6 +171,7 @@ class SVDCompression(Callback):
         statistics_dtype: str = "float32",
         decomposition_threads: int | None = 1,
         probe_table: str | None = None,
+        activation_dir: str | None = None,
         merge_unprofitable: float | None = None,
         show_progress: bool = True,
         compress_evaluation: bool = False,
@@ -185,6 +188,7 @@ class SVDCompression(Callback):
             method=method, ratio=DEFAULT_RATIO if ratio is None else ratio, include=include, exclude=exclude, propagation=propagation,
             method_options=method_options or {}, execution_device=execution_device, svd_driver=svd_driver,
             statistics_dtype=statistics_dtype, decomposition_threads=decomposition_threads, probe_table=probe_table,
+            activation_dir=activation_dir,
         )
         if probe_table is not None and schedule and len(schedule) > 1:
             raise InvalidInputError(f"probe_table keeps the probes of one compression; this schedule has "

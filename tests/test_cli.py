@@ -133,6 +133,22 @@ def test_probe_table_flag_is_checked_before_any_work(flags, message, tmp_path):
     assert not out.exists() and not (tmp_path / "t.jsonl").exists()
 
 
+def test_activation_dir_flag_is_checked_before_any_work_and_leaves_the_folder_empty(tiny_reference, tmp_path):
+    out = tmp_path / "out"
+    result = run("compress", "--model", "reference", "--ratio", "0.4", "--activation-dir", str(tmp_path / "missing"),
+                 "--out", str(out))
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "is not an existing folder" in lines[0], result.stderr
+    assert not out.exists()
+    folder = tmp_path / "activations"
+    folder.mkdir()
+    result = run("compress", "--model", str(tiny_reference), "--ratio", "0.4", "--samples", "8", "--seq-len", "32",
+                 "--activation-dir", str(folder), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    assert last_json(result.stdout)["calibration_tokens"] == 8 * 32
+    assert list(folder.iterdir()) == []
+
+
 def test_composed_method_from_the_command_line(tiny_reference, tmp_path):
     out = tmp_path / "duo"
     result = run("compress", "--model", str(tiny_reference), "--method", "adasvd-duo", "--ratio", "0.6",

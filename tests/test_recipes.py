@@ -234,18 +234,19 @@ def test_compress_recipe_and_flag_set_the_statistics_dtype(tmp_path):
 
 
 def test_compress_recipe_passes_decomposition_threads_and_probe_table(tmp_path):
-    """Both callback arguments reach `adasvd compress --recipe` (the threads were once dropped there)."""
+    """These callback arguments reach `adasvd compress --recipe` (the threads were once dropped there)."""
     from adasvd_lightning.cli import build_parser, compression_config
     from adasvd_lightning.lightning_cli import one_shot_settings, parse_recipe
 
     table = tmp_path / "probes.jsonl"
     path = tmp_path / "recipe.yaml"
-    callback = _callback(method="duo-svd", decomposition_threads=3, probe_table=str(table))
+    callback = _callback(method="duo-svd", decomposition_threads=3, probe_table=str(table),
+                         activation_dir=str(tmp_path))
     path.write_text(yaml.safe_dump(_merge(BASE, callback)).replace("MODEL", "reference"))
     recipe = one_shot_settings(parse_recipe(path))
     args = build_parser().parse_args(["compress", "--recipe", str(path), "--out", "OUT"])
     config = compression_config(args, recipe)
-    assert (config.decomposition_threads, config.probe_table) == (3, str(table))
+    assert (config.decomposition_threads, config.probe_table, config.activation_dir) == (3, str(table), str(tmp_path))
     other = tmp_path / "other.jsonl"
     args = build_parser().parse_args(["compress", "--recipe", str(path), "--probe-table", str(other), "--out", "OUT"])
     assert compression_config(args, recipe).probe_table == str(other)

@@ -97,8 +97,13 @@ def model_forward(model: nn.Module, batch: Any) -> Any:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any]) -> list[BlockInput]:
-    """Run ``model`` on each batch only until ``block`` is called, and keep what it receives."""
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[Any],
+                         keep: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[BlockInput]:
+    """Run ``model`` on each batch only until ``block`` is called, and keep what it receives.
+
+    ``keep`` stores each batch's hidden states as soon as it is captured (`BlockRunner.keep`), so with
+    activations kept in files not even the first stream is ever whole in memory.
+    """
     captured: list[BlockInput] = []
     current_mask: list[torch.Tensor | None] = [None]
 
@@ -108,7 +113,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: Iterable[A
             hidden, rest = args[0], tuple(args[1:])
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
-        captured.append(BlockInput(hidden=hidden, args=rest, kwargs=kwargs, mask=current_mask[0]))
+        captured.append(BlockInput(hidden=keep(hidden) if keep is not None else hidden, args=rest, kwargs=kwargs,
+                                   mask=current_mask[0]))
         raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)

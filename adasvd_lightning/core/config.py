@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .activation_store import check_activation_dir
 from .errors import InvalidInputError
 from .linalg import SVD_DRIVERS
 from .methods import PROPAGATIONS, MethodSpec, get_method
@@ -75,6 +76,15 @@ class CompressionConfig:
             probe nothing, so it is refused there). A run given the file of an interrupted one reuses its
             rows and probes only the rest; a file measured on another model, calibration set or
             configuration is refused and left alone (:mod:`.probe_table`). ``None`` (default): no file.
+        activation_dir: a folder to keep the calibration activations in, as files, instead of memory
+            (:mod:`.activation_store`). They are the one part of a run's memory that grows with the
+            calibration set (Llama-2-7B at 524,288 tokens: 8 GiB per float32 stream, two streams for the
+            methods fitted to the dense outputs); in files, resident memory holds one batch of them at a
+            time and the kernel's page cache the rest, as memory allows. Same numbers, bit for bit. The
+            files are removed from the folder as soon as they are opened, so nothing is left there after
+            the run, however it ends; a folder without room for about two more streams than the
+            captured one is refused before the first block. The model must be on the CPU (with
+            ``execution_device`` to run blocks elsewhere). ``None`` (default): in memory.
     """
 
     method: str = "svd-llm"
@@ -90,6 +100,7 @@ class CompressionConfig:
     statistics_dtype: str = "float32"
     decomposition_threads: int | None = 1
     probe_table: str | None = None
+    activation_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method_options, dict):
@@ -146,6 +157,8 @@ class CompressionConfig:
                                         + (" with fisher_scale='none'" if spec.allocation == "module-kl-fisher" else "")
                                         + " probes nothing; drop probe_table")
             self.probe_table = str(check_table_path(self.probe_table))
+        if self.activation_dir is not None:
+            self.activation_dir = str(check_activation_dir(self.activation_dir))
 
     @property
     def spec(self) -> MethodSpec:

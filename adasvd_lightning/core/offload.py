@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .activation_store import ActivationStore
 from .calibration import BlockInput, run_block
 from .errors import InvalidInputError
 
@@ -62,13 +63,19 @@ def _device_of(module: nn.Module) -> torch.device | None:
 
 @dataclass
 class BlockRunner:
-    """Runs decoder blocks on ``device`` (None: wherever they are, no copies)."""
+    """Runs decoder blocks on ``device`` (None: wherever they are, no copies), with the calibration
+    activations at rest in ``store`` (memory, or files: :mod:`.activation_store`)."""
 
     device: torch.device | None = None
+    store: ActivationStore = field(default_factory=ActivationStore)
 
     @classmethod
-    def for_device(cls, device: str | torch.device | None) -> "BlockRunner":
-        return cls(torch.device(device) if device is not None else None)
+    def for_device(cls, device: str | torch.device | None, activation_dir: str | None = None) -> "BlockRunner":
+        return cls(torch.device(device) if device is not None else None, ActivationStore(activation_dir))
+
+    def keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` as the run keeps activations between passes (`ActivationStore.keep`)."""
+        return self.store.keep(hidden)
 
     @contextmanager
     def resident(self, block: nn.Module) -> Iterator[None]:
@@ -87,11 +94,18 @@ class BlockRunner:
             block.to(home)
 
     def run(self, block: nn.Module, inp: BlockInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """``run_block`` with the batch moved to the execution device and the output moved back."""
-        if self.device is None:
-            return run_block(block, inp, hidden)
+        """``run_block`` with the batch moved to the execution device and the output moved back.
+
+        A stored input's pages are released once the block has read it (also when a hook ends the
+        forward early), so a pass over every batch holds one batch of them at a time.
+        """
         source = inp.hidden if hidden is None else hidden
-        moved = BlockInput(hidden=source.to(self.device), args=_move(inp.args, self.device),
-                           kwargs=_move(inp.kwargs, self.device),
-                           mask=inp.mask.to(self.device) if inp.mask is not None else None)
-        return run_block(block, moved).to(source.device)
+        try:
+            if self.device is None:
+                return run_block(block, inp, hidden)
+            moved = BlockInput(hidden=source.to(self.device), args=_move(inp.args, self.device),
+                               kwargs=_move(inp.kwargs, self.device),
+                               mask=inp.mask.to(self.device) if inp.mask is not None else None)
+            return run_block(block, moved).to(source.device)
+        finally:
+            self.store.release(source)

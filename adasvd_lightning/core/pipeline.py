@@ -715,7 +715,7 @@ def _compress_block(
     if inputs is not None and paired and not targets:
         with phase("calibration"):  # nothing to compress here, but the dense stream still advances
             for b, inp in enumerate(inputs):
-                original_hidden[b] = runner.run(block, inp, original_hidden[b])
+                original_hidden[b] = runner.keep(runner.run(block, inp, original_hidden[b]))
         return False
     if inputs is not None and targets and paired:
         _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report, heldout)
@@ -728,7 +728,7 @@ def _compress_block(
                 with stats.masked(inp.mask):
                     out = runner.run(block, inp)
                 if advanced:
-                    inp.hidden = out
+                    inp.hidden = runner.keep(out)
                 del out
     _factor_and_replace(model, targets, list(targets), stats, ranks, ctx, report)
     return advanced
@@ -936,7 +936,7 @@ def _compress_block_paired(
                             use({name: dense[name] for name in replaced})
                             stats.mode = "original" if paired_stage else "idle"
                             if final:
-                                original_hidden[b] = runner.run(block, inp, original_hidden[b])
+                                original_hidden[b] = runner.keep(runner.run(block, inp, original_hidden[b]))
                             else:
                                 _run_until(runner, block, inp, last, stop, original_hidden[b])
                             use(replaced)
@@ -1077,14 +1077,17 @@ def compress_model(
     if own_timer:
         timer = PhaseTimer().__enter__()
     before = dict(timer.seconds)
-    runner = BlockRunner.for_device(config.execution_device)
+    runner = BlockRunner.for_device(config.execution_device, config.activation_dir)
     threads = decomposition_threads(config.decomposition_threads)
     threads.__enter__()
     try:
         inputs: list[BlockInput] | None = None
         if calibration:
             with phase("calibration"):
-                inputs = capture_block_inputs(model, blocks[0], calibration)
+                inputs = capture_block_inputs(model, blocks[0], calibration, keep=runner.keep)
+            # Passes hold up to two more streams than the one captured (the paired dense stream; an
+            # allocation's dense pass): with activations in files, refuse now what would not fit.
+            runner.store.check_room(2 * sum(i.hidden.numel() * i.hidden.element_size() for i in inputs))
             local_tokens = sum(
                 int(i.mask.sum()) if i.mask is not None else i.hidden.shape[:-1].numel() for i in inputs
             )
@@ -1106,10 +1109,11 @@ def compress_model(
                 if inputs is not None and index + 1 < len(blocks) and not advanced:
                     with phase("calibration"):
                         for inp in inputs:  # one batch at a time: no second full copy
-                            inp.hidden = runner.run(block, inp)
+                            inp.hidden = runner.keep(runner.run(block, inp))
             # The plan holds the dense modules it found; once swapped out they must not stay alive,
             # or the run would end holding the dense and the compressed model side by side.
             targets.clear()
+            runner.store.release_all()
             release_free_heap()
             if progress:
                 progress(ProgressEvent("block", index + 1, len(plan), block_name))

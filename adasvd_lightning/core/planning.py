@@ -65,7 +65,7 @@ def _dense_block(ctx: PlanContext, index: int, targets: dict[str, nn.Module], hi
     with ctx.runner.resident(block), stats if stats is not None else nullcontext():
         for inp, h in zip(ctx.inputs, hidden):
             with stats.masked(inp.mask) if stats is not None else nullcontext():
-                outputs.append(ctx.runner.run(block, inp, h))
+                outputs.append(ctx.runner.keep(ctx.runner.run(block, inp, h)))
     if stats is not None:
         stats.all_reduce()
         stats.finalize()
