@@ -235,12 +235,22 @@ def _budget(shape: Shape, tokens: int, seq_len: int) -> str:
     target = 1.2 * p["model"] + p["statistics"]
     head = (f"{shape.name} {p['total'] / target:.2f}× the target at {tokens:,} tokens in batches of 8 × {seq_len} "
             f"(activations {p['activations'] / 2**30:.0f} GiB)")
+    # With `activation_dir` the streams live in files: resident is one batch of each stream at a time,
+    # at any token count; what is left is the batch's own arrays at the MLP width.
+    def in_files(batch: int) -> float:
+        q = peak_bytes(shape, tokens, batch_tokens=batch * seq_len)
+        return (q["total"] - q["activations"] + 2 * batch * seq_len * shape.hidden * 4) / target
+
+    fits = next((b for b in (8, 4, 2, 1) if in_files(b) <= 1.0), None)
+    files = (f"; with `activation_dir`, {in_files(8):.2f}× at any token count in batches of 8"
+             + (f" ({in_files(fits):.2f}× in batches of {fits})" if fits not in (None, 8) else ""))
     for batch in (8, 4, 2, 1):
         q = peak_bytes(shape, tokens, batch_tokens=batch * seq_len)
         room = target - (q["total"] - q["activations"])
         if room > 0:
-            return f"{head}; within it up to {room / (2 * shape.hidden * 4):,.0f} tokens in batches of {batch}"
-    return f"{head}; over it even with batches of one sequence"
+            return (f"{head}; in memory, within it up to {room / (2 * shape.hidden * 4):,.0f} tokens in batches "
+                    f"of {batch}{files}")
+    return f"{head}; in memory, over it even with batches of one sequence{files}"
 
 
 def _duration(seconds: float) -> str:

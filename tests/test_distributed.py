@@ -34,7 +34,7 @@ def _force_form(form: str) -> None:
 
 
 def _worker(rank: int, world: int, port: int, method: str, options: dict, out_dir: str, form: str = "auto",
-            table: str | None = None) -> None:
+            table: str | None = None, activation_dir: str | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     _force_form(form)
@@ -43,7 +43,7 @@ def _worker(rank: int, world: int, port: int, method: str, options: dict, out_di
         model = tiny_model("llama")
         shard = _batches()[rank::world]
         report = compress_model(model, CompressionConfig(method=method, ratio=0.5, method_options=options,
-                                                         probe_table=table), shard)
+                                                         probe_table=table, activation_dir=activation_dir), shard)
         torch.save({"state": model.state_dict(), "tokens": report.calibration_tokens,
                     "ranks": [m.rank for m in report.modules],
                     "probes": [report.allocation.get("sensitivity_probes", 0),
@@ -72,8 +72,15 @@ def _dense_weights(model_state: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method,options,form", [("svd-llm", {}, "auto"), ("adasvd", {}, "auto"),
                                                  ("svd-llm", {}, "moments")])
 def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options, form, monkeypatch):
-    mp.start_processes(_worker, args=(2, _free_port(), method, options, str(tmp_path), form), nprocs=2,
+    # One case keeps both ranks' calibration activations in files of one shared folder.
+    activations = tmp_path / "activations" if form == "moments" else None
+    if activations is not None:
+        activations.mkdir()
+    mp.start_processes(_worker, args=(2, _free_port(), method, options, str(tmp_path), form, None,
+                                      str(activations) if activations is not None else None), nprocs=2,
                        join=True, start_method="spawn")
+    if activations is not None:
+        assert list(activations.iterdir()) == []
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     # Identical weights on both ranks (factors were computed once and broadcast).
