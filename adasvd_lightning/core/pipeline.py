@@ -957,6 +957,12 @@ def _compress_block_paired(
         use(replaced)  # whatever happened, the block holds the factors computed so far
 
 
+def _is_paired(spec: MethodSpec) -> bool:
+    """Whether a calibrated run keeps the dense stream next to the compressed one (fits to the dense
+    outputs on the compressed model's inputs)."""
+    return spec.refinement != "none" and spec.propagation == "compressed"
+
+
 def _heldout_token_count(inputs: list[BlockInput], heldout: list[torch.Tensor | None]) -> int:
     """Held-out tokens over every process's batches (padding excluded): it picks the form a writer's
     held-out data is kept in (`core.writer_heldout.rows_are_smaller`), the same on every process."""
@@ -1085,9 +1091,12 @@ def compress_model(
         if calibration:
             with phase("calibration"):
                 inputs = capture_block_inputs(model, blocks[0], calibration, keep=runner.keep)
-            # Passes hold up to two more streams than the one captured (the paired dense stream; an
-            # allocation's dense pass): with activations in files, refuse now what would not fit.
-            runner.store.check_room(2 * sum(i.hidden.numel() * i.hidden.element_size() for i in inputs))
+            # With activations in files, refuse now what would not fit: an allocation's dense pass holds
+            # two more streams than the captured one (its inputs and outputs), the paired dense stream
+            # one, and a batch being replaced one batch more.
+            captured = [i.hidden.numel() * i.hidden.element_size() for i in inputs]
+            streams = 2 if spec.allocation != "uniform" else 1 if _is_paired(spec) else 0
+            runner.store.check_room(streams * sum(captured) + max(captured))
             local_tokens = sum(
                 int(i.mask.sum()) if i.mask is not None else i.hidden.shape[:-1].numel() for i in inputs
             )
@@ -1098,7 +1107,7 @@ def compress_model(
         with phase("allocation", absorb=True):
             ranks, report.allocation = plan_ranks(ctx)
 
-        paired = inputs is not None and spec.refinement != "none" and spec.propagation == "compressed"
+        paired = inputs is not None and _is_paired(spec)
         original_hidden = [inp.hidden for inp in inputs] if paired else None
         heldout = _heldout_sequences(calibration, spec, report, inputs[0].hidden.device) if paired else None
         for index, block_name, targets in plan:
