@@ -40,9 +40,9 @@ _PREFIX = "adasvd-activations-"
 
 def check_activation_dir(folder: str | os.PathLike) -> Path:
     """The folder as a `Path`, refused with one line where activations cannot be kept in it."""
-    if os.name != "posix":
-        raise InvalidInputError("activation_dir needs a POSIX system (shared file mappings); keep the "
-                                "activations in memory (activation_dir=None) on this one")
+    if os.name != "posix" or not hasattr(os, "posix_fallocate"):
+        raise InvalidInputError("activation_dir needs shared file mappings and posix_fallocate (Linux); keep "
+                                "the activations in memory (activation_dir=None) on this system")
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise InvalidInputError(f"activation_dir {str(path)!r} is not an existing folder")

@@ -82,8 +82,8 @@ class CompressionConfig:
             methods fitted to the dense outputs); in files, resident memory holds one batch of them at a
             time and the kernel's page cache the rest, as memory allows. Same numbers, bit for bit. The
             files are removed from the folder as soon as they are opened, so nothing is left there after
-            the run, however it ends; a folder without room for about two more streams than the
-            captured one is refused before the first block. The model must be on the CPU (with
+            the run, however it ends; a folder without room for the streams the run's passes will
+            hold (up to two more than the captured one) is refused before the first block. The model must be on the CPU (with
             ``execution_device`` to run blocks elsewhere). ``None`` (default): in memory.
     """
 
