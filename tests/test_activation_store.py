@@ -70,6 +70,24 @@ def test_a_stored_tensor_is_file_backed_released_and_kept_unchanged(tmp_path):
     assert half.dtype == torch.bfloat16 and torch.equal(half, source.to(torch.bfloat16))
 
 
+def test_without_unnamed_files_a_named_one_is_unlinked_once_mapped(tmp_path, monkeypatch):
+    import adasvd_lightning.core.activation_store as store_module
+
+    made = []
+    original = store_module.tempfile.mkstemp
+
+    def named(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)  # as on macOS, or a file system without it
+    monkeypatch.setattr(store_module.tempfile, "mkstemp", named)
+    source = torch.randn(8, 32, 16)
+    stored = ActivationStore(tmp_path).keep(source)
+    assert len(made) == 1 and not os.path.exists(made[0][1]) and list(tmp_path.iterdir()) == []
+    assert torch.equal(stored, source)
+
+
 def test_release_never_touches_memory_the_store_did_not_map(tmp_path):
     store = ActivationStore(tmp_path)
     ordinary = torch.randn(1 << 20)  # MADV_DONTNEED on it would zero it

@@ -6,9 +6,10 @@ model's outputs keep two. The model, one block's statistics and one factorizatio
 the tokens, so with enough calibration data the activations decide whether a run fits.
 
 With a folder given, every stored batch of hidden states becomes a tensor mapped from its own file in
-that folder (``torch.from_file`` with shared pages). The file is removed from the folder as soon as it
-is mapped, so nothing is left behind however the run ends — an interrupt, a crash, ``kill -9`` — and
-the disk space returns to the system when the tensor is freed. Every reader keeps working on an
+that folder (``torch.from_file`` with shared pages). On Linux the file never has a name (``O_TMPFILE``);
+elsewhere it is removed from the folder as soon as it is mapped. So nothing is left behind however the
+run ends — an interrupt, a crash, ``kill -9`` — and the disk space returns to the system when the
+tensor is freed. Every reader keeps working on an
 ordinary CPU tensor; only the pages it touches are read in. After a batch has been written or run, its
 pages are handed back (``madvise(MADV_DONTNEED)``): on a shared file mapping that drops them from the
 process's resident memory, while the data stay in the file and the kernel's page cache, which it
@@ -79,7 +80,7 @@ class ActivationStore:
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes == 0:
             return tensor.clone()
-        fd, name = tempfile.mkstemp(prefix=_PREFIX, dir=self.folder)
+        fd, name = _unnamed_file(self.folder)
         try:
             try:
                 os.posix_fallocate(fd, 0, nbytes)
@@ -91,11 +92,12 @@ class ActivationStore:
                         f"{nbytes / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; free space there or "
                         "choose another folder") from None
                 raise
-            finally:
-                os.close(fd)
-            stored = torch.from_file(name, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+            path = name if name is not None else f"/proc/self/fd/{fd}"
+            stored = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
         finally:
-            os.unlink(name)  # mapped (or failed): the folder never keeps it
+            os.close(fd)  # the mapping keeps the file's data
+            if name is not None:
+                os.unlink(name)  # mapped (or failed): the folder never keeps it
         stored = stored.view(tensor.shape).copy_(tensor)
         self._kept[stored.untyped_storage().data_ptr()] = weakref.ref(stored)
         self.release(stored)
@@ -133,6 +135,22 @@ class ActivationStore:
                 f"activation_dir {str(self.folder)!r} has {free / 2**20:.0f} MiB free, and this run will keep "
                 f"about {nbytes / 2**20:.0f} MiB more calibration activations there; free space or choose "
                 "another folder")
+
+
+def _unnamed_file(folder: Path) -> tuple[int, str | None]:
+    """A new file in ``folder`` open for reading and writing, and its name if it has one.
+
+    Linux's ``O_TMPFILE`` makes a file that never has a name, so not even a kill at the wrong instant can
+    leave it in the folder; elsewhere (or on a file system without it) a named temporary file is made,
+    and the caller unlinks it as soon as it is mapped.
+    """
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is not None and os.path.isdir("/proc/self/fd"):
+        try:
+            return os.open(folder, flag | os.O_RDWR, 0o600), None
+        except OSError:
+            pass
+    return tempfile.mkstemp(prefix=_PREFIX, dir=folder)
 
 
 def _free_bytes(folder: Path) -> int:
