@@ -137,3 +137,22 @@ def test_a_folder_without_room_for_the_passes_is_refused_before_the_first_block(
                        token_batches)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_activations_larger_than_the_available_memory_are_said_before_the_first_block(token_batches, tmp_path,
+                                                                                     monkeypatch):
+    import adasvd_lightning.core.activation_store as store_module
+
+    # svd-llm holds one more stream than the captured one (the dense stream) plus a batch: 3 × 2 KiB here.
+    def compress(**config):
+        compress_model(tiny_model("llama"), CompressionConfig(method="svd-llm", ratio=0.4, **config), token_batches)
+
+    monkeypatch.setattr(store_module, "available_memory", lambda: 4096)
+    with pytest.warns(CompressionWarning, match="more calibration activations, and 0.0 GiB of memory are "
+                                                "available: pass activation_dir"):
+        compress()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompressionWarning)
+        compress(activation_dir=str(tmp_path))  # in files: nothing to say
+        monkeypatch.setattr(store_module, "available_memory", lambda: 1 << 40)
+        compress()

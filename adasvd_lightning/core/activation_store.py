@@ -33,7 +33,7 @@ import torch
 
 from .errors import InvalidInputError
 
-__all__ = ["ActivationStore", "check_activation_dir"]
+__all__ = ["ActivationStore", "available_memory", "check_activation_dir"]
 
 _MADV_DONTNEED = 4  # the same value on Linux and macOS
 _PREFIX = "adasvd-activations-"
@@ -125,6 +125,16 @@ class ActivationStore:
             else:
                 self.release(tensor)
 
+    def memory_advice(self, nbytes: int) -> str | None:
+        """Why to keep the activations in files, when in memory their further ``nbytes`` exceed the memory
+        available now (the run would be killed or swap); None otherwise, or when they already are."""
+        available = available_memory()
+        if self.folder is not None or available is None or nbytes <= available:
+            return None
+        return (f"this run will hold about {nbytes / 2**30:.1f} GiB more calibration activations, and "
+                f"{available / 2**30:.1f} GiB of memory are available: pass activation_dir (CLI "
+                "--activation-dir) to keep them in files, or calibrate on fewer tokens")
+
     def check_room(self, nbytes: int) -> None:
         """Refuse, before the expensive work, a run whose further activations will not fit the folder."""
         if self.folder is None:
@@ -135,6 +145,19 @@ class ActivationStore:
                 f"activation_dir {str(self.folder)!r} has {free / 2**20:.0f} MiB free, and this run will keep "
                 f"about {nbytes / 2**20:.0f} MiB more calibration activations there; free space or choose "
                 "another folder")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations without swapping (Linux's ``MemAvailable``), or None
+    where the system does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _unnamed_file(folder: Path) -> tuple[int, str | None]:

@@ -84,7 +84,9 @@ class CompressionConfig:
             files are removed from the folder as soon as they are opened, so nothing is left there after
             the run, however it ends; a folder without room for the streams the run's passes will
             hold (up to two more than the captured one) is refused before the first block. The model must be on the CPU (with
-            ``execution_device`` to run blocks elsewhere). ``None`` (default): in memory.
+            ``execution_device`` to run blocks elsewhere). ``None`` (default): in memory, with a
+            `CompressionWarning` before the first block when the streams will outgrow the memory
+            available.
     """
 
     method: str = "svd-llm"

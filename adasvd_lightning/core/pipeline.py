@@ -1091,12 +1091,15 @@ def compress_model(
         if calibration:
             with phase("calibration"):
                 inputs = capture_block_inputs(model, blocks[0], calibration, keep=runner.keep)
-            # With activations in files, refuse now what would not fit: an allocation's dense pass holds
-            # two more streams than the captured one (its inputs and outputs), the paired dense stream
-            # one, and a batch being replaced one batch more.
+            # Refuse (activations in files) or warn about (in memory) what will not fit: an allocation's
+            # dense pass holds two more streams than the captured one (its inputs and outputs), the paired
+            # dense stream one, and a batch being replaced one batch more.
             captured = [i.hidden.numel() * i.hidden.element_size() for i in inputs]
             streams = 2 if spec.allocation != "uniform" else 1 if _is_paired(spec) else 0
             runner.store.check_room(streams * sum(captured) + max(captured))
+            advice = runner.store.memory_advice(streams * sum(captured) + max(captured))
+            if advice is not None:
+                warnings.warn(advice, CompressionWarning, stacklevel=2)
             local_tokens = sum(
                 int(i.mask.sum()) if i.mask is not None else i.hidden.shape[:-1].numel() for i in inputs
             )
