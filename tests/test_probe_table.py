@@ -56,6 +56,28 @@ def test_a_resumed_allocation_probes_only_the_missing_rows_and_gives_the_same_mo
     assert again.allocation["sensitivity"] == reference.allocation["sensitivity"]
 
 
+def test_a_complete_table_allocates_without_any_pass_or_probe(tmp_path, token_batches, monkeypatch):
+    from adasvd_lightning.core import planning
+
+    table = tmp_path / "probes.jsonl"
+    measured, measured_logits = _run(token_batches, table)
+    passes = []
+    original = planning._dense_pass
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "_dense_pass", counting)
+    reused, reused_logits = _run(token_batches, table)
+    assert passes == [] and reused.allocation["sensitivity_probes"] == 0
+    assert reused.allocation["sensitivity_rows_reused"] == 14 and reused.allocation["sensitivity_baseline"] is None
+    assert measured.allocation["sensitivity_baseline"] is not None
+    assert reused.allocation["sensitivity"] == measured.allocation["sensitivity"]
+    assert [m.rank for m in reused.modules] == [m.rank for m in measured.modules]
+    torch.testing.assert_close(reused_logits, measured_logits, rtol=0, atol=0)
+
+
 def test_a_table_of_another_run_or_not_a_table_is_refused_and_left_alone(tmp_path, token_batches):
     table = tmp_path / "probes.jsonl"
     _run(token_batches, table)

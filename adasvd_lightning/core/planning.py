@@ -252,6 +252,8 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
         return rank is not None and saves_parameters(shape.out_features, shape.in_features, rank)
 
     table = _open_probe_table(ctx)  # before anything is replaced: the fingerprint reads the dense model
+    if fisher is None and table is not None and all(table.row(s.name) is not None for s in ctx.shapes):
+        return _allocate_from_table(ctx, table)
     base_modules: dict[str, nn.Module] = {}
 
     def build_baseline(index, targets, hidden, outputs, stats):
@@ -353,6 +355,29 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
             "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
     if fisher is not None:
         info.update(fisher_tokens=fisher[1], fisher_estimate=estimates)
+    return _knapsack_retentions(ctx, options, option_ranks), info
+
+
+def _allocate_from_table(ctx: PlanContext, table: ProbeTable) -> tuple[dict[str, float], dict]:
+    """The knapsack over a probe table that holds every module's row: no baseline, no pass, no probe.
+
+    The rows are what `_allocate_sensitivity` would measure (same model, calibration and settings: the
+    table's fingerprint), each at the same candidate ranks, so the allocation is the one a probing run
+    makes; only the baseline's own KL, which no row needs, is not known (``sensitivity_baseline``).
+    """
+    options, option_ranks = [], []
+    for shape in ctx.shapes:
+        ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
+        stored = table.row(shape.name)
+        if len(stored) != len(ranks):
+            raise InvalidInputError(f"probe table {table.path}: {shape.name} has {len(stored)} values for "
+                                    f"{len(ranks)} candidates; delete the file to measure again")
+        options.append([(rank_cost(shape, rank), value) for rank, value in zip(ranks, stored)])
+        option_ranks.append(ranks)
+        if ctx.progress:
+            ctx.progress(ProgressEvent("sensitivity", len(options), len(ctx.shapes), shape.name))
+    info = {"sensitivity_baseline": None, "sensitivity_probes": 0, "sensitivity_rows_reused": len(ctx.shapes),
+            "sensitivity": {s.name: [v for _, v in row] for s, row in zip(ctx.shapes, options)}}
     return _knapsack_retentions(ctx, options, option_ranks), info
 
 
