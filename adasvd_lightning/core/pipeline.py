@@ -1096,8 +1096,9 @@ def compress_model(
             # dense stream one, and a batch being replaced one batch more.
             captured = [i.hidden.numel() * i.hidden.element_size() for i in inputs]
             streams = 2 if spec.allocation != "uniform" else 1 if _is_paired(spec) else 0
-            runner.store.check_room(streams * sum(captured) + max(captured))
-            advice = runner.store.memory_advice(streams * sum(captured) + max(captured))
+            further = streams * sum(captured) + max(captured)
+            runner.store.check_room(further)
+            advice = runner.store.memory_advice(further)
             if advice is not None:
                 warnings.warn(advice, CompressionWarning, stacklevel=2)
             local_tokens = sum(
