@@ -16,7 +16,7 @@ from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.fisher import output_fisher, sequences, truncation_kl
 from adasvd_lightning.core.linalg import thin_svd
 from adasvd_lightning.core.methods import MethodSpec
-from adasvd_lightning.core.planning import _sensitivity_metric, probed_candidates, probed_row
+from adasvd_lightning.core.planning import _sensitivity_metric, probed_candidates, probed_row, tail_row
 from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_weight, replace_module
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
@@ -172,6 +172,40 @@ def test_probed_row_scales_each_side_of_the_baseline_to_its_probe():
     # A probe that found the other direction (restoring rank raises the KL) flattens its side to zero.
     assert probed_row(estimate, [8.0, None, None, None, None, 0.3]) == [8.0, 4.0, 2.0, 0.0, 0.0, 0.3]
     assert probed_candidates([0.0, 0.0]) == set()
+
+
+def test_tail_row_adds_a_fourth_order_term_fitted_to_its_one_probe_and_never_lowers_the_estimate():
+    estimate = [4.0, 2.0, 1.0, 0.0, -1.0, -2.0]
+    assert probed_candidates(estimate, "tail") == {0}
+    assert probed_candidates([0.0, -1.0], "tail") == set()  # nothing below the baseline to probe
+    row = tail_row(estimate, [20.0, None, None, None, None, None])  # 4 + b·16 = 20: b = 1
+    assert row == [20.0, 6.0, 2.0, 0.0, -1.0, -2.0]
+    # At or below the estimate (noise of a cheap module's probe, or a negative one) the row stays estimated.
+    for measured in (4.0, 1.5, -0.3):
+        assert tail_row(estimate, [measured, None, None, None, None, None]) == estimate
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tail_fisher_probes_the_deepest_candidate_once_and_keeps_the_estimate_where_it_is_not_exceeded(
+        token_batches, family):
+    exact = _compress("module-kl", token_batches, family=family)
+    bare = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="none")
+    tail = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="tail")
+    estimates, table = tail.allocation["fisher_estimate"], tail.allocation["sensitivity"]
+    lifted = 0
+    for name, row in table.items():
+        probed = probed_candidates(estimates[name], "tail")
+        assert len(probed) <= 1
+        measured = exact.allocation["sensitivity"][name]
+        for i in probed:  # the probe is the exhaustive probe's own value (same baseline, same module)
+            assert row[i] == pytest.approx(max(measured[i], estimates[name][i]), rel=1e-6, abs=1e-9)
+            lifted += measured[i] > estimates[name][i]
+        assert all(r >= e for r, e in zip(row, estimates[name]))
+        assert bare.allocation["sensitivity"][name] == pytest.approx(estimates[name], rel=1e-9, abs=1e-12)
+    assert tail.allocation["sensitivity_probes"] == sum(
+        len(probed_candidates(e, "tail")) for e in estimates.values()) > 0
+    assert lifted > 0  # the tiny models leave the quadratic regime somewhere too
+    assert tail.achieved_ratio >= 0.4 - 1e-9
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -61,7 +61,7 @@ WHITENINGS = ("none", "activation-scale", "truncation-aware")
 ALLOCATIONS = ("uniform", "adacr", "grouped-loss", "module-kl", "module-kl-fisher", "sensitivity-ppl")
 FORMS = ("low-rank", "column-preserving")
 REFINEMENTS = ("none", "closed-form", "adacomp", "optimal")
-FISHER_SCALES = ("probed", "none")
+FISHER_SCALES = ("probed", "tail", "none")
 PROPAGATIONS = ("compressed", "original")
 
 
@@ -91,7 +91,9 @@ class MethodSpec:
         fisher_scale: ``none`` — module-kl-fisher uses the estimate alone; ``probed`` — it measures each
             module's KL at two candidates (its lowest and highest retention, with the other targets at
             their uniform baseline, as the exact probes do) and scales the estimate's two sides to them
-            (closer to the probes on the reference model, worse on SmolLM2-135M: BENCHMARKS.md).
+            (closer to the probes on the reference model, worse on SmolLM2-135M: BENCHMARKS.md);
+            ``tail`` — it probes each module once, at its deepest truncation, and lifts the rows whose
+            probe exceeds the estimate by a fourth-order term fitted to it (`planning.tail_row`).
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -170,7 +172,7 @@ class MethodSpec:
     def probes(self) -> bool:
         """Whether the allocation measures modules with sensitivity probes (`core.planning`)."""
         return self.allocation in ("module-kl", "sensitivity-ppl") or (
-            self.allocation == "module-kl-fisher" and self.fisher_scale == "probed")
+            self.allocation == "module-kl-fisher" and self.fisher_scale != "none")
 
     @property
     def needs_calibration(self) -> bool:

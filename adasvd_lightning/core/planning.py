@@ -313,7 +313,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                         del a
                     estimate = [e - estimate[-1] for e in estimate[:-1]]
                     estimates[name] = estimate
-                    probe_at = probed_candidates(estimate)
+                    probe_at = probed_candidates(estimate, ctx.spec.fisher_scale)
                 row, row_ranks = [], []
                 stored = table.row(name) if table is not None else None
                 if stored is not None and len(stored) != len(ranks):
@@ -339,7 +339,8 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                 if table is not None and stored is None:
                     table.record(name, [value for _, value in row])
                 if fisher is not None:
-                    row = list(zip([c for c, _ in row], probed_row(estimates[name], [v for _, v in row])))
+                    scaled = probed_row if ctx.spec.fisher_scale == "probed" else tail_row
+                    row = list(zip([c for c, _ in row], scaled(estimates[name], [v for _, v in row])))
                 replace_module(model, name, base_modules[name])
                 del cached
                 options.append(row)
@@ -430,11 +431,35 @@ def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
     return table
 
 
-def probed_candidates(estimate: Sequence[float]) -> set[int]:
-    """The candidates `_allocate_sensitivity` probes for a Fisher-estimated row: the first and the last
-    whose estimate is not zero (zero = the baseline rank itself, or a candidate that cannot be used)."""
+def probed_candidates(estimate: Sequence[float], scale: str = "probed") -> set[int]:
+    """The candidates `_allocate_sensitivity` probes for a Fisher-estimated row: ``probed`` — the first and
+    the last whose estimate is not zero (zero = the baseline rank itself, or a candidate that cannot be
+    used); ``tail`` — the first (the deepest truncation) if it truncates beyond the baseline."""
     moving = [i for i, e in enumerate(estimate) if e != 0.0]
+    if scale == "tail":
+        return {moving[0]} if moving and estimate[moving[0]] > 0.0 else set()
     return {moving[0], moving[-1]} if moving else set()
+
+
+def tail_row(estimate: Sequence[float], measured: Sequence[float | None]) -> list[float]:
+    """A module's cost row from its Fisher estimate and one probe at its deepest truncation (``tail``).
+
+    The estimate is the second-order term of the KL in the module's output change; near the baseline
+    rank, where the knapsack decides, it holds. A deep truncation can leave that regime — on
+    SmolLM2-135M the exhaustive probes put block 0's and block 6's gate/up projections at 10 % retention
+    15–30× above the estimate, while most MLP rows were within 1–3× (BENCHMARKS.md, "The exhaustive
+    module-KL table") — and a quadratic row then lets the knapsack cut them far too deep. The next even
+    term of the expansion is fourth order in the output change, i.e. the estimate squared, so each
+    candidate below the baseline gets e + b·e², with b fitted to the probe (e_p + b·e_p² = measured) and
+    vanishing near the baseline where e is small. A probe at or below the estimate leaves the row as
+    estimated: at a few thousand tokens the probes of cheap modules are noise of either sign (half of
+    SmolLM2's attention rows rise with the retention somewhere), and scaling a row down to such a probe
+    — what ``probed`` does — hands the knapsack free truncations. Candidates above the baseline keep
+    the estimate.
+    """
+    probe = next(((e, m) for e, m in zip(estimate, measured) if m is not None and e > 0.0), None)
+    curve = 0.0 if probe is None or probe[1] <= probe[0] else (probe[1] - probe[0]) / probe[0] ** 2
+    return [e + curve * e * e if e > 0.0 else e for e in estimate]
 
 
 def probed_row(estimate: Sequence[float], measured: Sequence[float | None]) -> list[float]:
@@ -500,7 +525,7 @@ def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
     modules = {name: module for _, _, targets in ctx.plan for name, module in targets.items()}
     fisher, tokens = output_fisher(ctx.model, ctx.blocks[0], modules, batches, samples=ctx.spec.fisher_samples)
-    if ctx.spec.fisher_scale == "probed":
+    if ctx.spec.fisher_scale != "none":
         return _allocate_sensitivity(ctx, (fisher, tokens))
     shape_of = {s.name: s for s in ctx.shapes}
     uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
