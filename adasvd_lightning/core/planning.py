@@ -234,10 +234,11 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     same statistics, the same decompositions, the same probe order. Probes of block i replay the
     baseline prefix's cached output (:mod:`.replay`) and compute only blocks i… and the head.
 
-    With ``fisher`` (output Fisher sums and their token count, `output_fisher`) only two candidates per
-    module are probed — the lowest retention and the highest — and the rest of the row is the Fisher
-    estimate (:func:`.fisher.truncation_kl`) scaled to them, one scale for the candidates below the
-    baseline rank and one for those above (`probed_row`).
+    With ``fisher`` (output Fisher sums and their token count, `output_fisher`) only some candidates are
+    probed and the rest of the row is the Fisher estimate (:func:`.fisher.truncation_kl`) fitted to them:
+    ``fisher_scale="probed"`` probes the lowest retention and the highest and scales each side of the
+    baseline to its probe (`probed_row`); ``"tail"`` probes the lowest and adds a fourth-order term where
+    the probe exceeds the estimate (`tail_row`).
     """
     kind = ctx.spec.allocation if fisher is None else "module-kl"
     batches = list(ctx.calibration)[: ctx.spec.sensitivity_batches]
@@ -448,14 +449,14 @@ def tail_row(estimate: Sequence[float], measured: Sequence[float | None]) -> lis
     rank, where the knapsack decides, it holds. A deep truncation can leave that regime — on
     SmolLM2-135M the exhaustive probes put the gate/up projections of blocks 0, 6, 13, 16 and 17 at 10 %
     retention 9–29× above the estimate, while the median MLP row was 1.7× (BENCHMARKS.md, "The
-    exhaustive module-KL table") — and a quadratic row then lets the knapsack cut them far too deep. The next even
-    term of the expansion is fourth order in the output change, i.e. the estimate squared, so each
-    candidate below the baseline gets e + b·e², with b fitted to the probe (e_p + b·e_p² = measured) and
-    vanishing near the baseline where e is small. A probe at or below the estimate leaves the row as
-    estimated: at a few thousand tokens the probes of cheap modules are noise of either sign (68 of the
-    first 73 attention rows measured on SmolLM2 rise with the retention somewhere), and scaling a row
-    down to such a probe — what ``probed`` does — hands the knapsack free truncations. Candidates above the baseline keep
-    the estimate.
+    exhaustive module-KL table") — and a quadratic row then lets the knapsack cut them far too deep.
+    The next even term of the expansion is fourth order in the output change, i.e. the estimate
+    squared, so each candidate below the baseline gets e + b·e², with b fitted to the probe
+    (e_p + b·e_p² = measured) and vanishing near the baseline where e is small. A probe at or below the
+    estimate leaves the row as estimated: at a few thousand tokens the probes of cheap modules are noise
+    of either sign (68 of the first 73 attention rows measured on SmolLM2 rise with the retention
+    somewhere), and scaling a row down to such a probe — what ``probed`` does — hands the knapsack free
+    truncations. Candidates above the baseline keep the estimate.
     """
     probe = next(((e, m) for e, m in zip(estimate, measured) if m is not None and e > 0.0), None)
     curve = 0.0 if probe is None or probe[1] <= probe[0] else (probe[1] - probe[0]) / probe[0] ** 2
@@ -513,7 +514,8 @@ def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     """``module-kl-fisher``: the module-KL cost table estimated to second order (:mod:`.fisher`).
 
     With ``fisher_scale="probed"`` the estimate gives each row's shape and two exact probes
-    per module its size (`_allocate_sensitivity`, `probed_row`); with ``"none"`` (the default) the
+    per module its size (`_allocate_sensitivity`, `probed_row`); with ``"tail"`` one probe per module
+    lifts the rows that leave the quadratic regime (`tail_row`); with ``"none"`` (the default) the
     estimate alone:
 
     One backward pass per probe sequence over the dense model gives every target's output Fisher
