@@ -142,9 +142,11 @@ def main() -> None:
     ]
     for row in rows:
         budget = 0.2 * row["model_mb"] + row["stats_mb"]
-        same = next(r["sha256"] for r in rows if r["method"] == row["method"] and r["where"] == "memory") == row["sha256"]
+        in_memory = next(r for r in rows if r["method"] == row["method"] and r["where"] == "memory")
+        same = in_memory["sha256"] == row["sha256"]
         lines.append(f"| `{row['method']}` | {row['where']} | {row['seconds']:.1f} | {row['extra_mb']:.0f} | "
-                     f"{row['extra_anon_mb']:.0f} / {row['extra_file_mb']:.0f} | {row['stream_mb']:.0f} | {budget:.0f} | "
+                     f"{row['extra_anon_mb']:.0f} / {row['extra_file_mb']:.0f} | {row['stream_mb']:.0f} | "
+                     f"{budget:.0f} | "
                      f"{row['extra_mb'] / budget:.2f} | {len(row['files_left'])} | {'yes' if same else '**no**'} |")
     text = "\n".join(lines)
     print(text)

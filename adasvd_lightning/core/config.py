@@ -81,12 +81,12 @@ class CompressionConfig:
             calibration set (Llama-2-7B at 524,288 tokens: 8 GiB per float32 stream, two streams for the
             methods fitted to the dense outputs); in files, resident memory holds one batch of them at a
             time and the kernel's page cache the rest, as memory allows. Same numbers, bit for bit. The
-            files are removed from the folder as soon as they are opened, so nothing is left there after
-            the run, however it ends; a folder without room for the streams the run's passes will
-            hold (up to two more than the captured one) is refused before the first block. The model must be on the CPU (with
-            ``execution_device`` to run blocks elsewhere). ``None`` (default): in memory, with a
-            `CompressionWarning` before the first block when the streams will outgrow the memory
-            available.
+            files never appear in the folder (Linux) or are removed as soon as they are opened, so
+            nothing is left there after the run, however it ends; a folder without room for the streams
+            the run's passes will hold (up to two more than the captured one) is refused before the
+            first block. The model must be on the CPU (with ``execution_device`` to run blocks
+            elsewhere). ``None`` (default): in memory, with a `CompressionWarning` before the first
+            block when the streams will outgrow the memory available.
     """
 
     method: str = "svd-llm"
