@@ -14,8 +14,10 @@ from conftest import tiny_model
 
 
 def _resident_file_kb() -> int:
+    """Resident pages of file mappings: RssFile, plus RssShmem where the folder is on tmpfs."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+        fields = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Rss")}
+    return fields.get("RssFile", 0) + fields.get("RssShmem", 0)
 
 
 def _compress(method: str, batches, **config):
