@@ -38,7 +38,10 @@ module-kl-fisher`` estimates the table instead, in minutes (BENCHMARKS.md, "Modu
 probes per module"). It is not the presets' default: alone it misses the probes by 7–12 % at
 20–40 % on the reference model (33–76 % at 60 %); scaled by two probes per module
 (``fisher_scale=probed``) it is within 2 % there but worse than the estimate alone on SmolLM2-135M
-(95.25 vs 63.56 at 40 %), where the exhaustive probes have not been measured.
+(95.25 vs 63.56 at 40 %), where the exhaustive probes are still being measured. ``fisher_scale=tail``
+(one probe per module, lifting only rows that leave the quadratic regime) was built on the first 128
+of those rows; on the reference model it moves the estimate by under 1 % (BENCHMARKS.md, "The
+exhaustive module-KL table on SmolLM2-135M").
 """
 
 from __future__ import annotations
