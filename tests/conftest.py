@@ -45,6 +45,22 @@ def tiny_model(family: str, seed: int = 0):
 FAMILIES = ("llama", "mistral", "qwen2", "opt", "gpt2")
 
 
+def compress_tiny(method: str, batches, **config):
+    """(model, report) of the tiny Llama compressed at 40 % with ``method``, its warnings silenced. The
+    module-KL presets probe 3 candidates instead of the preset's 10: the same code paths, fewer probes."""
+    import warnings
+
+    from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
+
+    if method in ("duo-svd", "adasvd-duo"):
+        config.setdefault("method_options", {"sensitivity_candidates": [0.4, 0.7, 1.0]})
+    model = tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressionWarning)
+        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), batches)
+    return model, report
+
+
 def writer_token_weights(model, batches) -> dict[str, torch.Tensor]:
     """For a Llama-style model: each residual writer's per-token weight 1 / ms(dense residual after its
     addition) over ``batches`` (tokens × 1, float64) — o_proj: the post-attention norm's input,

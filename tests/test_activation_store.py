@@ -10,7 +10,7 @@ import torch
 from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
 from adasvd_lightning.core.activation_store import ActivationStore
 from adasvd_lightning.core.errors import InvalidInputError
-from conftest import tiny_model
+from conftest import compress_tiny, tiny_model
 
 
 def _resident_file_kb() -> int:
@@ -18,16 +18,6 @@ def _resident_file_kb() -> int:
     with open("/proc/self/status") as status:
         fields = {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith("Rss")}
     return fields.get("RssFile", 0) + fields.get("RssShmem", 0)
-
-
-def _compress(method: str, batches, **config):
-    if method == "duo-svd":  # fewer probes than the preset: the same code paths
-        config.setdefault("method_options", {"sensitivity_candidates": [0.4, 0.7, 1.0]})
-    model = tiny_model("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), batches)
-    return model, report
 
 
 # svd-llm-w: one stream, sequential; svd: one pass (outputs replace inputs); svd-llm: two streams and
@@ -43,10 +33,10 @@ def test_activations_in_files_give_the_in_memory_result_bit_for_bit(method, toke
         return stored
 
     monkeypatch.setattr(ActivationStore, "keep", counting)
-    on_disk, disk_report = _compress(method, token_batches, activation_dir=str(tmp_path))
+    on_disk, disk_report = compress_tiny(method, token_batches, activation_dir=str(tmp_path))
     assert kept and all(kept)  # every stored batch went to a file
     kept.clear()
-    in_memory, report = _compress(method, token_batches)
+    in_memory, report = compress_tiny(method, token_batches)
     assert kept and not any(kept)
     assert [m.rank for m in disk_report.modules] == [m.rank for m in report.modules]
     for (name, a), b in zip(on_disk.state_dict().items(), in_memory.state_dict().values()):

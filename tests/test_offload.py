@@ -1,26 +1,15 @@
 """Block offload gives the in-place result; the phase timer accounts for a run's time."""
 
 import time
-import warnings
 
 import pytest
 import torch
 
-from adasvd_lightning import CompressionConfig, CompressionWarning, compress_model
+from adasvd_lightning import CompressionConfig
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.offload import BlockRunner
 from adasvd_lightning.core.profiling import PHASES, PhaseTimer, phase
-from conftest import tiny_model
-
-
-def _run(method: str, batches, **config):
-    if method in ("duo-svd", "adasvd-duo"):  # fewer probes than the preset: same code paths
-        config.setdefault("method_options", {"sensitivity_candidates": [0.4, 0.7, 1.0]})
-    model = tiny_model("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), batches)
-    return model, report
+from conftest import compress_tiny
 
 
 @pytest.mark.parametrize("method", ["svd-llm", "adasvd", "duo-svd"])
@@ -33,9 +22,9 @@ def test_cpu_to_cpu_offload_matches_in_place(method, token_batches, monkeypatch)
         return original(self, block)
 
     monkeypatch.setattr(BlockRunner, "resident", counting)
-    offloaded, off_report = _run(method, token_batches, execution_device="cpu")
+    offloaded, off_report = compress_tiny(method, token_batches, execution_device="cpu")
     assert moves and all(d == torch.device("cpu") for d in moves)
-    in_place, report = _run(method, token_batches)
+    in_place, report = compress_tiny(method, token_batches)
     assert [m.rank for m in off_report.modules] == [m.rank for m in report.modules]
     for a, b in zip(offloaded.state_dict().values(), in_place.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -56,7 +45,7 @@ def test_execution_device_is_validated():
 
 
 def test_report_carries_phase_seconds(token_batches):
-    _, report = _run("svd-llm", token_batches)
+    _, report = compress_tiny("svd-llm", token_batches)
     phases = report.phase_seconds
     assert {"calibration", "statistics", "whitening", "svd", "refinement"} <= set(phases) <= set(PHASES)
     assert sum(phases.values()) <= report.seconds + 1e-6
