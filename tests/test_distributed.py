@@ -46,6 +46,7 @@ def _worker(rank: int, world: int, port: int, method: str, options: dict, out_di
                                                          probe_table=table, activation_dir=activation_dir), shard)
         torch.save({"state": model.state_dict(), "tokens": report.calibration_tokens,
                     "ranks": [m.rank for m in report.modules],
+                    "errors": [m.relative_error for m in report.modules],
                     "probes": [report.allocation.get("sensitivity_probes", 0),
                                report.allocation.get("sensitivity_rows_reused", 0)]}, f"{out_dir}/rank{rank}.pt")
         # Both ranks leave together: tearing gloo down while the peer is still in a collective
@@ -69,8 +70,9 @@ def _dense_weights(model_state: dict) -> dict[str, torch.Tensor]:
 # for 64 features), and used to amplify the round-off of the differently ordered distributed sums (4 %
 # on o_proj's product). The held-out validation of the refinement's steps (same held-out sequences on
 # every rank and in one process: content-hashed) no longer takes those steps.
+# svd: factors built before the pass, errors measured in it on each rank's shard and all-reduced.
 @pytest.mark.parametrize("method,options,form", [("svd-llm", {}, "auto"), ("adasvd", {}, "auto"),
-                                                 ("svd-llm", {}, "moments")])
+                                                 ("svd-llm", {}, "moments"), ("svd", {}, "auto")])
 def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options, form, monkeypatch):
     # One case keeps both ranks' calibration activations in files of one shared folder.
     activations = tmp_path / "activations" if form == "moments" else None
@@ -95,6 +97,9 @@ def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, metho
         monkeypatch.setattr(statistics, "rows_are_smaller", lambda *args: form == "rows")
     report = compress_model(single, CompressionConfig(method=method, ratio=0.5, method_options=options), _batches())
     assert [m.rank for m in report.modules] == r0["ranks"]
+    # Every rank reports the errors over the union of the shards, those of one process.
+    assert r0["errors"] == r1["errors"] and None not in r0["errors"]
+    assert r0["errors"] == pytest.approx([m.relative_error for m in report.modules], rel=1e-5)
     expected = _dense_weights(single.state_dict())
     got = _dense_weights(r0["state"])
     assert expected.keys() == got.keys() and expected

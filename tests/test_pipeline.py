@@ -277,6 +277,53 @@ def test_projection_methods_report_their_measured_error_on_the_dense_inputs(meth
         assert m.relative_error == pytest.approx(measured, rel=1e-6), m.name
 
 
+@pytest.mark.parametrize("propagation", ["original", "compressed"])
+def test_plain_svd_factors_first_and_measures_the_stored_modules_in_its_one_pass(propagation, token_batches):
+    """svd's factors read no data, so they are built before the block runs and the calibration pass only
+    measures them (`pipeline._factor_then_measure`): no Gram statistics, the same factors as a run
+    without calibration data, one forward per block and batch under ``original``, and each report's
+    error is the stored module's ‖(W′ − W)X‖ / ‖WX‖ on the inputs it was measured on."""
+    dense = tiny_model("llama", seed=3)
+    model = tiny_model("llama", seed=3)
+    calls, handles = _block_calls(model)
+    report = compress_model(model, CompressionConfig(method="svd", ratio=0.5, propagation=propagation),
+                            token_batches)
+    for h in handles:
+        h.remove()
+    assert "statistics" not in report.phase_seconds and report.phase_seconds["report"] > 0
+    per_batch = 1 if propagation == "original" else 2
+    assert calls == [len(token_batches) * (per_batch if i < len(calls) - 1 else 1) for i in range(len(calls))]
+    no_data = tiny_model("llama", seed=3)
+    compress_model(no_data, CompressionConfig(method="svd", ratio=0.5), None)
+    names = [m.name for m in report.modules]
+    assert len(names) == 14 and all(m.rank is not None for m in report.modules)
+    for name in names:
+        got, alone = model.get_submodule(name), no_data.get_submodule(name)
+        assert torch.equal(got.up, alone.up) and torch.equal(got.down, alone.down), name
+    # What each target received: the dense model's inputs, or under ``compressed`` the compressed
+    # prefix's block inputs through the dense block (as SVD-LLM's statistics are taken), which the
+    # compressed model reproduces for the block's first stage, q/k/v.
+    if propagation == "compressed":
+        names = [n for n in names if n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")]
+    x = _target_inputs(dense if propagation == "original" else model, names, token_batches)
+    for m in (m for m in report.modules if m.name in names):
+        w = dense.get_submodule(m.name).weight.detach().double()
+        approx = model.get_submodule(m.name).dense_weight().detach().double()
+        measured = float((x[m.name] @ (approx - w).T).norm() / (x[m.name] @ w.T).norm())
+        assert 0.05 < measured < 1.0
+        # Two float32 outputs subtracted: ~1e-7 of ‖Wx‖, against errors of 5 % and more.
+        assert m.relative_error == pytest.approx(measured, rel=1e-4), m.name
+
+
+def test_plain_svd_in_bf16_keeps_the_gram_form(token_batches):
+    """bf16 factors are rounded: the report measures them against the exact W from the Gram
+    statistics, not from outputs computed in bf16, which would add their own rounding."""
+    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    report = compress_model(model, CompressionConfig(method="svd", ratio=0.5), token_batches)
+    assert report.phase_seconds.get("statistics", 0.0) > 0
+    assert all(0.05 < m.relative_error < 1.0 for m in report.modules)
+
+
 def test_asvd_is_the_truncated_svd_of_the_activation_scaled_weight_and_never_beats_whitening(token_batches):
     """asvd's modules are its definition, computed independently here: S = diag(mean |x_j|)^α from the
     dense model's inputs, W·S's SVD truncated at the reported rank, S⁻¹ folded back. And at the same

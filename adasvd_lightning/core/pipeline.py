@@ -11,7 +11,9 @@
      time (q/k/v, then o_proj, gate/up, down_proj), each after the earlier stages were replaced, so
      every target is fitted to the inputs it will really receive (`_compress_block_paired`);
    * factor each target at its allocated rank (whitening, then optionally column preservation and
-     adaComp / closed-form refinement) and swap in the factorized module;
+     adaComp / closed-form refinement) and swap in the factorized module. Factors that read no data
+     (plain SVD) are built first instead, and the block's pass only measures their output errors
+     (`_factor_then_measure`);
    * run the block again to produce the next block's inputs (``propagation="compressed"``: SVD-LLM's
      sequential scheme), or, with ``"original"``, let the statistics pass's dense outputs replace the
      inputs batch by batch (one pass per block, one copy of the activations);
@@ -40,6 +42,7 @@ from .linalg import decomposition_threads, use_gram
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
+from .output_error import OutputErrorMeter
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
@@ -720,6 +723,8 @@ def _compress_block(
     if inputs is not None and targets and paired:
         _compress_block_paired(model, block, targets, inputs, original_hidden, ranks, ctx, runner, report, heldout)
         return False
+    if inputs is not None and targets and _factors_read_no_data(ctx.spec, targets):
+        return _factor_then_measure(model, block, targets, inputs, ranks, ctx, runner, report)
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
         advanced = ctx.spec.propagation == "original"
@@ -734,6 +739,47 @@ def _compress_block(
     return advanced
 
 
+def _factors_read_no_data(spec: MethodSpec, targets: dict[str, nn.Module]) -> bool:
+    """Whether the targets' factors are the same with or without calibration data (plain SVD), and
+    stored exactly (float32/float64), so that the block's pass is needed only for the report's error
+    and can measure the stored modules directly (`_factor_then_measure`). In bf16 the Gram form stays:
+    it measures the rounded factors against the exact W, where outputs computed in bf16 would add
+    their own rounding to the error."""
+    return (spec.whitening == "none" and spec.form == "low-rank" and spec.refinement == "none"
+            and all(_stored_exactly(linear_weight(module).dtype) for module in targets.values()))
+
+
+def _factor_then_measure(model: nn.Module, block: nn.Module, targets: dict[str, nn.Module],
+                         inputs: list[BlockInput], ranks: dict[str, int | None], ctx: PlanContext,
+                         runner: BlockRunner, report: CompressionReport) -> bool:
+    """Plain SVD's block: factor first, then one pass through the dense block measures the factors.
+
+    The factors read no data, so the pass that used to precede them served only the report, through
+    a Gram matrix per distinct input (n² flops per token, then r·n² per matrix). Built first, each
+    factorized module runs next to its dense original inside the pass (`OutputErrorMeter`: r(m + n)
+    flops per token), and the modules are swapped in after it. The block's outputs are the dense
+    block's, as before, so ``propagation="original"`` still takes them as the next block's inputs.
+    Returns whether ``inputs`` now hold the next block's inputs (`_compress_block`).
+    """
+    built = _factor_and_replace(model, targets, list(targets), None, ranks, ctx, report, swap=False)
+    advanced = ctx.spec.propagation == "original"
+    with OutputErrorMeter({name: (targets[name], new) for name, new in built.items()}) as meter:
+        with phase("calibration"):
+            for inp in inputs:
+                with meter.masked(inp.mask):
+                    out = runner.run(block, inp)
+                if advanced:
+                    inp.hidden = runner.keep(out)
+                del out
+    errors = meter.relative_errors()
+    module_reports = {module_report.name: module_report for module_report in report.modules[-len(targets):]}
+    with phase("surgery"):
+        for name, new in built.items():
+            module_reports[name].relative_error = errors[name]
+            replace_module(model, name, new)
+    return advanced
+
+
 def _factor_and_replace(
     model: nn.Module,
     targets: dict[str, nn.Module],
@@ -743,11 +789,13 @@ def _factor_and_replace(
     ctx: PlanContext,
     report: CompressionReport,
     compensated: set[str] | None = None,
+    swap: bool = True,
 ) -> dict[str, nn.Module]:
     """Factor ``names`` (a subset of the block's ``targets``, in order) and swap the results in.
 
     ``compensated``: with paired statistics, the targets whose refinement may chase the dense outputs
     (the residual writers, `core.residual`); the others keep their start. None: every target.
+    ``swap=False``: build the modules (on every process) but leave the dense ones in the model.
     Returns name → new module for the targets that were factorized (the others stay dense).
     """
     if stats is not None:
@@ -792,7 +840,8 @@ def _factor_and_replace(
             new, module_report = share_module(new, module_report, owner, ref.device, ref.dtype)
             if new is not None:
                 new.train(module.training)
-                replace_module(model, name, new)
+                if swap:
+                    replace_module(model, name, new)
                 replaced[name] = new
         reports[name] = module_report
     report.modules.extend(reports[name] for name in names)  # in the block's order, whatever ran first

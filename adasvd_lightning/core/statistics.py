@@ -232,6 +232,17 @@ class InputStatistics:
         return self.abs_sum if self.normalized else self.abs_sum / self.tokens
 
 
+def selected_tokens(x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows of a B×T×n tensor that count: the tokens ``mask`` (B×T) keeps, of the sequences ``rows``
+    (B bools) when given; a mask of another shape (e.g. a module that flattened its input) keeps all."""
+    if rows is not None:  # a subset of the batch's sequences
+        x = x[rows]
+        mask = mask[rows.to(mask.device)] if mask is not None else None
+    if mask is not None and x.ndim >= 2 and tuple(mask.shape) == tuple(x.shape[:-1]):
+        return x[mask.to(device=x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
 def _add_energy(energy: dict[str, torch.Tensor], counts: dict[str, int], name: str, y: torch.Tensor) -> None:
     """energy[name] += Σ‖y‖² over the rows of y: row sums in y's dtype (m terms), the total in float64."""
     value = y.float().square().sum(dim=-1).to(torch.float64).sum()
@@ -454,13 +465,7 @@ class BlockStatistics:
         return not rows_are_smaller(self.heldout_tokens, in_features, out_features)
 
     def _select_tokens(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        mask = self.token_mask
-        if rows is not None:  # a subset of the batch's sequences
-            x = x[rows]
-            mask = mask[rows.to(mask.device)] if mask is not None else None
-        if mask is not None and x.ndim >= 2 and tuple(mask.shape) == tuple(x.shape[:-1]):
-            return x[mask.to(device=x.device).bool()]
-        return x.reshape(-1, x.shape[-1])
+        return selected_tokens(x, self.token_mask, rows)
 
     def _heldout_tokens(self, x: torch.Tensor) -> torch.Tensor | None:
         """The held-out sequences' tokens of a B×T×n tensor (None: holding out is off or none here)."""
