@@ -7,6 +7,7 @@ from torch import nn
 from adasvd_lightning import CompressionConfig, CompressionWarning, LowRankLinear, compress_model, count_parameters
 from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.factorization import rank_for_ratio
+from adasvd_lightning.core.output_error import ProjectionErrorMeter
 from conftest import FAMILIES, tiny_model, writer_token_weights
 
 
@@ -311,8 +312,34 @@ def test_plain_svd_factors_first_and_measures_the_stored_modules_in_its_one_pass
         approx = model.get_submodule(m.name).dense_weight().detach().double()
         measured = float((x[m.name] @ (approx - w).T).norm() / (x[m.name] @ w.T).norm())
         assert 0.05 < measured < 1.0
-        # Two float32 outputs subtracted: ~1e-7 of ‖Wx‖, against errors of 5 % and more.
+        # ‖WX‖² − ‖W′X‖² from float32 outputs and factors: a few 1e-7 of ‖WX‖², against errors of 5 %
+        # and more.
         assert m.relative_error == pytest.approx(measured, rel=1e-4), m.name
+
+
+def test_projection_meter_is_the_direct_error_and_floors_an_exact_fit_low():
+    """`ProjectionErrorMeter` reads ‖(W′ − W)X‖ / ‖WX‖ off the energy the projection keeps: the direct
+    error for a truncated SVD, on the unmasked tokens only, and no more than its documented ~5e-4
+    floor where the factors reproduce W exactly (rank-8 W kept at rank 8)."""
+    torch.manual_seed(0)
+    full = nn.Linear(96, 64, bias=True)
+    exact = nn.Linear(96, 64, bias=False)
+    with torch.no_grad():
+        exact.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 96))
+    pairs = {}
+    for name, dense, rank in (("full", full, 12), ("exact", exact, 8)):
+        u, s, vt = torch.linalg.svd(dense.weight.detach().double(), full_matrices=False)
+        pairs[name] = (dense, LowRankLinear.from_factors((u[:, :rank] * s[:rank]).float(), vt[:rank].float(), None))
+    x = torch.randn(3, 40, 96) * torch.linspace(0.1, 3.0, 96)  # anisotropic: the input matters
+    mask = torch.rand(3, 40) > 0.3
+    with ProjectionErrorMeter(pairs) as meter, meter.masked(mask):
+        full(x), exact(x)
+    errors = meter.relative_errors()
+    xs = x[mask].double()
+    w, approx = full.weight.detach().double(), pairs["full"][1].dense_weight().detach().double()
+    direct = float((xs @ (approx - w).T).norm() / (xs @ w.T).norm())
+    assert 0.2 < direct < 0.9 and errors["full"] == pytest.approx(direct, rel=1e-5)
+    assert errors["exact"] < 5e-4, errors["exact"]
 
 
 def test_plain_svd_in_bf16_keeps_the_gram_form(token_batches):

@@ -42,7 +42,7 @@ from .linalg import decomposition_threads, use_gram
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
-from .output_error import OutputErrorMeter
+from .output_error import ProjectionErrorMeter
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
@@ -742,9 +742,8 @@ def _compress_block(
 def _factors_read_no_data(spec: MethodSpec, targets: dict[str, nn.Module]) -> bool:
     """Whether the targets' factors are the same with or without calibration data (plain SVD), and
     stored exactly (float32/float64), so that the block's pass is needed only for the report's error
-    and can measure the stored modules directly (`_factor_then_measure`). In bf16 the Gram form stays:
-    it measures the rounded factors against the exact W, where outputs computed in bf16 would add
-    their own rounding to the error."""
+    and can read it off the energy the projection keeps (`_factor_then_measure`). In bf16 the Gram form
+    stays: rounded factors are no projection to the precision that identity needs."""
     return (spec.whitening == "none" and spec.form == "low-rank" and spec.refinement == "none"
             and all(_stored_exactly(linear_weight(module).dtype) for module in targets.values()))
 
@@ -755,15 +754,15 @@ def _factor_then_measure(model: nn.Module, block: nn.Module, targets: dict[str, 
     """Plain SVD's block: factor first, then one pass through the dense block measures the factors.
 
     The factors read no data, so the pass that used to precede them served only the report, through
-    a Gram matrix per distinct input (n² flops per token, then r·n² per matrix). Built first, each
-    factorized module runs next to its dense original inside the pass (`OutputErrorMeter`: r(m + n)
-    flops per token), and the modules are swapped in after it. The block's outputs are the dense
+    a Gram matrix per distinct input (n² flops per token, then r·n² per matrix). Built first, the
+    factors let the pass sum the energy each projection keeps (`ProjectionErrorMeter`: r·n + r² flops
+    per token), and the modules are swapped in after it. The block's outputs are the dense
     block's, as before, so ``propagation="original"`` still takes them as the next block's inputs.
     Returns whether ``inputs`` now hold the next block's inputs (`_compress_block`).
     """
     built = _factor_and_replace(model, targets, list(targets), None, ranks, ctx, report, swap=False)
     advanced = ctx.spec.propagation == "original"
-    with OutputErrorMeter({name: (targets[name], new) for name, new in built.items()}) as meter:
+    with ProjectionErrorMeter({name: (targets[name], new) for name, new in built.items()}) as meter:
         with phase("calibration"):
             for inp in inputs:
                 with meter.masked(inp.mask):
