@@ -114,7 +114,7 @@ def test_two_processes_resume_a_module_kl_allocation_from_one_probe_table(tmp_pa
     all rows from it (a rank that probed alone would hang the other's collectives) and build the model
     of the first run."""
     table = str(tmp_path / "probes.jsonl")
-    options = {"sensitivity_candidates": [0.4, 1.0]}
+    options = {"allocation": "module-kl", "sensitivity_candidates": [0.4, 1.0]}
     runs = []
     for run in ("first", "again"):
         out = tmp_path / run

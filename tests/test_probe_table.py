@@ -12,7 +12,8 @@ from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.probe_table import FORMAT, ProbeTable
 from conftest import tiny_model
 
-_OPTIONS = {"sensitivity_candidates": [0.3, 0.7, 1.0]}
+# The exhaustive probes (the presets estimate their table and probe once per module).
+_OPTIONS = {"allocation": "module-kl", "sensitivity_candidates": [0.3, 0.7, 1.0]}
 
 
 def _run(batches, table=None, ratio=0.4, method="duo-svd", **options):
@@ -114,7 +115,7 @@ def test_probe_table_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(InvalidInputError, match="probes nothing"):
         CompressionConfig(method="svd-llm", probe_table=str(tmp_path / "t"))
     with pytest.raises(InvalidInputError, match="fisher_scale='none' probes nothing"):
-        CompressionConfig(method="adasvd-duo", method_options={"allocation": "module-kl-fisher"},
+        CompressionConfig(method="adasvd-duo", method_options={"fisher_scale": "none"},
                           probe_table=str(tmp_path / "t"))
     with pytest.raises(InvalidInputError, match="is a folder"):
         CompressionConfig(method="duo-svd", probe_table=str(tmp_path))

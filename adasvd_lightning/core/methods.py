@@ -21,27 +21,27 @@ pipeline, statistics, rank arithmetic and module surgery, so comparisons isolate
 
 Presets (see the README's method table for sources and knobs):
 
-| preset       | whitening         | allocation    | form              | refinement  | propagation |
-|--------------|-------------------|---------------|-------------------|-------------|-------------|
-| `svd`        | none              | uniform       | low-rank          | none        | original    |
-| `asvd`       | activation-scale  | uniform       | low-rank          | none        | original    |
-| `svd-llm`    | truncation-aware  | uniform       | low-rank          | closed-form | compressed  |
-| `svd-llm-w`  | truncation-aware  | uniform       | low-rank          | none        | compressed  |
-| `svd-llm-v2` | truncation-aware  | grouped-loss  | low-rank          | none        | compressed  |
-| `adasvd`     | truncation-aware  | adacr         | low-rank          | adacomp     | compressed  |
-| `duo-svd`    | truncation-aware  | module-kl     | column-preserving | none        | compressed  |
-| `adasvd-duo` | truncation-aware  | module-kl     | column-preserving | closed-form | compressed  |
+| preset       | whitening        | allocation              | form              | refinement  | propagation |
+|--------------|------------------|-------------------------|-------------------|-------------|-------------|
+| `svd`        | none             | uniform                 | low-rank          | none        | original    |
+| `asvd`       | activation-scale | uniform                 | low-rank          | none        | original    |
+| `svd-llm`    | truncation-aware | uniform                 | low-rank          | closed-form | compressed  |
+| `svd-llm-w`  | truncation-aware | uniform                 | low-rank          | none        | compressed  |
+| `svd-llm-v2` | truncation-aware | grouped-loss            | low-rank          | none        | compressed  |
+| `adasvd`     | truncation-aware | adacr                   | low-rank          | adacomp     | compressed  |
+| `duo-svd`    | truncation-aware | module-kl-fisher (tail) | column-preserving | none        | compressed  |
+| `adasvd-duo` | truncation-aware | module-kl-fisher (tail) | column-preserving | closed-form | compressed  |
 
-The module-KL presets probe every candidate of every module (``module-kl``): modules × candidates
-suffix forwards, about 5 hours for SmolLM2-135M (210 targets) on one CPU core. ``allocation=
-module-kl-fisher`` estimates the table instead, in minutes (BENCHMARKS.md, "Module-KL allocation: two
-probes per module"). It is not the presets' default: alone it misses the probes by 7–12 % at
-20–40 % on the reference model (33–76 % at 60 %); scaled by two probes per module
-(``fisher_scale=probed``) it is within 2 % there but worse than the estimate alone on SmolLM2-135M
-(95.25 vs 63.56 at 40 %), where the exhaustive probes are still being measured. ``fisher_scale=tail``
-(one probe per module, lifting only rows that leave the quadratic regime) was built on the first 128
-of those rows; on the reference model it moves the estimate by under 1 % (BENCHMARKS.md, "The
-exhaustive module-KL table on SmolLM2-135M").
+The module-KL presets estimate each module's KL cost table (``module-kl-fisher``: an output-Fisher
+estimate read off one whitened SVD per target) and probe each module once, at its deepest candidate
+(``fisher_scale=tail``), to lift the rows that leave the estimate's quadratic regime. Why not the
+exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100 suffix forwards and
+about 5 hours for SmolLM2-135M on one CPU core)? On SmolLM2-135M at 40 % their complete table gave the
+worst allocation of the three: ``duo-svd`` 90.30 and ``adasvd-duo`` 105.67, against 77.76 and 72.32
+with the tail (the estimate alone: 103.90 and 70.80). Its attention rows are mostly probe noise at
+4,096 probe tokens, which a knapsack takes at face value. On the reference model the exhaustive probes
+are better (``adasvd-duo`` 77.35 vs 81.74 at 40 %), but that model is trained on its own calibration
+text. Both remain options (BENCHMARKS.md, "The exhaustive module-KL table on SmolLM2-135M").
 """
 
 from __future__ import annotations
@@ -211,6 +211,10 @@ class MethodSpec:
                     f"got {value!r}"
                 )
         overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        if overrides.get("allocation", "module-kl-fisher") != "module-kl-fisher" and "fisher_scale" not in overrides:
+            # The preset's scale belongs to its estimated table: another allocation has none to scale
+            # (a fisher_scale given with it is still refused in __post_init__).
+            overrides["fisher_scale"] = "none"
         return dataclasses.replace(self, name=f"{self.name}+custom", **overrides)
 
     def make_whitening(
@@ -257,13 +261,14 @@ PRESETS: dict[str, MethodSpec] = {
                    source="SVD-LLM V2 (Wang et al., 2025): loss-based ratios within same-type groups"),
         MethodSpec("adasvd", allocation="adacr", refinement="adacomp",
                    source="AdaSVD (Li et al., 2025): adaComp alternating refinement + adaCR layer ratios"),
-        MethodSpec("duo-svd", allocation="module-kl", form="column-preserving",
+        MethodSpec("duo-svd", allocation="module-kl-fisher", fisher_scale="tail", form="column-preserving",
                    source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
         # Our combination. Measured on the reference model (BENCHMARKS.md): module-level KL allocation
         # beats adaCR's block heuristic by a wide margin, and adaComp's V-steps (which solve against the
         # n×n input Gram matrix) generalise slightly worse than its U-step alone (r×r solves), so the
         # combination keeps Duo-SVD's allocation and columns and adds the U-step compensation.
-        MethodSpec("adasvd-duo", allocation="module-kl", form="column-preserving", refinement="closed-form",
+        MethodSpec("adasvd-duo", allocation="module-kl-fisher", fisher_scale="tail", form="column-preserving",
+                   refinement="closed-form",
                    source="this project: Duo-SVD columns + module-KL budget + error-compensating U update"),
     )
 }
