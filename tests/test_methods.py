@@ -7,6 +7,7 @@ import torch
 
 from adasvd_lightning import CompressionConfig, PRESETS, compress_model, load_compressed, save_compressed
 from adasvd_lightning.core.errors import InvalidInputError
+from adasvd_lightning.core.methods import get_method
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear, FactorizedLinear
 from conftest import tiny_model
 
@@ -89,6 +90,13 @@ def test_method_options_override_and_validate():
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"refinment": "adacomp"})
     with pytest.raises(InvalidInputError, match="unknown allocation"):
         CompressionConfig(method="svd-llm", ratio=0.4, method_options={"allocation": "magic"})
+    # The module-KL presets' tail scale goes with their estimated table: asking for the exhaustive
+    # probes drops it, asking for both is refused.
+    assert (get_method("duo-svd").allocation, get_method("duo-svd").fisher_scale) == ("module-kl-fisher", "tail")
+    spec = CompressionConfig(method="duo-svd", method_options={"allocation": "module-kl"}).spec
+    assert (spec.allocation, spec.fisher_scale, spec.probes) == ("module-kl", "none", True)
+    with pytest.raises(InvalidInputError, match="needs allocation 'module-kl-fisher'"):
+        CompressionConfig(method="duo-svd", method_options={"allocation": "module-kl", "fisher_scale": "tail"})
 
 
 def test_propagation_is_the_methods_unless_the_config_sets_it():
