@@ -9,7 +9,7 @@ Plain SVD's W′ = up·down is U_r U_rᵀ·W, an orthogonal projection of W, so
 ‖(W′ − W)x‖² = ‖Wx‖² − ‖W′x‖², and ‖W′x‖² = vᵀ(upᵀup)v with v = down·x. With the factors built
 first, the pass sums ‖Wx‖² from the dense module's own output and ‖W′x‖² from v: r·n + r² flops per
 token (measured on SmolLM2-135M: running the factorized module next to the dense one, r(m + n) flops
-and a difference of outputs, cost 2.2× as much).
+and a difference of outputs, cost 1.9× as much).
 
 Precision: the identity holds for the stored float32 factors up to their rounding (~1e-7 of ‖W‖), so
 the dropped energy is known to a few 1e-7 of ‖Wx‖²: errors above 1 % are exact to better than 1e-3
