@@ -343,8 +343,8 @@ def test_projection_meter_is_the_direct_error_and_floors_an_exact_fit_low():
 
 
 def test_plain_svd_in_bf16_keeps_the_gram_form(token_batches):
-    """bf16 factors are rounded: the report measures them against the exact W from the Gram
-    statistics, not from outputs computed in bf16, which would add their own rounding."""
+    """bf16 factors are rounded, so W′ is no projection to the precision ‖WX‖² − ‖W′X‖² needs: the
+    report keeps measuring them against the exact W from the Gram statistics."""
     model = tiny_model("llama", seed=3).to(torch.bfloat16)
     report = compress_model(model, CompressionConfig(method="svd", ratio=0.5), token_batches)
     assert report.phase_seconds.get("statistics", 0.0) > 0
