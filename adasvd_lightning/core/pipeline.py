@@ -728,15 +728,24 @@ def _compress_block(
     if inputs is not None and targets:
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
         advanced = ctx.spec.propagation == "original"
-        with stats, phase("calibration"):
-            for inp in inputs:
-                with stats.masked(inp.mask):
-                    out = runner.run(block, inp)
-                if advanced:
-                    inp.hidden = runner.keep(out)
-                del out
+        with stats:
+            _single_stream_pass(block, inputs, runner, stats, advanced)
     _factor_and_replace(model, targets, list(targets), stats, ranks, ctx, report)
     return advanced
+
+
+def _single_stream_pass(block: nn.Module, inputs: list[BlockInput], runner: BlockRunner,
+                        observer: BlockStatistics | ProjectionErrorMeter, advance: bool) -> None:
+    """One pass of the dense block over every batch with ``observer``'s hooks seeing each batch's token
+    mask; with ``advance`` (``propagation="original"``) each output replaces its batch's input at once,
+    so no second copy of the activations is kept."""
+    with phase("calibration"):
+        for inp in inputs:
+            with observer.masked(inp.mask):
+                out = runner.run(block, inp)
+            if advance:
+                inp.hidden = runner.keep(out)
+            del out
 
 
 def _factors_read_no_data(spec: MethodSpec, targets: dict[str, nn.Module]) -> bool:
@@ -763,13 +772,7 @@ def _factor_then_measure(model: nn.Module, block: nn.Module, targets: dict[str, 
     built = _factor_and_replace(model, targets, list(targets), None, ranks, ctx, report, swap=False)
     advanced = ctx.spec.propagation == "original"
     with ProjectionErrorMeter({name: (targets[name], new) for name, new in built.items()}) as meter:
-        with phase("calibration"):
-            for inp in inputs:
-                with meter.masked(inp.mask):
-                    out = runner.run(block, inp)
-                if advanced:
-                    inp.hidden = runner.keep(out)
-                del out
+        _single_stream_pass(block, inputs, runner, meter, advanced)
     errors = meter.relative_errors()
     module_reports = {module_report.name: module_report for module_report in report.modules[-len(targets):]}
     with phase("surgery"):
