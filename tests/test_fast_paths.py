@@ -15,7 +15,7 @@ from adasvd_lightning.core.refinement import (
     GramStatistics, RefinementTarget, adacomp, objective, optimal_factors, u_step, v_step,
 )
 from adasvd_lightning.core.whitening import DiagonalWhitening, EigenWhitening, IdentityWhitening, compute_whitening
-from conftest import tiny_model, writer_token_weights
+from conftest import FEW_CANDIDATES, compress_tiny, tiny_model, writer_token_weights
 
 
 def _spectrum_matrix(m: int, n: int, decay: float = 0.9, seed: int = 0) -> torch.Tensor:
@@ -385,17 +385,8 @@ def test_single_stream_output_error_matches_expanded_form():
     assert _output_error(w, approx, stats) == pytest.approx(expected, rel=1e-12)
 
 
-# Fewer module-KL candidates than the preset's ten: the same code paths, a third of the probes.
-_FEW_CANDIDATES = {"sensitivity_candidates": [0.4, 0.7, 1.0]}
-
-
 def _compressed(method: str, batches, **config):
-    if method in ("duo-svd", "adasvd-duo"):
-        config.setdefault("method_options", _FEW_CANDIDATES)
-    model = tiny_model("llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CompressionWarning)
-        report = compress_model(model, CompressionConfig(method=method, ratio=0.4, **config), batches)
+    model, report = compress_tiny(method, batches, **config)
     with torch.no_grad():
         logits = model(batches[0]).logits
     return report, logits
@@ -645,7 +636,7 @@ def _check_reported_errors(method, token_batches, statistics_dtype: str | None =
             dense(batch)
     for h in handles:
         h.remove()
-    config = {"method_options": {**(_FEW_CANDIDATES if method == "adasvd-duo" else {}), **options}}
+    config = {"method_options": {**(FEW_CANDIDATES if method == "adasvd-duo" else {}), **options}}
     if method.endswith("+optimal"):
         method, config = method.removesuffix("+optimal"), {"method_options": {"refinement": "optimal", **options}}
     with warnings.catch_warnings():
