@@ -138,28 +138,33 @@ def knapsack(options: Sequence[Sequence[tuple[int, float]]], budget: int, *, res
     """
     unit = max(1, math.ceil(budget / resolution))
     cap = budget // unit
-    inf = math.inf
-    best = [inf] * (cap + 1)
+    # best[b]: least value of the items so far within b units. One vectorised step per item and option
+    # (a Python loop over the budget took seconds per call, and the lazy tail allocation calls it per
+    # round). Ties keep the earliest option, then the smallest budget, as a scalar loop would.
+    best = torch.full((cap + 1,), math.inf, dtype=torch.float64)
     best[0] = 0.0
-    choices: list[list[int]] = []
+    choices: list[torch.Tensor] = []
     for item in options:
-        new = [inf] * (cap + 1)
-        pick = [-1] * (cap + 1)
-        costs = [math.ceil(c / unit) for c, _ in item]
-        for b in range(cap + 1):
-            for k, (cost, (_, value)) in enumerate(zip(costs, item)):
-                if cost <= b and best[b - cost] + value < new[b]:
-                    new[b] = best[b - cost] + value
-                    pick[b] = k
+        new = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+        pick = torch.full((cap + 1,), -1, dtype=torch.long)
+        for k, (cost, value) in enumerate(item):
+            units = math.ceil(cost / unit)
+            if units > cap:
+                continue
+            trial = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+            trial[units:] = best[: cap + 1 - units] + value
+            better = trial < new
+            new = torch.where(better, trial, new)
+            pick = torch.where(better, torch.full_like(pick, k), pick)
         best = new
         choices.append(pick)
-    end = min(range(cap + 1), key=lambda b: best[b])
-    if best[end] == inf:
+    end = int(torch.argmin(best))
+    if best[end] == math.inf:
         raise ValueError("no combination of options fits the budget")
     picked: list[int] = []
     b = end
     for item, pick in zip(reversed(options), reversed(choices)):
-        k = pick[b]
+        k = int(pick[b])
         picked.append(k)
         b -= math.ceil(item[k][0] / unit)
     return picked[::-1]
