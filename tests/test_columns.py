@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adasvd_lightning import CompressionConfig, get_method
-from adasvd_lightning.core.columns import column_preserving_factorize, preserved_columns_for, whitened_error
+from adasvd_lightning.core.columns import (column_preserving_factorize, column_scores, preserved_columns_for,
+                                           truncation_floor, whitened_error)
 from adasvd_lightning.core.factorization import factorize
 from adasvd_lightning.core.lowrank import ColumnPreservingLinear
 from adasvd_lightning.core.writer_heldout import HeldoutRows
@@ -46,6 +47,35 @@ def test_never_worse_than_plain_at_equal_parameters(seed):
         assert whitened_error(w, split.dense(), h) == pytest.approx(split.error, rel=1e-8)
         m, n = w.shape
         assert split.rank * (m + n - split.kept.numel()) + m * split.kept.numel() <= rank * (m + n)
+
+
+@pytest.mark.parametrize("m, n", [(48, 40), (24, 40), (40, 40)])
+def test_each_split_is_scored_with_the_error_its_factorization_attains(m, n):
+    """The search scores a Δr by the tail of the rest's whitened spectrum (`truncation_floor`), not by
+    building its split: for every Δr the score equals the built split's error, so the search takes the
+    path it took when it built each candidate (tall, wide and square W)."""
+    w, h = _problem(m=m, n=n, outliers=(3, 17))
+    rank = 12
+    order = torch.argsort(column_scores(w, factorize(w, rank, compute_whitening(h)).dense(), h), descending=True)
+    for drop in range(1, rank):
+        count = preserved_columns_for(drop, rank, m, n)
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[order[:count]] = False
+        rest = mask.nonzero().squeeze(1)
+        r_c = min(rank - drop, rest.numel(), m)
+        built = factorize(w[:, rest], r_c, compute_whitening(h[rest][:, rest]))
+        error = whitened_error(w[:, rest], built.dense(), h[rest][:, rest])
+        assert truncation_floor(w[:, rest], h[rest][:, rest], r_c) == pytest.approx(error, rel=1e-9)
+
+
+def test_truncation_floor_of_a_tall_matrix_is_right_where_h_is_singular():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(12, 8, generator=g, dtype=torch.float64)  # 8 tokens: H has rank 8, no Cholesky factor
+    h = x @ x.T / 8
+    sigma = torch.linalg.svdvals(w @ x / 8 ** 0.5)  # W·X/√T: (W·X/√T)(W·X/√T)ᵀ = W·H·Wᵀ
+    for rank in (2, 5, 8):
+        assert truncation_floor(w, h, rank) == pytest.approx(float(sigma[rank:].square().sum()), rel=1e-9, abs=1e-12)
 
 
 SPIKES = (1, 5, 9, 13, 17, 21, 25, 31)
