@@ -16,8 +16,10 @@ from adasvd_lightning.core.errors import InvalidInputError
 from adasvd_lightning.core.fisher import output_fisher, sequences, truncation_kl
 from adasvd_lightning.core.linalg import thin_svd
 from adasvd_lightning.core.methods import MethodSpec
-from adasvd_lightning.core.planning import _sensitivity_metric, probed_candidates, probed_row, tail_row
-from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_weight, replace_module
+from adasvd_lightning.core.allocation import knapsack
+from adasvd_lightning.core.budget import MatrixShape, budget_for_ratio, rank_cost
+from adasvd_lightning.core.planning import _candidate_rank, _sensitivity_metric, probed_candidates, probed_row, tail_row
+from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_shape, linear_weight, replace_module
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
 
@@ -136,9 +138,12 @@ def test_fisher_statistics_ignore_batching_and_padding(token_batches):
         torch.testing.assert_close(masked[name], plain[name], rtol=1e-4, atol=1e-12)
 
 
+_CANDIDATES = [0.2, 0.4, 0.6, 0.8, 1.0]
+
+
 def _compress(allocation: str, batches, family="gpt2", **options):
     model = tiny_model(family)
-    options = {"allocation": allocation, "sensitivity_candidates": [0.2, 0.4, 0.6, 0.8, 1.0], **options}
+    options = {"allocation": allocation, "sensitivity_candidates": _CANDIDATES, **options}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = compress_model(model, CompressionConfig(method="svd-llm-w", ratio=0.4, method_options=options),
@@ -186,25 +191,46 @@ def test_tail_row_adds_a_fourth_order_term_fitted_to_its_one_probe_and_never_low
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_tail_fisher_probes_the_deepest_candidate_once_and_keeps_the_estimate_where_it_is_not_exceeded(
+def test_tail_fisher_probes_only_what_the_knapsack_cuts_below_the_baseline_and_allocates_as_if_all_were_probed(
         token_batches, family):
+    """Each probe is the exhaustive probe's own value at the deepest candidate (same baseline, same module);
+    modules the knapsack never cuts below their baseline keep the estimate unprobed; and the allocation
+    costs the same, under the table with every module's tail probed, as that table's own optimum."""
     exact = _compress("module-kl", token_batches, family=family)
     bare = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="none")
     tail = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="tail")
     estimates, table = tail.allocation["fisher_estimate"], tail.allocation["sensitivity"]
-    lifted = 0
+    probed = set(tail.allocation["sensitivity_probed"])
+    full, lifted, probeable = {}, 0, 0
     for name, row in table.items():
-        probed = probed_candidates(estimates[name], "tail")
-        assert len(probed) <= 1
+        at = probed_candidates(estimates[name], "tail")
+        assert len(at) <= 1
+        probeable += len(at)
         measured = exact.allocation["sensitivity"][name]
-        for i in probed:  # the probe is the exhaustive probe's own value (same baseline, same module)
+        full[name] = tail_row(estimates[name], [measured[i] if i in at else None for i in range(len(row))])
+        if name in probed:
+            (i,) = at
             assert row[i] == pytest.approx(max(measured[i], estimates[name][i]), rel=1e-6, abs=1e-9)
             lifted += measured[i] > estimates[name][i]
+        else:
+            assert row == estimates[name]
         assert all(r >= e for r, e in zip(row, estimates[name]))
         assert bare.allocation["sensitivity"][name] == pytest.approx(estimates[name], rel=1e-9, abs=1e-12)
-    assert tail.allocation["sensitivity_probes"] == sum(
-        len(probed_candidates(e, "tail")) for e in estimates.values()) > 0
+    assert tail.allocation["sensitivity_probes"] == len(probed) > 0
+    assert len(probed) < probeable  # some modules were never cut below their baseline
     assert lifted > 0  # the tiny models leave the quadratic regime somewhere too
+
+    shapes = [MatrixShape(name, *linear_shape(m)) for _, _, t in find_targets(tiny_model(family)) for name, m in t.items()]
+    budget = budget_for_ratio(shapes, 0.4)
+
+    def options(rows):
+        return [[(rank_cost(s, _candidate_rank(s, rho)), v) for rho, v in zip(_CANDIDATES, rows[s.name])] for s in shapes]
+
+    def cost(picks):  # under the fully probed table
+        return sum(full[s.name][k] for s, k in zip(shapes, picks))
+
+    assert cost(knapsack(options(table), budget)) == pytest.approx(cost(knapsack(options(full), budget)),
+                                                                   rel=1e-9, abs=1e-12)
     assert tail.achieved_ratio >= 0.4 - 1e-9
 
 
