@@ -131,6 +131,20 @@ def test_two_processes_resume_a_module_kl_allocation_from_one_probe_table(tmp_pa
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 1e9])
+def test_two_processes_take_the_same_lazy_tail_probes(tmp_path, tolerance):
+    """``duo-svd``'s tail probes under a process group: every step reads one sequence per process and
+    all-reduces, so both processes stop at the same step (else one would hang in a collective), probe
+    the same modules and build the same model."""
+    options = {"tail_tolerance": tolerance, "sensitivity_candidates": [0.2, 0.6, 1.0]}
+    mp.start_processes(_worker, args=(2, _free_port(), "duo-svd", options, str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0["probes"] == r1["probes"] and r0["probes"][0] > 0
+    assert r0["ranks"] == r1["ranks"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+
+
 def test_lightning_ddp_two_cpu_processes_end_with_identical_compressed_models(tmp_path):
     import subprocess
     import sys

@@ -18,7 +18,7 @@ from adasvd_lightning.core.linalg import thin_svd
 from adasvd_lightning.core.methods import MethodSpec
 from adasvd_lightning.core.allocation import knapsack
 from adasvd_lightning.core.budget import MatrixShape, budget_for_ratio, rank_cost
-from adasvd_lightning.core.planning import _candidate_rank, _sensitivity_metric, probed_candidates, probed_row, tail_row
+from adasvd_lightning.core.planning import TAIL_MIN_SEQUENCES, _candidate_rank, _sensitivity_metric, probed_candidates, probed_row, tail_row
 from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_shape, linear_weight, replace_module
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
@@ -198,9 +198,10 @@ def test_tail_fisher_probes_only_what_the_knapsack_cuts_below_the_baseline_and_a
     costs the same, under the table with every module's tail probed, as that table's own optimum."""
     exact = _compress("module-kl", token_batches, family=family)
     bare = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="none")
-    tail = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="tail")
+    tail = _compress("module-kl-fisher", token_batches, family=family, fisher_scale="tail", tail_tolerance=0.0)
     estimates, table = tail.allocation["fisher_estimate"], tail.allocation["sensitivity"]
     probed = set(tail.allocation["sensitivity_probed"])
+    assert set(tail.allocation["sensitivity_probe_sequences"].values()) == {8}  # every probe sequence
     full, lifted, probeable = {}, 0, 0
     for name, row in table.items():
         at = probed_candidates(estimates[name], "tail")
@@ -232,6 +233,31 @@ def test_tail_fisher_probes_only_what_the_knapsack_cuts_below_the_baseline_and_a
     assert cost(knapsack(options(table), budget)) == pytest.approx(cost(knapsack(options(full), budget)),
                                                                    rel=1e-9, abs=1e-12)
     assert tail.achieved_ratio >= 0.4 - 1e-9
+
+
+def test_a_tail_probe_stops_at_its_tolerance_and_reads_the_first_sequences(token_batches):
+    """A tail probe reads the probe sequences in order and stops once its standard error is within
+    ``tail_tolerance``: with a tolerance any error meets, it reads `TAIL_MIN_SEQUENCES` (the first
+    batch's four) and measures what a probe reading only that batch measures; with 0 it reads all."""
+    assert TAIL_MIN_SEQUENCES == 4
+    first = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_tolerance=1e9)
+    alone = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_tolerance=0.0,
+                      sensitivity_batches=1)
+    every = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_tolerance=0.0)
+    assert set(first.allocation["sensitivity_probe_sequences"].values()) == {4}
+    assert set(alone.allocation["sensitivity_probe_sequences"].values()) == {4}
+    assert set(every.allocation["sensitivity_probe_sequences"].values()) == {8}
+    # The probes do not depend on the Fisher estimate (which reads one batch or two): only which modules
+    # are probed does.
+    a, b = first.allocation["sensitivity_probe_values"], alone.allocation["sensitivity_probe_values"]
+    common = a.keys() & b.keys()
+    assert common
+    for name in common:
+        assert a[name] == pytest.approx(b[name], rel=1e-9, abs=1e-12)
+    c = every.allocation["sensitivity_probe_values"]
+    assert common & c.keys()
+    for name in common & c.keys():  # the second batch moves every probe
+        assert a[name] != pytest.approx(c[name], rel=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

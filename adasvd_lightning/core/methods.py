@@ -97,6 +97,9 @@ class MethodSpec:
             (closer to the probes on the reference model, worse on SmolLM2-135M: BENCHMARKS.md);
             ``tail`` — it probes each module once, at its deepest truncation, and lifts the rows whose
             probe exceeds the estimate by a fourth-order term fitted to it (`planning.tail_row`).
+        tail_tolerance: a ``tail`` probe reads the probe sequences one at a time and stops once the
+            standard error of its mean is at most this share of the larger of the mean and the estimate
+            it is compared with (after at least `planning.TAIL_MIN_SEQUENCES`); 0 reads them all.
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -122,6 +125,7 @@ class MethodSpec:
     sensitivity_batches: int = 2
     fisher_samples: int = 1
     fisher_scale: str = "none"
+    tail_tolerance: float = 0.1
     heldout_fraction: float = 0.25
     propagation: str = "compressed"
 
@@ -154,6 +158,8 @@ class MethodSpec:
         if self.fisher_samples < 1:
             raise InvalidInputError("fisher_samples must be >= 1")
         _choice("fisher_scale", self.fisher_scale, FISHER_SCALES)
+        if not 0.0 <= self.tail_tolerance < math.inf:
+            raise InvalidInputError(f"tail_tolerance must be a finite number >= 0, got {self.tail_tolerance}")
         if self.fisher_scale != "none" and self.allocation != "module-kl-fisher":
             # Said rather than ignored: only the estimated table has a scale to set.
             raise InvalidInputError(f"fisher_scale={self.fisher_scale!r} needs allocation 'module-kl-fisher', "
