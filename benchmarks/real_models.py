@@ -167,8 +167,13 @@ def one(model_dir: str, method: str, ratio: float, samples: int, seq_len: int, e
         modules = [dict(name=m.name, rank=m.rank, kept_columns=m.kept_columns, refused_columns=m.refused_columns,
                         error=m.relative_error)
                    for m in report.modules]
+        # What a probing allocation measured: probes, rounds of lazy tail probes, sequences they read.
+        probing = {key: report.allocation[key] for key in ("sensitivity_probes", "sensitivity_rounds",
+                                                             "sensitivity_rows_reused") if key in report.allocation}
+        if "sensitivity_probe_sequences" in report.allocation:
+            probing["probe_sequences_read"] = sum(report.allocation["sensitivity_probe_sequences"].values())
         row.update(seconds=time.perf_counter() - start, achieved_ratio=report.achieved_ratio, whitening=kinds,
-                   modules=modules,
+                   modules=modules, probing=probing,
                    phase_seconds=dict(report.phase_seconds), writers=writers,
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = evaluate_perplexity(model, test, seq_len=eval_seq_len, batch_size=4, max_windows=eval_windows,
