@@ -483,14 +483,14 @@ class _TailProbe:
     """Tail probes, one sequence at a time: KL(dense ‖ model with one module at its probe candidate) −
     KL(dense ‖ baseline), averaged over the probe tokens read so far.
 
-    A tail probe decides how far one row's deepest truncation leaves the quadratic regime; a 10 %
-    error in it moves that row's lift by about as much, far less than the lifts themselves (up to
-    29× on SmolLM2-135M). At the probe's depth per-sequence KLs vary by 10–20 % on SmolLM2, so a few
-    sequences of the probe batches settle it (`MethodSpec.tail_tolerance`); a noisy small one reads
-    them all. Sequences run one at a time, in order, each with its baseline KL (paired), and the
-    prefix before the probed block is replayed per sequence (:mod:`.replay`). Under a process group
-    each step reads one sequence per process and the sums are all-reduced, so every process stops at
-    the same step.
+    Sequences run one at a time, in order, each paired with its baseline KL, and the prefix before the
+    probed block is replayed per sequence (:mod:`.replay`). With a positive
+    `MethodSpec.tail_tolerance` a probe stops once its standard error is within that share of the
+    cost it decides (a 10 % error moves the row's lift by about as much, against lifts of up to 29× on
+    SmolLM2-135M). The default reads every sequence: on SmolLM2 the paired per-sequence differences
+    are too noisy for an early stop to save much (BENCHMARKS.md, "Cheaper tail probes"). Under a
+    process group each step reads one sequence per process and the sums are all-reduced, so every
+    process stops at the same step.
     """
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any],
