@@ -18,7 +18,8 @@ from adasvd_lightning.core.linalg import thin_svd
 from adasvd_lightning.core.methods import MethodSpec
 from adasvd_lightning.core.allocation import knapsack
 from adasvd_lightning.core.budget import MatrixShape, budget_for_ratio, rank_cost
-from adasvd_lightning.core.planning import TAIL_MIN_SEQUENCES, _candidate_rank, _sensitivity_metric, probed_candidates, probed_row, tail_row
+from adasvd_lightning.core.planning import (TAIL_MIN_SEQUENCES, _candidate_rank, _sensitivity_metric, probed_candidates,
+                                            probed_row, tail_row)
 from adasvd_lightning.core.surgery import find_decoder_blocks, find_targets, linear_shape, linear_weight, replace_module
 from adasvd_lightning.core.whitening import compute_whitening
 from conftest import tiny_model
@@ -221,11 +222,13 @@ def test_tail_fisher_probes_only_what_the_knapsack_cuts_below_the_baseline_and_a
     assert len(probed) < probeable  # some modules were never cut below their baseline
     assert lifted > 0  # the tiny models leave the quadratic regime somewhere too
 
-    shapes = [MatrixShape(name, *linear_shape(m)) for _, _, t in find_targets(tiny_model(family)) for name, m in t.items()]
+    shapes = [MatrixShape(name, *linear_shape(m))
+              for _, _, t in find_targets(tiny_model(family)) for name, m in t.items()]
     budget = budget_for_ratio(shapes, 0.4)
 
     def options(rows):
-        return [[(rank_cost(s, _candidate_rank(s, rho)), v) for rho, v in zip(_CANDIDATES, rows[s.name])] for s in shapes]
+        return [[(rank_cost(s, _candidate_rank(s, rho)), v) for rho, v in zip(_CANDIDATES, rows[s.name])]
+                for s in shapes]
 
     def cost(picks):  # under the fully probed table
         return sum(full[s.name][k] for s, k in zip(shapes, picks))

@@ -11,8 +11,8 @@ Because preserved columns are exact, the error of the split is that of the rest 
 tail of that whitened spectrum (`truncation_floor`). So each candidate Δr is scored with its spectrum's
 tail, without building its factors, and Δr is chosen by a golden-section search over the integers (the
 error is unimodal in Δr in practice; every score is exact, so a poor bracket can only cost optimality,
-never correctness); only the chosen split is factorized. The split is kept only if it lowers the error by more than
-``min_gain`` (1%): otherwise the plain factorization is simpler and as good.
+never correctness); only the chosen split is factorized. The split is kept only if it lowers the error
+by more than ``min_gain`` (1%): otherwise the plain factorization is simpler and as good.
 """
 
 from __future__ import annotations
