@@ -324,6 +324,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip the interpreter's teardown: see tests/test_distributed.py::_worker
 
 
 def test_fisher_statistics_are_summed_over_ranks(tmp_path):
