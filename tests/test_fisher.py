@@ -297,6 +297,10 @@ def test_fisher_allocation_needs_truncation_aware_whitening():
         MethodSpec("x", allocation="module-kl-fisher", fisher_scale="exact")
     with pytest.raises(InvalidInputError, match="needs allocation 'module-kl-fisher', got 'module-kl'"):
         MethodSpec("x", allocation="module-kl", fisher_scale="probed")
+    with pytest.raises(InvalidInputError, match="tail_tolerance must be"):
+        MethodSpec("x", allocation="module-kl-fisher", fisher_scale="tail", tail_tolerance=-0.1)
+    with pytest.raises(InvalidInputError, match="tail_tolerance=0.1 needs fisher_scale 'tail', got 'probed'"):
+        MethodSpec("x", allocation="module-kl-fisher", fisher_scale="probed", tail_tolerance=0.1)
 
 
 def _free_port() -> int:

@@ -165,6 +165,10 @@ class MethodSpec:
         _choice("fisher_scale", self.fisher_scale, FISHER_SCALES)
         if not 0.0 <= self.tail_tolerance < math.inf:
             raise InvalidInputError(f"tail_tolerance must be a finite number >= 0, got {self.tail_tolerance}")
+        if self.tail_tolerance > 0.0 and self.fisher_scale != "tail":
+            # Said rather than ignored: only tail probes stop early.
+            raise InvalidInputError(f"tail_tolerance={self.tail_tolerance} needs fisher_scale 'tail', "
+                                    f"got {self.fisher_scale!r}")
         if self.fisher_scale != "none" and self.allocation != "module-kl-fisher":
             # Said rather than ignored: only the estimated table has a scale to set.
             raise InvalidInputError(f"fisher_scale={self.fisher_scale!r} needs allocation 'module-kl-fisher', "

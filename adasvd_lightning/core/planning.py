@@ -182,6 +182,45 @@ def _lowrank_module(module: nn.Module, factors: LowRankFactors) -> nn.Module:
                                       dtype=linear_weight(module).dtype)
 
 
+def _usable(shape: MatrixShape, rank: int | None) -> int | None:
+    """``rank`` where a factorization at it saves parameters, else None (the module stays dense)."""
+    return rank if rank is not None and saves_parameters(shape.out_features, shape.in_features, rank) else None
+
+
+def _fisher_costs(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int], module: nn.Module,
+                  stats: BlockStatistics | None, name: str, ranks: list[int | None], top: int
+                  ) -> tuple[list[float], tuple | None]:
+    """The Fisher estimate of the KL (`truncation_kl`) at each of ``ranks`` (None: dense), and the
+    whitened SVD up to ``top`` it was read from (`_whitened_svd`'s form; None when ``top`` is 0)."""
+    if not top:
+        return [0.0] * len(ranks), None
+    whitening, a = _whitened(ctx, module, stats, name)
+    u, s, vh = thin_svd(a, top, driver=ctx.config.svd_driver)
+    costs = truncation_kl(fisher[0][name], fisher[1], a, u, s, ranks)
+    return costs, (s, (whitening, u, vh))
+
+
+def _log_probs(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's log-probabilities over the vocabulary for ``batch`` (float32)."""
+    out = model_forward(model, batch)
+    return torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1)
+
+
+def _kl_sum(reference: torch.Tensor, logp: torch.Tensor) -> float:
+    """Σ over tokens of KL(reference ‖ logp), both log-probabilities; one sequence's vocabulary-sized
+    temporaries at a time, not the batch's (three of them)."""
+    return sum(float((ref.exp() * (ref - row)).sum(-1).double().sum()) for row, ref in zip(logp, reference))
+
+
+def _stored_row(table: ProbeTable | None, name: str, candidates: int) -> list[float | None] | None:
+    """``name``'s row in the probe table, or None; a row for another candidate count is refused."""
+    stored = table.row(name) if table is not None else None
+    if stored is not None and len(stored) != candidates:
+        raise InvalidInputError(f"probe table {table.path}: {name} has {len(stored)} values for "
+                                f"{candidates} candidates; delete the file to measure again")
+    return stored
+
+
 def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str,
                         replay: PrefixReplay | None = None) -> float:
     """Mean KL(dense ‖ current) over tokens (``module-kl``) or calibration perplexity (``sensitivity-ppl``).
@@ -192,14 +231,10 @@ def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: lis
     for i, batch in enumerate(batches):
         if replay is not None:
             replay.batch = i
-        out = model_forward(model, batch)
-        logp = torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1)
-        del out  # the logits: at a 49k vocabulary, 0.4 GB per 8 × 256 batch
+        logp = _log_probs(model, batch)  # the logits are freed: at a 49k vocabulary, 0.4 GB per 8 × 256 batch
         if kind == "module-kl":
             ref = reference[i]
-            # One sequence's vocabulary-sized temporaries at a time, not the batch's (three of them).
-            for row, row_ref in zip(logp, ref):
-                total += float((row_ref.exp() * (row_ref - row)).sum(-1).double().sum())
+            total += _kl_sum(ref, logp)
             count += ref.shape[0] * ref.shape[1]
         else:
             ids = normalise_batch(batch)
@@ -248,9 +283,6 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio),
                                budget_for_ratio(ctx.shapes, ctx.config.ratio))
 
-    def usable(shape: MatrixShape, rank: int | None) -> bool:
-        return rank is not None and saves_parameters(shape.out_features, shape.in_features, rank)
-
     table = _open_probe_table(ctx)  # before anything is replaced: the fingerprint reads the dense model
     if fisher is None and table is not None and all(table.row(s.name) is not None for s in ctx.shapes):
         return _allocate_from_table(ctx, table)
@@ -259,7 +291,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     def build_baseline(index, targets, hidden, outputs, stats):
         for name, module in targets.items():
             rank = uniform[name]
-            if usable(shape_of[name], rank):
+            if _usable(shape_of[name], rank):
                 cached = _whitened_svd(ctx, module, stats, name, rank)
                 base_modules[name] = _lowrank_module(module, _factors_at(cached, rank))
             else:
@@ -270,8 +302,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     if kind == "module-kl":
         reference = []
         for batch in batches:
-            out = model_forward(model, batch)
-            reference.append(torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1))
+            reference.append(_log_probs(model, batch))
 
     options: list[list[tuple[int, float]]] = []
     option_ranks: list[list[int | None]] = []
@@ -299,33 +330,24 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
                 shape = shape_of[name]
                 cached = None
                 ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
-                base = uniform[name] if usable(shape, uniform[name]) else None
-                top = max((r for r in ranks + [base] if usable(shape, r)), default=0)
+                base = _usable(shape, uniform[name])
+                top = max((r for r in ranks + [base] if _usable(shape, r)), default=0)
                 probe_at = range(len(ranks))
                 if fisher is not None:
-                    estimate = [0.0] * (len(ranks) + 1)
-                    if top:
-                        cached = _whitened_svd(ctx, module, stats, name, top)
-                        whitening, u, _ = cached[1]
-                        a = whitening.whiten(linear_weight(module).detach().to(torch.float64))
-                        estimate = truncation_kl(fisher[0][name], fisher[1], a, u, cached[0],
-                                                 [r if usable(shape, r) else None for r in ranks] + [base])
-                        del a
+                    estimate, cached = _fisher_costs(ctx, fisher, module, stats, name,
+                                                     [_usable(shape, r) for r in ranks] + [base], top)
                     estimate = [e - estimate[-1] for e in estimate[:-1]]
                     estimates[name] = estimate
                     probe_at = probed_candidates(estimate, ctx.spec.fisher_scale)
                 row, row_ranks = [], []
-                stored = table.row(name) if table is not None else None
-                if stored is not None and len(stored) != len(ranks):
-                    raise InvalidInputError(f"probe table {table.path}: {name} has {len(stored)} values for "
-                                            f"{len(ranks)} candidates; delete the file to measure again")
+                stored = _stored_row(table, name, len(ranks))
                 reused += stored is not None
                 for i, rank in enumerate(ranks):
                     value = None
                     if stored is not None:
                         value = stored[i] if i in probe_at else None
                     elif i in probe_at:
-                        if usable(shape, rank):
+                        if _usable(shape, rank):
                             cached = cached or _whitened_svd(ctx, module, stats, name, top)
                             candidate = _lowrank_module(module, _factors_at(cached, rank))
                         else:
@@ -382,10 +404,6 @@ def _allocate_tail(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int]
     budget = budget_for_ratio(ctx.shapes, ctx.config.ratio)
     uniform = ranks_for_budget(ctx.shapes, uniform_retentions(ctx.shapes, ctx.config.ratio), budget)
     table = _open_probe_table(ctx)  # before anything is replaced: the fingerprint reads the dense model
-
-    def usable(shape: MatrixShape, rank: int | None) -> int | None:
-        return rank if rank is not None and saves_parameters(shape.out_features, shape.in_features, rank) else None
-
     ranks_of: dict[str, list[int | None]] = {}
     estimates: dict[str, list[float]] = {}
     base_modules: dict[str, nn.Module] = {}
@@ -395,17 +413,10 @@ def _allocate_tail(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int]
         for name, module in targets.items():
             shape = shape_of[name]
             ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
-            base = usable(shape, uniform[name])
-            top = max((r for r in ranks + [base] if usable(shape, r)), default=0)
-            estimate = [0.0] * (len(ranks) + 1)
-            cached = None
-            if top:
-                cached = _whitened_svd(ctx, module, stats, name, top)
-                whitening, u, _ = cached[1]
-                a = whitening.whiten(linear_weight(module).detach().to(torch.float64))
-                estimate = truncation_kl(fisher[0][name], fisher[1], a, u, cached[0],
-                                         [usable(shape, r) for r in ranks] + [base])
-                del a
+            base = _usable(shape, uniform[name])
+            top = max((r for r in ranks + [base] if _usable(shape, r)), default=0)
+            estimate, cached = _fisher_costs(ctx, fisher, module, stats, name,
+                                             [_usable(shape, r) for r in ranks] + [base], top)
             estimate = [e - estimate[-1] for e in estimate[:-1]]
             ranks_of[name], estimates[name] = ranks, estimate
             base_modules[name] = module if base is None else _lowrank_module(module, _factors_at(cached, base))
@@ -439,10 +450,7 @@ def _allocate_tail(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int]
             rounds += 1
             missing = []
             for name in wanted:
-                stored = table.row(name) if table is not None else None
-                if stored is not None and len(stored) != len(ranks_of[name]):
-                    raise InvalidInputError(f"probe table {table.path}: {name} has {len(stored)} values for "
-                                            f"{len(ranks_of[name])} candidates; delete the file to measure again")
+                stored = _stored_row(table, name, len(ranks_of[name]))
                 if stored is not None and stored[candidates[name][0]] is not None:
                     measured[name] = stored[candidates[name][0]]
                     reused += 1
@@ -500,9 +508,7 @@ class _TailProbe:
         self.device = _device_of(model)
         self.reference = []
         for unit in self.units:  # the dense model's log-probabilities (nothing is replaced yet)
-            out = model_forward(model, unit)
-            self.reference.append(torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1))
-            del out
+            self.reference.append(_log_probs(model, unit))
         for name, module in base_modules.items():
             replace_module(model, name, module)
         self.replay = PrefixReplay(model, blocks, self.units)
@@ -521,11 +527,8 @@ class _TailProbe:
         """(Σ over unit ``i``'s tokens of KL(dense ‖ current model), its token count)."""
         if replay:
             self.replay.batch = i
-        out = model_forward(self.model, self.units[i])
-        logp = torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1)
-        del out
         ref = self.reference[i]
-        return float((ref.exp() * (ref - logp)).sum(-1).double().sum()), float(ref.shape[0] * ref.shape[1])
+        return _kl_sum(ref, _log_probs(self.model, self.units[i])), float(ref.shape[0] * ref.shape[1])
 
     def measure(self, block: int, name: str, candidate: nn.Module, estimate: float) -> tuple[float, int]:
         """(the probe's mean KL increase, the sequences it read on all processes) for module ``name``
@@ -563,10 +566,7 @@ def _allocate_from_table(ctx: PlanContext, table: ProbeTable) -> tuple[dict[str,
     options, option_ranks = [], []
     for shape in ctx.shapes:
         ranks = [_candidate_rank(shape, rho) for rho in ctx.spec.sensitivity_candidates]
-        stored = table.row(shape.name)
-        if len(stored) != len(ranks):
-            raise InvalidInputError(f"probe table {table.path}: {shape.name} has {len(stored)} values for "
-                                    f"{len(ranks)} candidates; delete the file to measure again")
+        stored = _stored_row(table, shape.name, len(ranks))
         options.append([(rank_cost(shape, rank), value) for rank, value in zip(ranks, stored)])
         option_ranks.append(ranks)
         if ctx.progress:
@@ -730,22 +730,14 @@ def _allocate_fisher(ctx: PlanContext) -> tuple[dict[str, float], dict]:
     rows: dict[str, tuple[list[tuple[int, float]], list[int | None]]] = {}
     baseline_total = 0.0
 
-    def usable(shape: MatrixShape, rank: int | None) -> int | None:
-        return rank if rank is not None and saves_parameters(shape.out_features, shape.in_features, rank) else None
-
     def visit(index, targets, hidden, outputs, stats):
         nonlocal baseline_total
         for name, module in targets.items():
             shape = shape_of[name]
-            ranks = [usable(shape, _candidate_rank(shape, rho)) for rho in ctx.spec.sensitivity_candidates]
-            base = usable(shape, uniform[name])
+            ranks = [_usable(shape, _candidate_rank(shape, rho)) for rho in ctx.spec.sensitivity_candidates]
+            base = _usable(shape, uniform[name])
             top = max((r for r in ranks + [base] if r is not None), default=0)
-            costs = [0.0] * (len(ranks) + 1)
-            if top:
-                a = _whitened(ctx, module, stats, name)[1]
-                u, s, _ = thin_svd(a, top, driver=ctx.config.svd_driver)
-                costs = truncation_kl(fisher[name], tokens, a, u, s, ranks + [base])
-                del a, u, s
+            costs, _ = _fisher_costs(ctx, (fisher, tokens), module, stats, name, ranks + [base], top)
             baseline_total += costs[-1]
             rows[name] = ([(rank_cost(shape, r), c - costs[-1]) for r, c in zip(ranks, costs)], ranks)
 
