@@ -398,13 +398,16 @@ def main() -> None:
                              "7B-width matrices takes minutes per shape on one core and is never the faster)")
     parser.add_argument("--quick", action="store_true", help="tiny grid to check the script")
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true",
+                        help="leave BENCHMARKS.md alone, and the results file too unless --out names one")
     parser.add_argument("--render", action="store_true",
                         help="rewrite the BENCHMARKS.md section from benchmarks/results/compression_speed.json (no runs)")
-    parser.add_argument("--out", default="compression_speed.json",
-                        help="raw rows file under benchmarks/results/ (use another name for a partial re-run)")
+    parser.add_argument("--out", help="raw rows file under benchmarks/results/ (default compression_speed.json, "
+                                      "the section's; use another name for a partial re-run)")
     args = parser.parse_args()
-    out = RESULTS / args.out
+    # A check run (--no-write) must not replace the rows BENCHMARKS.md's section was rendered from.
+    keep_rows = args.out is not None or not args.no_write
+    out = RESULTS / (args.out or "compression_speed.json")
     if args.render:
         saved = json.loads(out.read_text())
         render = _render_model if parser.parse_args(saved["argv"]).model else _render
@@ -441,7 +444,7 @@ def main() -> None:
             print(f"ROW {json.dumps(row)}", file=sys.stderr, flush=True)
     wall = time.perf_counter() - started
 
-    if args.quick:
+    if args.quick or not keep_rows:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "machine": machine(), "argv": sys.argv[1:], "wall_s": wall}, indent=2))

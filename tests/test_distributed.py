@@ -48,7 +48,9 @@ def _worker(rank: int, world: int, port: int, method: str, options: dict, out_di
                     "ranks": [m.rank for m in report.modules],
                     "errors": [m.relative_error for m in report.modules],
                     "probes": [report.allocation.get("sensitivity_probes", 0),
-                               report.allocation.get("sensitivity_rows_reused", 0)]}, f"{out_dir}/rank{rank}.pt")
+                               report.allocation.get("sensitivity_rows_reused", 0)],
+                    "sequences": dict(report.allocation.get("sensitivity_probe_sequences", {}))},
+                   f"{out_dir}/rank{rank}.pt")
         # Both ranks leave together: tearing gloo down while the peer is still in a collective
         # aborts the process ("terminate called without an active exception").
         dist.barrier()
@@ -134,16 +136,20 @@ def test_two_processes_resume_a_module_kl_allocation_from_one_probe_table(tmp_pa
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
 
 
-@pytest.mark.parametrize("tolerance", [0.0, 1e9])
-def test_two_processes_take_the_same_lazy_tail_probes(tmp_path, tolerance):
+@pytest.mark.parametrize("stop", [{"tail_tolerance": 0.0}, {"tail_tolerance": 1e9}, {"tail_sequences": 3}])
+def test_two_processes_take_the_same_lazy_tail_probes(tmp_path, stop):
     """``duo-svd``'s tail probes under a process group: every step reads one sequence per process and
     all-reduces, so both processes stop at the same step (else one would hang in a collective), probe
-    the same modules and build the same model."""
-    options = {"tail_tolerance": tolerance, "sensitivity_candidates": [0.2, 0.6, 1.0]}
+    the same modules and build the same model — reading all sequences, stopping at a tolerance, or at
+    a cap that is not a multiple of the processes."""
+    options = {**stop, "sensitivity_candidates": [0.2, 0.6, 1.0]}
     mp.start_processes(_worker, args=(2, _free_port(), "duo-svd", options, str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["probes"] == r1["probes"] and r0["probes"][0] > 0
+    assert r0["sequences"] == r1["sequences"]
+    if "tail_sequences" in stop:  # 3 sequences = 2 steps of one sequence per process
+        assert set(r0["sequences"].values()) == {4}
     assert r0["ranks"] == r1["ranks"]
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
 

@@ -263,6 +263,29 @@ def test_a_tail_probe_stops_at_its_tolerance_and_reads_the_first_sequences(token
         assert a[name] != pytest.approx(c[name], rel=1e-6)
 
 
+def test_tail_sequences_caps_what_a_tail_probe_reads_at_the_first_sequences(token_batches):
+    """``tail_sequences``: a probe reads at most that many probe sequences, the first ones, so at 4 it
+    measures what a probe reading only the first batch (four sequences) measures, while the Fisher
+    estimate still reads both batches; at 3 it stops inside a batch."""
+    capped = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_sequences=4)
+    alone = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", sensitivity_batches=1)
+    three = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_sequences=3)
+    assert set(capped.allocation["sensitivity_probe_sequences"].values()) == {4}
+    assert set(three.allocation["sensitivity_probe_sequences"].values()) == {3}
+    a, b = capped.allocation["sensitivity_probe_values"], alone.allocation["sensitivity_probe_values"]
+    common = a.keys() & b.keys()
+    assert common
+    for name in common:
+        assert a[name] == pytest.approx(b[name], rel=1e-9, abs=1e-12)
+    c = three.allocation["sensitivity_probe_values"]
+    assert common & c.keys()
+    for name in common & c.keys():  # the fourth sequence moves every probe
+        assert a[name] != pytest.approx(c[name], rel=1e-6)
+    # The estimate reads both batches whatever the cap: capped and uncapped runs share it.
+    every = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail")
+    assert capped.allocation["fisher_estimate"] == every.allocation["fisher_estimate"]
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_probed_fisher_measures_two_candidates_per_module_and_ranks_closer_to_the_probes(token_batches, family):
     """``fisher_scale="probed"``: the probed entries are the exact probes' own values (same baseline, same
@@ -301,6 +324,10 @@ def test_fisher_allocation_needs_truncation_aware_whitening():
         MethodSpec("x", allocation="module-kl-fisher", fisher_scale="tail", tail_tolerance=-0.1)
     with pytest.raises(InvalidInputError, match="tail_tolerance=0.1 needs fisher_scale 'tail', got 'probed'"):
         MethodSpec("x", allocation="module-kl-fisher", fisher_scale="probed", tail_tolerance=0.1)
+    with pytest.raises(InvalidInputError, match="tail_sequences must be"):
+        MethodSpec("x", allocation="module-kl-fisher", fisher_scale="tail", tail_sequences=-1)
+    with pytest.raises(InvalidInputError, match="tail_sequences=4 needs fisher_scale 'tail', got 'none'"):
+        MethodSpec("x", allocation="module-kl-fisher", tail_sequences=4)
 
 
 def _free_port() -> int:

@@ -105,6 +105,12 @@ class MethodSpec:
             0 (the default) reads them all: on SmolLM2-135M a probe's standard error at all 16
             sequences is still 25 % of that (median), and 0.1 read 4 % fewer sequences for a 0.6 %
             worse perplexity (BENCHMARKS.md, "Cheaper tail probes").
+        tail_sequences: the most probe sequences a ``tail`` probe reads (the first ones; under a process
+            group rounded up to a whole step of one sequence per process); 0 reads them all. A tail lift
+            matters where a deep truncation costs several times its estimate, and there every sequence
+            shows it: on SmolLM2-135M the five modules lifted most measure 5–15× their estimate on
+            *each* of the 16 probe sequences, so the first four move `duo-svd`'s perplexity by 0.8 % at
+            a quarter of the probes' time (BENCHMARKS.md, "Tail probes on fewer sequences").
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -131,6 +137,7 @@ class MethodSpec:
     fisher_samples: int = 1
     fisher_scale: str = "none"
     tail_tolerance: float = 0.0
+    tail_sequences: int = 0
     heldout_fraction: float = 0.25
     propagation: str = "compressed"
 
@@ -168,6 +175,11 @@ class MethodSpec:
         if self.tail_tolerance > 0.0 and self.fisher_scale != "tail":
             # Said rather than ignored: only tail probes stop early.
             raise InvalidInputError(f"tail_tolerance={self.tail_tolerance} needs fisher_scale 'tail', "
+                                    f"got {self.fisher_scale!r}")
+        if self.tail_sequences < 0:
+            raise InvalidInputError(f"tail_sequences must be >= 0 (0: all), got {self.tail_sequences}")
+        if self.tail_sequences > 0 and self.fisher_scale != "tail":
+            raise InvalidInputError(f"tail_sequences={self.tail_sequences} needs fisher_scale 'tail', "
                                     f"got {self.fisher_scale!r}")
         if self.fisher_scale != "none" and self.allocation != "module-kl-fisher":
             # Said rather than ignored: only the estimated table has a scale to set.

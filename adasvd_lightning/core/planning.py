@@ -459,7 +459,8 @@ def _allocate_tail(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int]
             if not missing:
                 continue
             if probe is None:
-                probe = _TailProbe(model, ctx.blocks, batches, base_modules, ctx.spec.tail_tolerance)
+                probe = _TailProbe(model, ctx.blocks, batches, base_modules, ctx.spec.tail_tolerance,
+                                       ctx.spec.tail_sequences)
             probe.rewind()
             planned = probes + len(missing)
             for name in sorted(missing, key=block_of.__getitem__):
@@ -502,7 +503,7 @@ class _TailProbe:
     """
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList, batches: Sequence[Any],
-                 base_modules: dict[str, nn.Module], tolerance: float) -> None:
+                 base_modules: dict[str, nn.Module], tolerance: float, limit: int = 0) -> None:
         self.model, self.base_modules, self.tolerance = model, base_modules, tolerance
         self.units = [seq for batch in batches for seq in sequences(batch)]
         self.device = _device_of(model)
@@ -516,8 +517,11 @@ class _TailProbe:
         total, tokens = all_reduce_sum([sum(k for k, _ in self.base_kl), float(sum(t for _, t in self.base_kl))],
                                        device=self.device)
         self.baseline = total / max(tokens, 1.0)
-        counts = per_rank_counts(len(self.units), self.device) if world()[1] > 1 else [len(self.units)]
+        processes = world()[1]
+        counts = per_rank_counts(len(self.units), self.device) if processes > 1 else [len(self.units)]
         self.steps = max(int(c) for c in counts)
+        if limit > 0:  # `MethodSpec.tail_sequences`: whole steps of one sequence per process
+            self.steps = min(self.steps, -(-limit // processes))
 
     def rewind(self) -> None:
         """Replay from the first block again (a new round of probes starts at any block)."""
@@ -583,7 +587,7 @@ def _allocate_from_table(ctx: PlanContext, table: ProbeTable) -> tuple[dict[str,
 #: be added here, or a table measured without it would be reused.
 _PROBED_CONFIG = ("ratio", "include", "exclude", "damping", "compute_dtype", "svd_driver", "statistics_dtype")
 _PROBED_SPEC = ("whitening", "asvd_alpha", "allocation", "sensitivity_candidates", "sensitivity_batches",
-                "fisher_samples", "fisher_scale", "tail_tolerance")
+                "fisher_samples", "fisher_scale", "tail_tolerance", "tail_sequences")
 
 
 def _open_probe_table(ctx: PlanContext) -> ProbeTable | None:
