@@ -507,6 +507,13 @@ class _TailProbe:
         self.model, self.base_modules, self.tolerance = model, base_modules, tolerance
         self.units = [seq for batch in batches for seq in sequences(batch)]
         self.device = _device_of(model)
+        processes = world()[1]
+        counts = per_rank_counts(len(self.units), self.device) if processes > 1 else [len(self.units)]
+        self.steps = max(int(c) for c in counts)
+        if limit > 0:  # `MethodSpec.tail_sequences`: whole steps of one sequence per process
+            self.steps = min(self.steps, -(-limit // processes))
+            # Sequences no probe reads need no reference, no baseline KL and no replayed prefix.
+            self.units = self.units[: self.steps]
         self.reference = []
         for unit in self.units:  # the dense model's log-probabilities (nothing is replaced yet)
             self.reference.append(_log_probs(model, unit))
@@ -517,11 +524,6 @@ class _TailProbe:
         total, tokens = all_reduce_sum([sum(k for k, _ in self.base_kl), float(sum(t for _, t in self.base_kl))],
                                        device=self.device)
         self.baseline = total / max(tokens, 1.0)
-        processes = world()[1]
-        counts = per_rank_counts(len(self.units), self.device) if processes > 1 else [len(self.units)]
-        self.steps = max(int(c) for c in counts)
-        if limit > 0:  # `MethodSpec.tail_sequences`: whole steps of one sequence per process
-            self.steps = min(self.steps, -(-limit // processes))
 
     def rewind(self) -> None:
         """Replay from the first block again (a new round of probes starts at any block)."""
