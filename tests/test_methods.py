@@ -93,10 +93,16 @@ def test_method_options_override_and_validate():
     # The module-KL presets' tail scale goes with their estimated table: asking for the exhaustive
     # probes drops it, asking for both is refused.
     assert (get_method("duo-svd").allocation, get_method("duo-svd").fisher_scale) == ("module-kl-fisher", "tail")
+    assert get_method("duo-svd").tail_sequences == get_method("adasvd-duo").tail_sequences == 4
     spec = CompressionConfig(method="duo-svd", method_options={"allocation": "module-kl"}).spec
-    assert (spec.allocation, spec.fisher_scale, spec.probes) == ("module-kl", "none", True)
+    assert (spec.allocation, spec.fisher_scale, spec.tail_sequences, spec.probes) == ("module-kl", "none", 0, True)
     with pytest.raises(InvalidInputError, match="needs allocation 'module-kl-fisher'"):
         CompressionConfig(method="duo-svd", method_options={"allocation": "module-kl", "fisher_scale": "tail"})
+    # So does the tail probes' sequence cap, when another scale is asked for; a cap given with it is refused.
+    spec = CompressionConfig(method="adasvd-duo", method_options={"fisher_scale": "none"}).spec
+    assert (spec.fisher_scale, spec.tail_sequences) == ("none", 0)
+    with pytest.raises(InvalidInputError, match="tail_sequences=4 needs fisher_scale 'tail'"):
+        CompressionConfig(method="adasvd-duo", method_options={"fisher_scale": "probed", "tail_sequences": 4})
 
 
 def test_propagation_is_the_methods_unless_the_config_sets_it():

@@ -242,6 +242,8 @@ class MethodSpec:
             # The preset's scale belongs to its estimated table: another allocation has none to scale
             # (a fisher_scale given with it is still refused in __post_init__).
             overrides["fisher_scale"] = "none"
+        if overrides.get("fisher_scale", self.fisher_scale) != "tail" and "tail_sequences" not in overrides:
+            overrides["tail_sequences"] = 0  # the preset's cap belongs to its tail probes, as above
         return dataclasses.replace(self, name=f"{self.name}+custom", **overrides)
 
     def make_whitening(
@@ -288,14 +290,14 @@ PRESETS: dict[str, MethodSpec] = {
                    source="SVD-LLM V2 (Wang et al., 2025): loss-based ratios within same-type groups"),
         MethodSpec("adasvd", allocation="adacr", refinement="adacomp",
                    source="AdaSVD (Li et al., 2025): adaComp alternating refinement + adaCR layer ratios"),
-        MethodSpec("duo-svd", allocation="module-kl-fisher", fisher_scale="tail", form="column-preserving",
-                   source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
+        MethodSpec("duo-svd", allocation="module-kl-fisher", fisher_scale="tail", tail_sequences=4,
+                   form="column-preserving", source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
         # Our combination. Measured on the reference model (BENCHMARKS.md): module-level KL allocation
         # beats adaCR's block heuristic by a wide margin, and adaComp's V-steps (which solve against the
         # n×n input Gram matrix) generalise slightly worse than its U-step alone (r×r solves), so the
         # combination keeps Duo-SVD's allocation and columns and adds the U-step compensation.
-        MethodSpec("adasvd-duo", allocation="module-kl-fisher", fisher_scale="tail", form="column-preserving",
-                   refinement="closed-form",
+        MethodSpec("adasvd-duo", allocation="module-kl-fisher", fisher_scale="tail", tail_sequences=4,
+                   form="column-preserving", refinement="closed-form",
                    source="this project: Duo-SVD columns + module-KL budget + error-compensating U update"),
     )
 }
