@@ -34,13 +34,14 @@ Presets (see the README's method table for sources and knobs):
 
 The module-KL presets estimate each module's KL cost table (``module-kl-fisher``: an output-Fisher
 estimate read off one whitened SVD per target) and probe a module once, at its deepest candidate
-(``fisher_scale=tail``), to lift the rows that leave the estimate's quadratic regime — only the modules
-the knapsack would cut below their baseline, where a lift can change the allocation (121 of 210 on
-SmolLM2-135M at 40 %, the same allocation as probing all of them). Why not the
-exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100 suffix forwards and
-about 5 hours for SmolLM2-135M on one CPU core)? On SmolLM2-135M at 40 % their complete table gave the
-worst allocation of the three: ``duo-svd`` 90.30 and ``adasvd-duo`` 105.67, against 77.76 and 72.32
-with the tail (the estimate alone: 103.90 and 70.80). Its attention rows are mostly probe noise at
+(``fisher_scale=tail``, on the first 4 probe sequences: ``tail_sequences``), to lift the rows that leave
+the estimate's quadratic regime — only the modules the knapsack would cut below their baseline, where a
+lift can change the allocation (121 of 210 on SmolLM2-135M at 40 %, the same allocation as probing all of
+them). Why not the exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100
+suffix forwards and about 5 hours for SmolLM2-135M on one CPU core)? On SmolLM2-135M at 40 % their
+complete table gave the worst allocation of the three: ``duo-svd`` 90.30 and ``adasvd-duo`` 105.67,
+against 77.76 and 72.32 with the tail on all 16 probe sequences, 78.35 and 71.63 on the first 4 (the
+estimate alone: 103.90 and 70.80). Its attention rows are mostly probe noise at
 4,096 probe tokens, which a knapsack takes at face value. On the reference model the exhaustive probes
 are better (``adasvd-duo`` 77.35 vs 81.74 at 40 %), but that model is trained on its own calibration
 text. Both remain options (BENCHMARKS.md, "The exhaustive module-KL table on SmolLM2-135M").
@@ -106,11 +107,12 @@ class MethodSpec:
             sequences is still 25 % of that (median), and 0.1 read 4 % fewer sequences for a 0.6 %
             worse perplexity (BENCHMARKS.md, "Cheaper tail probes").
         tail_sequences: the most probe sequences a ``tail`` probe reads (the first ones; under a process
-            group rounded up to a whole step of one sequence per process); 0 reads them all. A tail lift
-            matters where a deep truncation costs several times its estimate, and there every sequence
-            shows it: on SmolLM2-135M the five modules lifted most measure 5–15× their estimate on
-            *each* of the 16 probe sequences, so the first four move `duo-svd`'s perplexity by 0.8 % at
-            a quarter of the probes' time (BENCHMARKS.md, "Tail probes on fewer sequences").
+            group rounded up to a whole step of one sequence per process); 0 reads them all. The module-KL
+            presets read 4. A lift matters where a deep truncation costs several times its estimate,
+            and there every sequence shows it: on SmolLM2-135M the 9 MLP probes that average 9–23× their
+            estimate are at least 3× above it on each of the 16 probe sequences. At 40 % the first four
+            sequences give `duo-svd` 78.35 and `adasvd-duo` 71.63 against 77.76 and 72.32 with all 16,
+            for a quarter of the probes' time (BENCHMARKS.md, "Tail probes on four sequences").
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.

@@ -496,8 +496,9 @@ class _TailProbe:
     probed block is replayed per sequence (:mod:`.replay`). With a positive
     `MethodSpec.tail_tolerance` a probe stops once its standard error is within that share of the
     cost it decides (a 10 % error moves the row's lift by about as much, against lifts of up to 29× on
-    SmolLM2-135M). The default reads every sequence: on SmolLM2 the paired per-sequence differences
-    are too noisy for an early stop to save much (BENCHMARKS.md, "Cheaper tail probes"). Under a
+    SmolLM2-135M); on SmolLM2 the paired per-sequence differences are too noisy for that rule to save
+    much (BENCHMARKS.md, "Cheaper tail probes"). `MethodSpec.tail_sequences` caps the reads instead
+    (the presets: the first 4), and only those sequences get a reference and a replayed prefix. Under a
     process group each step reads one sequence per process and the sums are all-reduced, so every
     process stops at the same step.
     """
