@@ -109,7 +109,7 @@ class MethodSpec:
         tail_sequences: the most probe sequences a ``tail`` probe reads (the first ones; under a process
             group rounded up to a whole step of one sequence per process); 0 reads them all. The module-KL
             presets read 4. A lift matters where a deep truncation costs several times its estimate,
-            and there every sequence shows it: on SmolLM2-135M the 9 MLP probes that average 9–23× their
+            and there every sequence shows it: on SmolLM2-135M the 8 MLP probes that average 9–23× their
             estimate are at least 3× above it on each of the 16 probe sequences. At 40 % the first four
             sequences give `duo-svd` 78.35 and `adasvd-duo` 71.63 against 77.76 and 72.32 with all 16,
             for a quarter of the probes' time (BENCHMARKS.md, "Tail probes on four sequences").
@@ -293,7 +293,8 @@ PRESETS: dict[str, MethodSpec] = {
         MethodSpec("adasvd", allocation="adacr", refinement="adacomp",
                    source="AdaSVD (Li et al., 2025): adaComp alternating refinement + adaCR layer ratios"),
         MethodSpec("duo-svd", allocation="module-kl-fisher", fisher_scale="tail", tail_sequences=4,
-                   form="column-preserving", source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
+                   form="column-preserving",
+                   source="Duo-SVD / CPSVD (arXiv 2510.19385): column preservation + module-level KL budget"),
         # Our combination. Measured on the reference model (BENCHMARKS.md): module-level KL allocation
         # beats adaCR's block heuristic by a wide margin, and adaComp's V-steps (which solve against the
         # n×n input Gram matrix) generalise slightly worse than its U-step alone (r×r solves), so the

@@ -460,7 +460,7 @@ def _allocate_tail(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int]
                 continue
             if probe is None:
                 probe = _TailProbe(model, ctx.blocks, batches, base_modules, ctx.spec.tail_tolerance,
-                                       ctx.spec.tail_sequences)
+                                   ctx.spec.tail_sequences)
             probe.rewind()
             planned = probes + len(missing)
             for name in sorted(missing, key=block_of.__getitem__):
