@@ -238,6 +238,20 @@ def test_tail_fisher_probes_only_what_the_knapsack_cuts_below_the_baseline_and_a
     assert tail.achieved_ratio >= 0.4 - 1e-9
 
 
+def _assert_probes_equal_then_moved(report, same, other) -> None:
+    """``report``'s tail probes equal ``same``'s on the modules both probed, and differ from ``other``'s
+    on the modules all three probed (each set non-empty, so neither check passes vacuously)."""
+    a, b = report.allocation["sensitivity_probe_values"], same.allocation["sensitivity_probe_values"]
+    common = a.keys() & b.keys()
+    assert common
+    for name in common:
+        assert a[name] == pytest.approx(b[name], rel=1e-9, abs=1e-12)
+    c = other.allocation["sensitivity_probe_values"]
+    assert common & c.keys()
+    for name in common & c.keys():
+        assert a[name] != pytest.approx(c[name], rel=1e-6)
+
+
 def test_a_tail_probe_stops_at_its_tolerance_and_reads_the_first_sequences(token_batches):
     """A tail probe reads the probe sequences in order and stops once its standard error is within
     ``tail_tolerance``: with a tolerance any error meets, it reads `TAIL_MIN_SEQUENCES` (the first
@@ -251,16 +265,8 @@ def test_a_tail_probe_stops_at_its_tolerance_and_reads_the_first_sequences(token
     assert set(alone.allocation["sensitivity_probe_sequences"].values()) == {4}
     assert set(every.allocation["sensitivity_probe_sequences"].values()) == {8}
     # The probes do not depend on the Fisher estimate (which reads one batch or two): only which modules
-    # are probed does.
-    a, b = first.allocation["sensitivity_probe_values"], alone.allocation["sensitivity_probe_values"]
-    common = a.keys() & b.keys()
-    assert common
-    for name in common:
-        assert a[name] == pytest.approx(b[name], rel=1e-9, abs=1e-12)
-    c = every.allocation["sensitivity_probe_values"]
-    assert common & c.keys()
-    for name in common & c.keys():  # the second batch moves every probe
-        assert a[name] != pytest.approx(c[name], rel=1e-6)
+    # are probed does. The second batch moves every probe.
+    _assert_probes_equal_then_moved(first, alone, every)
 
 
 def test_tail_sequences_caps_what_a_tail_probe_reads_at_the_first_sequences(token_batches):
@@ -272,15 +278,7 @@ def test_tail_sequences_caps_what_a_tail_probe_reads_at_the_first_sequences(toke
     three = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail", tail_sequences=3)
     assert set(capped.allocation["sensitivity_probe_sequences"].values()) == {4}
     assert set(three.allocation["sensitivity_probe_sequences"].values()) == {3}
-    a, b = capped.allocation["sensitivity_probe_values"], alone.allocation["sensitivity_probe_values"]
-    common = a.keys() & b.keys()
-    assert common
-    for name in common:
-        assert a[name] == pytest.approx(b[name], rel=1e-9, abs=1e-12)
-    c = three.allocation["sensitivity_probe_values"]
-    assert common & c.keys()
-    for name in common & c.keys():  # the fourth sequence moves every probe
-        assert a[name] != pytest.approx(c[name], rel=1e-6)
+    _assert_probes_equal_then_moved(capped, alone, three)  # the fourth sequence moves every probe
     # The estimate reads both batches whatever the cap: capped and uncapped runs share it.
     every = _compress("module-kl-fisher", token_batches, family="llama", fisher_scale="tail")
     assert capped.allocation["fisher_estimate"] == every.allocation["fisher_estimate"]
