@@ -76,8 +76,10 @@ def _dense_weights(model_state: dict) -> dict[str, torch.Tensor]:
 # on o_proj's product). The held-out validation of the refinement's steps (same held-out sequences on
 # every rank and in one process: content-hashed) no longer takes those steps.
 # svd: factors built before the pass, errors measured in it on each rank's shard and all-reduced.
+# asvd: down_proj's statistics are its outputs' Gram (no H), all-reduced like the others.
 @pytest.mark.parametrize("method,options,form", [("svd-llm", {}, "auto"), ("adasvd", {}, "auto"),
-                                                 ("svd-llm", {}, "moments"), ("svd", {}, "auto")])
+                                                 ("svd-llm", {}, "moments"), ("svd", {}, "auto"),
+                                                 ("asvd", {}, "auto")])
 def test_two_processes_match_each_other_and_a_single_process_run(tmp_path, method, options, form, monkeypatch):
     # One case keeps both ranks' calibration activations in files of one shared folder.
     activations = tmp_path / "activations" if form == "moments" else None

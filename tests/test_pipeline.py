@@ -342,13 +342,79 @@ def test_projection_meter_is_the_direct_error_and_floors_an_exact_fit_low():
     assert errors["exact"] < 5e-4, errors["exact"]
 
 
-def test_plain_svd_in_bf16_keeps_the_gram_form(token_batches):
+@pytest.mark.parametrize("method", ["svd", "asvd"])
+def test_projections_in_bf16_keep_the_gram_form(method, token_batches, monkeypatch):
     """bf16 factors are rounded, so W′ is no projection to the precision ‖WX‖² − ‖W′X‖² needs: the
-    report keeps measuring them against the exact W from the Gram statistics."""
+    report keeps measuring them against the exact W from the Gram statistics of every input (down_proj's
+    128-wide one too, which float32 asvd does not form)."""
+    widths = _gram_widths(monkeypatch)
     model = tiny_model("llama", seed=3).to(torch.bfloat16)
-    report = compress_model(model, CompressionConfig(method="svd", ratio=0.5), token_batches)
+    report = compress_model(model, CompressionConfig(method=method, ratio=0.5), token_batches)
     assert report.phase_seconds.get("statistics", 0.0) > 0
     assert all(0.05 < m.relative_error < 1.0 for m in report.modules)
+    assert widths == {64, 128}
+
+
+def _gram_widths(monkeypatch) -> set[int]:
+    """The widths of every Gram sum the statistics accumulate from here on (input or output side)."""
+    from adasvd_lightning.core import statistics
+
+    widths: set[int] = set()
+    accumulate = statistics.accumulate_gram
+
+    def recording(h, x, *args, **kwargs):
+        widths.add(h.shape[0])
+        return accumulate(h, x, *args, **kwargs)
+
+    monkeypatch.setattr(statistics, "accumulate_gram", recording)
+    return widths
+
+
+def test_asvd_keeps_down_projs_output_gram_instead_of_its_input_gram(token_batches, monkeypatch):
+    """asvd's down_proj (64 × 128) reads its input alone; its report needs only ‖(I − P)Y‖², so the pass
+    keeps the outputs' 64×64 Gram, not the input's 128×128 one (at SmolLM2's shapes 576² instead of
+    1536² per token). The error reported is still the stored module's on the dense inputs (the float32
+    statistics' rounding aside: `test_projection_methods_report_their_measured_error_on_the_dense_inputs`)."""
+    widths = _gram_widths(monkeypatch)
+    dense = tiny_model("llama", seed=3)
+    model = tiny_model("llama", seed=3)
+    report = compress_model(model, CompressionConfig(method="asvd", ratio=0.5), token_batches)
+    assert widths == {64}
+    x = _target_inputs(dense, [m.name for m in report.modules], token_batches)
+    for m in report.modules:
+        w = dense.get_submodule(m.name).weight.detach().double()
+        approx = model.get_submodule(m.name).dense_weight().detach().double()
+        xd = x[m.name].double()
+        measured = float((xd @ (approx - w).T).norm() / (xd @ w.T).norm())
+        assert m.relative_error == pytest.approx(measured, rel=1e-4), m.name
+
+
+def test_projection_error_from_outputs_is_the_gram_form():
+    """‖(I − P)Y‖ / ‖Y‖ from the outputs' Gram equals tr(E H Eᵀ) / tr(W H Wᵀ) for a scaled SVD's truncation
+    (W′ = U_r U_rᵀ W); a rank that keeps everything reads 0, also with zero columns in ``up``."""
+    from adasvd_lightning.core.output_error import projection_error_from_outputs
+    from adasvd_lightning.core.pipeline import _output_error
+    from adasvd_lightning.core.refinement import GramStatistics
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 40, dtype=torch.float64, generator=g)
+    x = torch.randn(200, 40, dtype=torch.float64, generator=g) * torch.linspace(0.1, 3.0, 40, dtype=torch.float64)
+    h = x.T @ x / 200
+    y = x @ w.T
+    out_gram = y.T @ y / 200
+    scale = x.abs().mean(0).sqrt()
+    u, sigma, vt = torch.linalg.svd(w * scale, full_matrices=False)
+    for rank in (1, 8, 20):
+        up, down = u[:, :rank] * sigma[:rank].sqrt(), sigma[:rank, None].sqrt() * vt[:rank] / scale
+        exact = _output_error(w, up @ down, GramStatistics(h_cc=h, h_oc=h), float((w @ h * w).sum()))
+        assert exact > 0.01 and projection_error_from_outputs(up, out_gram) == pytest.approx(exact, rel=1e-10)
+    low = w[:3].clone()  # rank 3: a rank-5 truncation keeps it whole, its last two σ are 0
+    u, sigma, vt = torch.linalg.svd(torch.cat([low, low[:1] + low[1:2]]), full_matrices=False)
+    up = u[:, :4] * sigma[:4].sqrt()
+    yl = x @ torch.cat([low, low[:1] + low[1:2]]).T
+    assert float(sigma[3]) < 1e-12
+    assert projection_error_from_outputs(up, yl.T @ yl / 200) == pytest.approx(0.0, abs=1e-7)
+    assert projection_error_from_outputs(up, torch.zeros(4, 4, dtype=torch.float64)) is None
 
 
 def test_asvd_is_the_truncated_svd_of_the_activation_scaled_weight_and_never_beats_whitening(token_batches):

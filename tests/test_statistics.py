@@ -332,3 +332,83 @@ def test_heldout_tokens_are_multiplied_once_and_merged_on_read(monkeypatch):
     assert s.tokens == 20 and s.heldout.tokens == 10
     with pytest.raises(RuntimeError, match="merged"):
         s.add_pair(xo[0], xc[0])
+
+
+class _SharedInput(torch.nn.Module):
+    """Two linears reading one tensor, in the given order: a wide one (m < n) and a tall one."""
+
+    def __init__(self, wide_first: bool) -> None:
+        super().__init__()
+        self.wide, self.tall = torch.nn.Linear(12, 5), torch.nn.Linear(12, 20, bias=False)
+        self.wide_first = wide_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wide_first:
+            return self.wide(x).sum() + self.tall(x).sum()
+        return self.tall(x).sum() + self.wide(x).sum()
+
+
+def test_a_wide_target_reading_its_input_alone_keeps_its_outputs_gram(token_batches):
+    """``output_gram`` targets (left projections: only ‖(I − P)Y‖² is needed) keep Σ y yᵀ (m×m) instead
+    of their input's H (n×n) when m < n and no earlier target read the same input. In the tiny Llama
+    only down_proj qualifies (q/k/v/o are square, gate/up tall); everything else is what a run
+    without the option collects, bit for bit."""
+    model = tiny_model("llama")
+    [(_, _, targets), *_] = find_targets(model)
+    down = "model.layers.0.mlp.down_proj"
+    outputs = []
+    model.get_submodule(down).register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    runs = {}
+    for option in ((), list(targets)):
+        with BlockStatistics(targets, output_gram=option) as stats, torch.no_grad():
+            for batch in token_batches:
+                model(batch)
+        stats.finalize()
+        runs[bool(option)] = stats
+    plain, kept = runs[False], runs[True]
+    assert kept.groups() == plain.groups()
+    for name in targets:
+        if name == down:
+            continue
+        a, b = plain.for_module(name), kept.for_module(name)
+        assert b.output_sum is None and torch.equal(a.gram, b.gram) and torch.equal(a.mean_abs, b.mean_abs)
+    a, b = plain.for_module(down), kept.for_module(down)
+    assert b.gram_sum is None and b.tokens == a.tokens == 256
+    with pytest.raises(RuntimeError, match="output Gram, not H"):
+        b.gram
+    torch.testing.assert_close(b.mean_abs, a.mean_abs, rtol=0, atol=0)
+    y = torch.cat([o.reshape(-1, 64) for o in outputs[len(token_batches):]]).double()
+    assert b.output_gram.shape == (64, 64)
+    torch.testing.assert_close(b.output_gram, y.T @ y / y.shape[0], rtol=1e-12, atol=1e-12)
+    assert kept.target_energy(down) == plain.target_energy(down)
+
+
+@pytest.mark.parametrize("wide_first", [True, False])
+def test_an_input_read_by_another_target_still_gets_its_gram(wide_first):
+    """A wide candidate that reads an input first leads no group: the later reader of the same tensor
+    collects H itself. Read second, the candidate joins the first reader's group and keeps no outputs."""
+    net = _SharedInput(wide_first)
+    targets = {"wide": net.wide, "tall": net.tall}
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 7, 12, generator=g) for _ in range(2)]
+    with BlockStatistics(targets, output_gram=["wide"]) as stats, torch.no_grad():
+        for x in xs:
+            net(x)
+    stats.finalize()
+    x = torch.cat(xs).reshape(-1, 12).double()
+    tall, wide = stats.for_module("tall"), stats.for_module("wide")
+    torch.testing.assert_close(tall.gram, x.T @ x / 42, rtol=1e-12, atol=1e-12)
+    if wide_first:
+        assert stats.leader("tall") == "tall" and wide.gram_sum is None
+        y = x @ net.wide.weight.detach().double().T  # the bias is taken off: y = W x
+        torch.testing.assert_close(wide.output_gram, y.T @ y / 42, rtol=1e-6, atol=1e-7)
+    else:
+        assert wide is tall and wide.output_sum is None
+
+
+def test_output_statistics_are_refused_where_they_cannot_hold():
+    stats = InputStatistics.empty(6)
+    with pytest.raises(RuntimeError, match="keep H"):
+        stats.add_output(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="hold nothing out"):
+        InputStatistics.empty(6, output_width=3, heldout=True)

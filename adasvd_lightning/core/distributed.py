@@ -78,15 +78,15 @@ def per_rank_counts(value: int, device: torch.device | str = "cpu") -> list[int]
 
 
 def all_reduce_statistics(stats: dict[str, Any]) -> None:
-    """Sum `InputStatistics` (Gram, cross-Gram, abs sums, token counts) over ranks, in place."""
+    """Sum `InputStatistics` (Gram, cross-Gram, output Gram, abs sums, token counts) over ranks, in place."""
     if not is_distributed():
         return
     for name in sorted(stats):  # same order on every rank
         s = stats[name]
-        tensors = [s.gram_sum, s.abs_sum] + ([s.cross_sum] if s.cross_sum is not None else [])
-        for t in tensors:
-            dist.all_reduce(t)
-        s.tokens = int(all_reduce_sum([float(s.tokens)], device=s.gram_sum.device)[0])
+        for t in (s.gram_sum, s.abs_sum, s.cross_sum, s.output_sum):
+            if t is not None:
+                dist.all_reduce(t)
+        s.tokens = int(all_reduce_sum([float(s.tokens)], device=s.abs_sum.device)[0])
 
 
 def broadcast_object(payload: Any, src: int = 0) -> Any:

@@ -42,7 +42,7 @@ from .linalg import decomposition_threads, use_gram
 from .lowrank import ColumnPreservingLinear, LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
-from .output_error import ProjectionErrorMeter
+from .output_error import ProjectionErrorMeter, projection_error_from_outputs
 from .params import count_parameters
 from .planning import PlanContext, plan_ranks
 from .profiling import PhaseTimer, active_timer, phase
@@ -454,7 +454,8 @@ def _factorize_target(
     they are exact for the stored module (float32/float64 factors): the final refinement objective
     f = ‖W′X_c − W X_o‖², or — Cholesky whitening without refinement or preserved columns — the dropped
     singular values of W·L (`_whitened_truncation_error`), or — plain and activation-scaled SVD — the
-    energy the projection keeps (`_projected_error`, r·n² flops). Otherwise it is computed from the
+    energy the projection keeps (`_projected_error`, r·n² flops; `projection_error_from_outputs`, m²·r,
+    where the pass kept the outputs' Gram instead of H). Otherwise it is computed from the
     Gram matrices (m·n² flops per matrix).
     """
     spec, config = ctx.spec, ctx.config
@@ -599,7 +600,10 @@ def _factorize_target(
         known_error = _whitened_truncation_error(factors, whitening, weight)
     elif split is None and isinstance(whitening, (IdentityWhitening, DiagonalWhitening)) and input_stats is not None:
         with phase("report"):
-            known_error = _projected_error(up, down, input_stats.grams(), target_energy)
+            if input_stats.output_sum is not None:  # the pass kept this target's outputs' Gram, not H
+                known_error = projection_error_from_outputs(up, input_stats.output_gram)
+            else:
+                known_error = _projected_error(up, down, input_stats.grams(), target_energy)
     return _swap_in(report, weight, bias, up, down, split, kind, known_error, input_stats, target_energy)
 
 
@@ -726,7 +730,8 @@ def _compress_block(
     if inputs is not None and targets and _factors_read_no_data(ctx.spec, targets):
         return _factor_then_measure(model, block, targets, inputs, ranks, ctx, runner, report)
     if inputs is not None and targets:
-        stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype)
+        stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype,
+                                output_gram=_left_projections(ctx.spec, targets))
         advanced = ctx.spec.propagation == "original"
         with stats:
             _single_stream_pass(block, inputs, runner, stats, advanced)
@@ -746,6 +751,17 @@ def _single_stream_pass(block: nn.Module, inputs: list[BlockInput], runner: Bloc
             if advance:
                 inp.hidden = runner.keep(out)
             del out
+
+
+def _left_projections(spec: MethodSpec, targets: dict[str, nn.Module]) -> list[str]:
+    """The targets whose factors will be left projections W′ = U_r U_rᵀ·W (plain or activation-scaled
+    SVD, low-rank, unrefined) stored exactly: their report can be read off their outputs' Gram
+    (`projection_error_from_outputs`), which `BlockStatistics` keeps for a wide one reading its input
+    alone instead of that input's larger H. Nothing else reads those statistics but the activation
+    scales. bf16 factors are no projection to the precision needed; they keep H for the Gram form."""
+    if spec.whitening not in ("none", "activation-scale") or spec.form != "low-rank" or spec.refinement != "none":
+        return []
+    return [name for name, module in targets.items() if _stored_exactly(linear_weight(module).dtype)]
 
 
 def _factors_read_no_data(spec: MethodSpec, targets: dict[str, nn.Module]) -> bool:

@@ -31,6 +31,11 @@ Product precision: each token chunk's products are formed in ``product_dtype`` (
 reference; float32 GEMMs run ~2× faster on CPU and 32–64× on consumer GPUs) and always *added* into
 float64 running sums, so only the per-chunk rounding differs (see `CompressionConfig.statistics_dtype`).
 
+Output Gram (``output_gram``): a plain or activation-scaled SVD keeps W′ = P·W, P an orthogonal
+projection onto r output directions, so its error ‖(W′ − W)X‖² = ‖(I − P)Y‖² needs only the outputs'
+Gram Σ y yᵀ. For a wide target that reads an input alone (down_proj: m = 576 against n = 1536 in
+SmolLM2) that is m² flops per token instead of n²; its input then keeps only the activation scales.
+
 Target energy: every target's output is also observed (forward hook) in ``"single"`` and ``"original"``
 mode, and Σ‖W x‖² (bias removed) is accumulated per module in float64. That is the denominator of every
 relative output error and the ‖Y‖² of refinement; reading it off the outputs the forward computes anyway
@@ -40,7 +45,7 @@ costs N·m per module, where the Gram route needs a third n×n Gram product per 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -74,6 +79,11 @@ class InputStatistics:
     # tokens; from then on, all of them (each token's products are formed once, see the module doc).
     heldout: "InputStatistics | None" = None
     heldout_merged: bool = False
+    # Σ y yᵀ (m×m float64) of the one module reading this input, for statistics that keep its outputs'
+    # Gram instead of H (``gram_sum`` None; `BlockStatistics` ``output_gram``): the report of a left
+    # projection W′ = P·W needs only ‖(I − P)Y‖², and m² < n² per token for a wide W.
+    output_sum: torch.Tensor | None = None
+    output_lower_only: bool = False
 
     def finalize(self) -> None:
         """Turn the sums into means in place (once accumulation and any all-reduce are done).
@@ -88,22 +98,30 @@ class InputStatistics:
             self.heldout.finalize()
         if self.normalized or self.tokens == 0:  # no tokens: `gram` raises when it is read
             return
-        for t in (self.gram_sum, self.abs_sum, self.cross_sum):
+        for t in (self.gram_sum, self.abs_sum, self.cross_sum, self.output_sum):
             if t is not None:
                 t.div_(self.tokens)
         self.normalized = True
 
     @classmethod
     def empty(cls, width: int, device: torch.device | str = "cpu",
-              product_dtype: torch.dtype = torch.float64, heldout: bool = False) -> "InputStatistics":
+              product_dtype: torch.dtype = torch.float64, heldout: bool = False,
+              output_width: int | None = None) -> "InputStatistics":
         """Zero sums of width n; ``product_dtype`` (float64 or float32) forms each chunk's products.
 
         ``heldout``: also zero paired sums for the held-out sequences, created up front so that every
         process of a distributed run all-reduces the same tensors (some may hold out nothing).
+        ``output_width`` m: no H, but Σ y yᵀ of the reading module's outputs (`add_output`) next to
+        the activation scales.
         """
         if product_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"product_dtype must be torch.float64 or torch.float32, got {product_dtype}")
         zeros = dict(dtype=torch.float64, device=device)
+        if output_width is not None:
+            if heldout:
+                raise ValueError("statistics of a module's outputs hold nothing out")
+            return cls(gram_sum=None, abs_sum=torch.zeros(width, **zeros), product_dtype=product_dtype,
+                       output_sum=torch.zeros(output_width, output_width, **zeros))
         child = None
         if heldout:
             child = cls(gram_sum=torch.zeros(width, width, **zeros), abs_sum=torch.zeros(width, **zeros),
@@ -144,15 +162,29 @@ class InputStatistics:
         for chunk in token_chunks(x, self.product_dtype):
             self._add_chunk(chunk.detach().to(self.product_dtype))
 
+    def add_output(self, y: torch.Tensor) -> None:
+        """Accumulate the reading module's outputs (tokens × m, bias removed) into Σ y yᵀ; the tokens are
+        counted by `add`, which sees the same rows."""
+        self._check_open()
+        if self.output_sum is None:
+            raise RuntimeError("these statistics keep H, not their module's outputs")
+        for chunk in token_chunks(y, self.product_dtype):
+            accumulate_gram(self.output_sum, chunk.detach().to(self.product_dtype))
+        self.output_lower_only = True
+
     def _mirror(self) -> None:
         if self.lower_only:
             mirror_lower(self.gram_sum)
             self.lower_only = False
+        if self.output_lower_only:
+            mirror_lower(self.output_sum)
+            self.output_lower_only = False
 
     def _add_chunk(self, x: torch.Tensor) -> None:
         # Also after a read: the mirrored upper triangle is overwritten by the next `_mirror`.
-        accumulate_gram(self.gram_sum, x)
-        self.lower_only = True
+        if self.gram_sum is not None:
+            accumulate_gram(self.gram_sum, x)
+            self.lower_only = True
         # The chunk's column sums in x's dtype (a float64 reduction of float32 input measured 2.6× the
         # float32 one), the running sum in float64.
         self.abs_sum.add_(x.abs().sum(dim=0))
@@ -211,11 +243,14 @@ class InputStatistics:
         count and activation scales stay. Reading `gram` or `grams` afterwards is an error."""
         self.release_gram()
         self.cross_sum = None
+        self.output_sum = None
         self.heldout = None
 
     @property
     def gram(self) -> torch.Tensor:
         """Mean Gram matrix H/N (same eigenvectors as Σ x xᵀ, numbers of order one)."""
+        if self.gram_sum is None and self.output_sum is not None:
+            raise RuntimeError("these statistics keep their module's output Gram, not H (BlockStatistics output_gram)")
         if self.gram_sum is None:
             raise RuntimeError("H was released after whitening (release_gram); nothing may read it later")
         self.merge_heldout()
@@ -223,6 +258,16 @@ class InputStatistics:
             raise RuntimeError("no calibration tokens reached this layer")
         self._mirror()
         return self.gram_sum if self.normalized else self.gram_sum / self.tokens
+
+    @property
+    def output_gram(self) -> torch.Tensor:
+        """Mean Σ y yᵀ / N of the reading module's outputs (see ``empty``'s ``output_width``)."""
+        if self.output_sum is None:
+            raise RuntimeError("these statistics keep H, not their module's outputs")
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        self._mirror()
+        return self.output_sum if self.normalized else self.output_sum / self.tokens
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -241,6 +286,12 @@ def selected_tokens(x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tens
     if mask is not None and x.ndim >= 2 and tuple(mask.shape) == tuple(x.shape[:-1]):
         return x[mask.to(device=x.device).bool()]
     return x.reshape(-1, x.shape[-1])
+
+
+def _output_side_is_smaller(module: nn.Module) -> bool:
+    """Whether a linear's output Gram (m×m) is smaller than its input's (n×n): a wide matrix."""
+    out_features, in_features = linear_shape(module)
+    return out_features < in_features
 
 
 def _add_energy(energy: dict[str, torch.Tensor], counts: dict[str, int], name: str, y: torch.Tensor) -> None:
@@ -264,8 +315,14 @@ class BlockStatistics:
 
     def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64,
                  holdout: bool = False, residual_sources: dict[str, nn.Module | None] | None = None,
-                 heldout_tokens: int | None = None) -> None:
+                 heldout_tokens: int | None = None, output_gram: Collection[str] = ()) -> None:
         self.targets = targets
+        # Targets whose factors will be left projections W′ = P·W (plain or activation-scaled SVD): one
+        # that reads an input no earlier target read keeps Σ y yᵀ of its outputs (m²) instead of that
+        # input's H (n²) when that is smaller, and leads no group (a later reader of the same input
+        # collects H itself). Decided at each one's first call, in single-stream mode only.
+        self._output_candidates = {name for name in output_gram if _output_side_is_smaller(targets[name])}
+        self._output_mode: set[str] = set()
         # Paired mode: residual writers (`core.residual`) → the norm module whose input is the residual
         # before their addition (None: the block's input, `residual_input`). Their tokens are weighted
         # by 1 / ms(residual after the addition) of the dense stream, in every sum they enter.
@@ -420,6 +477,8 @@ class BlockStatistics:
                     if held_weights is not None:
                         self._weights_heldout[name] = held_weights
                 _add_energy(self._energy, self._energy_tokens, name, y)
+                if name in self._output_mode:
+                    self._stats[name].add_output(y)
                 held = self._heldout_tokens(output.detach())
                 if held is not None:
                     held = held - bias.detach() if bias is not None else held
@@ -440,15 +499,21 @@ class BlockStatistics:
             self._seen.clear()
             return
         for other, other_x in self._seen.items():
-            if other_x is x and self._group_of.get(other, other) == other:
+            if other_x is x and self._group_of.get(other, other) == other and other not in self._output_mode:
                 self._group_of[name] = other
                 break
         else:
             self._group_of[name] = name
+            if name in self._output_candidates and self.mode == "single" and not self.holdout:
+                self._output_mode.add(name)
         self._seen[name] = x
 
     def _stats_for(self, name: str, x: torch.Tensor) -> InputStatistics:
         if name not in self._stats:
+            if name in self._output_mode:
+                self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
+                                                          output_width=linear_shape(self.targets[name])[0])
+                return self._stats[name]
             # Writers keep their held-out tokens as rows or moments, not sums (see the "compressed" hook).
             self._stats[name] = InputStatistics.empty(x.shape[-1], x.device, self.product_dtype,
                                                       heldout=self.holdout and name not in self.residual_sources)
