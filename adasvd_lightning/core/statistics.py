@@ -477,7 +477,7 @@ class BlockStatistics:
                     if held_weights is not None:
                         self._weights_heldout[name] = held_weights
                 _add_energy(self._energy, self._energy_tokens, name, y)
-                if name in self._output_mode:
+                if name in self._output_mode and name in self._stats:  # its pre-hook saw a tensor input
                     self._stats[name].add_output(y)
                 held = self._heldout_tokens(output.detach())
                 if held is not None:
