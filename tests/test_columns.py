@@ -53,8 +53,10 @@ def test_never_worse_than_plain_at_equal_parameters(seed):
 def test_each_split_is_scored_with_the_error_its_factorization_attains(m, n):
     """The search scores a Δr by the tail of the rest's whitened spectrum (`truncation_floor`), not by
     building its split: for every Δr the score equals the built split's error, so the search takes the
-    path it took when it built each candidate (tall, wide and square W)."""
+    path it took when it built each candidate (tall, wide and square W). A tall W's score from WᵀW,
+    formed once for the search (Lᵀ(WᵀW)L instead of (W·L)ᵀ(W·L)), is the same."""
     w, h = _problem(m=m, n=n, outliers=(3, 17))
+    weight_gram = w.T @ w
     rank = 12
     order = torch.argsort(column_scores(w, factorize(w, rank, compute_whitening(h)).dense(), h), descending=True)
     for drop in range(1, rank):
@@ -66,6 +68,8 @@ def test_each_split_is_scored_with_the_error_its_factorization_attains(m, n):
         built = factorize(w[:, rest], r_c, compute_whitening(h[rest][:, rest]))
         error = whitened_error(w[:, rest], built.dense(), h[rest][:, rest])
         assert truncation_floor(w[:, rest], h[rest][:, rest], r_c) == pytest.approx(error, rel=1e-9)
+        assert truncation_floor(w[:, rest], h[rest][:, rest], r_c, weight_gram[rest][:, rest]) == pytest.approx(
+            error, rel=1e-9)
 
 
 def test_truncation_floor_of_a_tall_matrix_is_right_where_h_is_singular():

@@ -106,6 +106,9 @@ def column_preserving_factorize(
     order = torch.argsort(column_scores(w, base_dense, gram), descending=True)
     del base_dense
     errors: dict[int, float] = {}
+    # A tall W's candidate spectra are those of L_rᵀ(WᵀW)_rr L_r (`truncation_floor`): WᵀW once (m·n²),
+    # then 2·n_r³ per candidate instead of the 2·m·n_r² of forming W_r·L_r and its Gram.
+    weight_gram = w.T @ w if m > n else None
 
     def rest_of(count: int) -> torch.Tensor:
         mask = torch.ones(n, dtype=torch.bool)
@@ -121,7 +124,8 @@ def column_preserving_factorize(
                 errors[drop] = math.inf
             else:
                 rest = rest_of(count)
-                errors[drop] = truncation_floor(w[:, rest], gram[rest][:, rest], min(rank - drop, rest.numel(), m))
+                errors[drop] = truncation_floor(w[:, rest], gram[rest][:, rest], min(rank - drop, rest.numel(), m),
+                                                weight_gram[rest][:, rest] if weight_gram is not None else None)
         return errors[drop]
 
     lo, hi = 1, rank - 1
@@ -147,19 +151,24 @@ def column_preserving_factorize(
     return ColumnSplit(f.up, f.down, kept, rest, w[:, kept].clone(), error)
 
 
-def truncation_floor(weight: torch.Tensor, gram: torch.Tensor, rank: int) -> float:
+def truncation_floor(weight: torch.Tensor, gram: torch.Tensor, rank: int,
+                     weight_gram: torch.Tensor | None = None) -> float:
     """Σ_{i>rank} σ_i² of W·S for any S with S·Sᵀ = H (``gram``): the least ‖(W − A)X‖² per token of
     a rank-``rank`` A, which the whitened truncated SVD attains when S is H's exact Cholesky factor (a
     damped one lands just above it). The spectrum comes from the smaller side: the eigenvalues of
-    W·H·Wᵀ (m×m) for a wide W, of (W·L)ᵀ(W·L) (n×n, H = L·Lᵀ) for a tall one whose H has a Cholesky
-    factor (else the m×m route)."""
+    W·H·Wᵀ (m×m) for a wide W, of (W·L)ᵀ(W·L) = Lᵀ(WᵀW)L (n×n, H = L·Lᵀ) for a tall one whose H has a
+    Cholesky factor (else the m×m route). ``weight_gram``: WᵀW (float64) where the caller has it, so a
+    tall W's product costs 2·n³ instead of 2·m·n² (2.7× fewer at 1536 × 576; the column search forms
+    it once for all its candidates)."""
     w = weight.to(torch.float64)
     m, n = w.shape
     product = None
     if m > n:
         with lapack_threads():
             factor, info = torch.linalg.cholesky_ex(gram)
-        if int(info) == 0:
+        if int(info) == 0 and weight_gram is not None:
+            product = factor.T @ (weight_gram @ factor)
+        elif int(info) == 0:
             a = w @ factor
             product = a.T @ a
             del a

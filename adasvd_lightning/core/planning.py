@@ -31,14 +31,13 @@ from .lowrank import LowRankLinear
 from .methods import MethodSpec
 from .offload import BlockRunner
 from .probe_table import ProbeTable, fingerprint
+from .reference_kl import DenseReference
 from .replay import PrefixReplay
 from .statistics import BlockStatistics
 from .surgery import linear_bias, linear_weight, replace_module
 from .whitening import Whitening
 
 __all__ = ["PlanContext", "plan_ranks"]
-
-
 
 
 @dataclass
@@ -200,16 +199,15 @@ def _fisher_costs(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor], int],
     return costs, (s, (whitening, u, vh))
 
 
+def _logits(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The model's next-token logits for ``batch`` (B×T×V, float32)."""
+    out = model_forward(model, batch)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
 def _log_probs(model: nn.Module, batch: Any) -> torch.Tensor:
     """The model's log-probabilities over the vocabulary for ``batch`` (float32)."""
-    out = model_forward(model, batch)
-    return torch.log_softmax((out.logits if hasattr(out, "logits") else out).float(), dim=-1)
-
-
-def _kl_sum(reference: torch.Tensor, logp: torch.Tensor) -> float:
-    """Σ over tokens of KL(reference ‖ logp), both log-probabilities; one sequence's vocabulary-sized
-    temporaries at a time, not the batch's (three of them)."""
-    return sum(float((ref.exp() * (ref - row)).sum(-1).double().sum()) for row, ref in zip(logp, reference))
+    return torch.log_softmax(_logits(model, batch), dim=-1)
 
 
 def _stored_row(table: ProbeTable | None, name: str, candidates: int) -> list[float | None] | None:
@@ -221,7 +219,7 @@ def _stored_row(table: ProbeTable | None, name: str, candidates: int) -> list[fl
     return stored
 
 
-def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[torch.Tensor] | None, kind: str,
+def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: list[DenseReference] | None, kind: str,
                         replay: PrefixReplay | None = None) -> float:
     """Mean KL(dense ‖ current) over tokens (``module-kl``) or calibration perplexity (``sensitivity-ppl``).
 
@@ -231,12 +229,12 @@ def _sensitivity_metric(model: nn.Module, batches: Sequence[Any], reference: lis
     for i, batch in enumerate(batches):
         if replay is not None:
             replay.batch = i
-        logp = _log_probs(model, batch)  # the logits are freed: at a 49k vocabulary, 0.4 GB per 8 × 256 batch
         if kind == "module-kl":
             ref = reference[i]
-            total += _kl_sum(ref, logp)
-            count += ref.shape[0] * ref.shape[1]
+            total += ref.kl_sum(_logits(model, batch))
+            count += ref.tokens
         else:
+            logp = _log_probs(model, batch)  # the logits are freed: at a 49k vocabulary, 0.4 GB per 8 × 256 batch
             ids = normalise_batch(batch)
             ids = (ids[0] if ids[0] is not None else ids[1]["input_ids"]).to(logp.device)
             nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -302,7 +300,7 @@ def _allocate_sensitivity(ctx: PlanContext, fisher: tuple[dict[str, torch.Tensor
     if kind == "module-kl":
         reference = []
         for batch in batches:
-            reference.append(_log_probs(model, batch))
+            reference.append(DenseReference.of(_logits(model, batch)))
 
     options: list[list[tuple[int, float]]] = []
     option_ranks: list[list[int | None]] = []
@@ -516,8 +514,8 @@ class _TailProbe:
             # Sequences no probe reads need no reference, no baseline KL and no replayed prefix.
             self.units = self.units[: self.steps]
         self.reference = []
-        for unit in self.units:  # the dense model's log-probabilities (nothing is replaced yet)
-            self.reference.append(_log_probs(model, unit))
+        for unit in self.units:  # the dense model's distributions (nothing is replaced yet)
+            self.reference.append(DenseReference.of(_logits(model, unit)))
         for name, module in base_modules.items():
             replace_module(model, name, module)
         self.replay = PrefixReplay(model, blocks, self.units)
@@ -535,7 +533,7 @@ class _TailProbe:
         if replay:
             self.replay.batch = i
         ref = self.reference[i]
-        return _kl_sum(ref, _log_probs(self.model, self.units[i])), float(ref.shape[0] * ref.shape[1])
+        return ref.kl_sum(_logits(self.model, self.units[i])), float(ref.tokens)
 
     def measure(self, block: int, name: str, candidate: nn.Module, estimate: float) -> tuple[float, int]:
         """(the probe's mean KL increase, the sequences it read on all processes) for module ``name``
