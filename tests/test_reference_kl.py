@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from adasvd_lightning.core.reference_kl import DenseReference, row_dots
