@@ -27,15 +27,15 @@ class DenseReference:
 
     KL(p ‖ softmax(z)) per token is Σ_v p_v·log p_v − Σ_v p_v·z_v + logsumexp(z)·Σ_v p_v. The first and
     last sums are the reference's own (``offset``, ``mass``, per token), so a probe needs only its
-    logits' logsumexp and one dot product with p per token. Keeping log p instead cost exp(log p), a
-    difference and a product over the vocabulary per probe: at SmolLM2's 49k vocabulary 0.11 s per
-    256-token sequence against 0.05 s (one core; BENCHMARKS.md, "KL from the dense probabilities"),
-    which was 16 % of a tail probe. The price is precision: the terms are of the size of the logits
-    and cancel down to the KL, so float32 sums over the vocabulary leave ~1e-6 nats per token (the
-    direct form ~1e-7), under 1 % of the smallest tail-probe difference on SmolLM2-135M at 40 %
-    (3e-4 nats per token; the median is 0.02), and random in sign over a probe's tokens. The KL of
-    the reference's own logits is 0 exactly: ``offset`` is formed with the same two terms
-    (Σ p log p = Σ p z − logsumexp(z)·Σ p).
+    logits' logsumexp and one dot product with p per token. Keeping log p instead cost a log-softmax,
+    exp(log p), a difference and a product over the vocabulary per probe: at SmolLM2's 49k vocabulary
+    0.11 s per 256-token sequence against 0.05 s (one core; the old KL sums alone were 16 % of the tail
+    probes' time; BENCHMARKS.md, "Probes without the reference's exponentials"). The price is
+    precision: the terms are of the size of the logits and cancel down to the KL, so float32 sums over
+    the vocabulary leave ~1e-6 nats per token (the direct form ~1e-7), under 1 % of the smallest
+    tail-probe difference on SmolLM2-135M at 40 % (3e-4 nats per token; the median is 0.02), and random
+    in sign over a probe's tokens. The KL of the reference's own logits is 0 exactly: ``offset`` is
+    formed with the same two terms (Σ p log p = Σ p z − logsumexp(z)·Σ p).
     """
 
     probs: torch.Tensor  # B×T×V float32
