@@ -408,7 +408,7 @@ def test_projection_error_from_outputs_is_the_gram_form():
         up, down = u[:, :rank] * sigma[:rank].sqrt(), sigma[:rank, None].sqrt() * vt[:rank] / scale
         exact = _output_error(w, up @ down, GramStatistics(h_cc=h, h_oc=h), float((w @ h * w).sum()))
         assert exact > 0.01 and projection_error_from_outputs(up, out_gram) == pytest.approx(exact, rel=1e-10)
-    low = w[:3].clone()  # rank 3: a rank-5 truncation keeps it whole, its last two σ are 0
+    low = w[:3].clone()  # four rows of rank 3: a rank-4 truncation keeps them whole, its last σ is 0
     u, sigma, vt = torch.linalg.svd(torch.cat([low, low[:1] + low[1:2]]), full_matrices=False)
     up = u[:, :4] * sigma[:4].sqrt()
     yl = x @ torch.cat([low, low[:1] + low[1:2]]).T
