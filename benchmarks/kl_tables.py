@@ -21,8 +21,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import method_config, spearman  # noqa: E402
 
