@@ -370,6 +370,30 @@ def _gram_widths(monkeypatch) -> set[int]:
     return widths
 
 
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_asvd_reads_a_biased_or_transposed_writers_error_off_its_outputs(family, token_batches, monkeypatch):
+    """OPT's fc2 (128 → 64) carries a bias and GPT-2's mlp.c_proj is a Conv1D (weight stored n × m): the
+    output Gram is of W·x without the bias, in the module's own orientation, and each reported error is
+    the stored module's on the dense inputs (float64 statistics: the identity, not the rounding)."""
+    from adasvd_lightning.core.surgery import linear_weight
+
+    widths = _gram_widths(monkeypatch)
+    dense = tiny_model(family, seed=3).double()
+    model = tiny_model(family, seed=3).double()
+    report = compress_model(model, CompressionConfig(method="asvd", ratio=0.5, statistics_dtype="float64"),
+                            token_batches)
+    assert widths == {64}  # the hidden width only: no H of the MLP's 128 (OPT) or 256 (GPT-2) features
+    names = [m.name for m in report.modules if m.rank is not None]
+    x = _target_inputs(dense, names, token_batches)
+    assert len(names) >= 8
+    for name in names:
+        w = linear_weight(dense.get_submodule(name)).detach().double()
+        approx = model.get_submodule(name).dense_weight().detach().double()
+        measured = float((x[name] @ (approx - w).T).norm() / (x[name] @ w.T).norm())
+        error = next(m.relative_error for m in report.modules if m.name == name)
+        assert 0.01 < measured < 1.0 and error == pytest.approx(measured, rel=1e-6), name
+
+
 def test_asvd_keeps_down_projs_output_gram_instead_of_its_input_gram(token_batches, monkeypatch):
     """asvd's down_proj (64 × 128) reads its input alone; its report needs only ‖(I − P)Y‖², so the pass
     keeps the outputs' 64×64 Gram, not the input's 128×128 one (at SmolLM2's shapes 576² instead of
