@@ -46,6 +46,7 @@ class DenseReference:
     def of(cls, logits: torch.Tensor) -> "DenseReference":
         """From the dense model's float32 logits (B×T×V), which become ``probs`` in place: no second
         vocabulary-sized batch (0.4 GB for 8 × 256 tokens at a 49k vocabulary)."""
+        logits = logits.detach()  # overwritten below: never a tensor autograd still needs
         offsets, masses = [], []
         for row in logits:  # one sequence's vocabulary-sized temporaries at a time
             p = torch.softmax(row, dim=-1)
