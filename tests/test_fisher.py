@@ -369,3 +369,69 @@ def test_fisher_statistics_are_summed_over_ranks(tmp_path):
     for name in modules:
         assert torch.equal(r0["fisher"][name], r1["fisher"][name])
         torch.testing.assert_close(r0["fisher"][name], single[name], rtol=1e-6, atol=0)
+
+
+def _structured_llama():
+    """The tiny Llama with token embeddings of rank 6: its activations concentrate in a few directions,
+    as a trained model's do."""
+    model = tiny_model("llama").double()
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(128, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 64, generator=g, dtype=torch.float64)
+    model.model.embed_tokens.weight.data = 0.3 * low
+    return model
+
+
+@pytest.mark.parametrize("inner", ["gate_proj", "up_proj"])
+def test_a_writers_u_step_absorbs_most_of_what_a_tail_probe_of_the_targets_it_reads_measures(inner):
+    """Why `adasvd-duo` allocates from the estimate alone: a tail probe measures a deep truncation of
+    gate/up through an uncompensated down_proj, and the preset's closed-form U-step refits down_proj to
+    the dense outputs from the inputs the truncation left it. Here the step takes 44 % (up_proj) and 61 %
+    (gate_proj) of the KL the truncation adds, on SmolLM2-135M 55–84 % (BENCHMARKS.md, "Tail probes
+    overstate what a compensated preset pays"); a probe that ignores it overstates the module's cost.
+    How much is absorbed depends on how concentrated the writer's inputs are: on this model with
+    isotropic embeddings only ~15 %."""
+    from adasvd_lightning.core.factorization import factorize
+    from adasvd_lightning.core.refinement import GramStatistics, RefinementTarget, u_step
+
+    model = _structured_llama()
+    g = torch.Generator().manual_seed(1)
+    calib, probe = torch.randint(0, 128, (32, 32), generator=g), torch.randint(0, 128, (8, 32), generator=g)
+    mlp = model.model.layers[0].mlp
+    truncated, writer = getattr(mlp, inner), mlp.down_proj
+
+    def inputs(module):
+        rows = []
+        handle = module.register_forward_hook(lambda m, a, o: rows.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            model(calib)
+        handle.remove()
+        x = torch.cat(rows)
+        return x, x.T @ x / len(x)
+
+    with torch.no_grad():
+        reference = DenseReference.of(model(probe).logits.clone())
+
+    def kl():
+        with torch.no_grad():
+            return reference.kl_sum(model(probe).logits) / reference.tokens
+
+    (_, h), (x_o, h_oo) = inputs(truncated), inputs(writer)
+    dense_inner, dense_writer = truncated.weight.data.clone(), writer.weight.data.clone()
+    cut = factorize(dense_inner, 4, compute_whitening(h))  # 4 of 64: a tail probe's deep candidate
+    base = factorize(dense_writer, 24, compute_whitening(h_oo))  # the writer at its own baseline rank
+
+    def writer_stepped_on(x_c):
+        target = RefinementTarget(dense_writer, GramStatistics(x_c.T @ x_c / len(x_c), x_o.T @ x_c / len(x_c), h_oo))
+        return u_step(target, base.down) @ base.down
+
+    writer.weight.data = base.up @ base.down
+    writer_alone = kl()
+    writer.weight.data = writer_stepped_on(x_o)
+    writer_alone_stepped = kl()
+    truncated.weight.data = cut.up @ cut.down
+    writer.weight.data = base.up @ base.down
+    probed = kl() - writer_alone  # what the tail probe measures: the writer as the baseline left it
+    x_c, _ = inputs(writer)
+    writer.weight.data = writer_stepped_on(x_c)
+    compensated = kl() - writer_alone_stepped  # what the preset pays: the writer refitted after the cut
+    assert probed > 0 and 0 < compensated < 0.75 * probed

@@ -93,7 +93,12 @@ def test_method_options_override_and_validate():
     # The module-KL presets' tail scale goes with their estimated table: asking for the exhaustive
     # probes drops it, asking for both is refused.
     assert (get_method("duo-svd").allocation, get_method("duo-svd").fisher_scale) == ("module-kl-fisher", "tail")
-    assert get_method("duo-svd").tail_sequences == get_method("adasvd-duo").tail_sequences == 4
+    assert get_method("duo-svd").tail_sequences == 4
+    # adasvd-duo's U-steps absorb what a tail probe measures (test_fisher.py): the estimate alone, no probe.
+    duo = get_method("adasvd-duo")
+    assert (duo.allocation, duo.fisher_scale, duo.tail_sequences, duo.probes) == ("module-kl-fisher", "none", 0, False)
+    spec = CompressionConfig(method="adasvd-duo", method_options={"fisher_scale": "tail", "tail_sequences": 4}).spec
+    assert (spec.fisher_scale, spec.tail_sequences, spec.probes) == ("tail", 4, True)
     spec = CompressionConfig(method="duo-svd", method_options={"allocation": "module-kl"}).spec
     assert (spec.allocation, spec.fisher_scale, spec.tail_sequences, spec.probes) == ("module-kl", "none", 0, True)
     with pytest.raises(InvalidInputError, match="needs allocation 'module-kl-fisher'"):

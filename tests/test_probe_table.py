@@ -115,8 +115,10 @@ def test_probe_table_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(InvalidInputError, match="probes nothing"):
         CompressionConfig(method="svd-llm", probe_table=str(tmp_path / "t"))
     with pytest.raises(InvalidInputError, match="fisher_scale='none' probes nothing"):
-        CompressionConfig(method="adasvd-duo", method_options={"fisher_scale": "none"},
+        CompressionConfig(method="duo-svd", method_options={"fisher_scale": "none"},
                           probe_table=str(tmp_path / "t"))
+    with pytest.raises(InvalidInputError, match="fisher_scale='none' probes nothing"):
+        CompressionConfig(method="adasvd-duo", probe_table=str(tmp_path / "t"))  # the preset's estimate alone
     with pytest.raises(InvalidInputError, match="is a folder"):
         CompressionConfig(method="duo-svd", probe_table=str(tmp_path))
     with pytest.raises(InvalidInputError, match="does not exist"):

@@ -30,20 +30,28 @@ Presets (see the README's method table for sources and knobs):
 | `svd-llm-v2` | truncation-aware | grouped-loss            | low-rank          | none        | compressed  |
 | `adasvd`     | truncation-aware | adacr                   | low-rank          | adacomp     | compressed  |
 | `duo-svd`    | truncation-aware | module-kl-fisher (tail) | column-preserving | none        | compressed  |
-| `adasvd-duo` | truncation-aware | module-kl-fisher (tail) | column-preserving | closed-form | compressed  |
+| `adasvd-duo` | truncation-aware | module-kl-fisher        | column-preserving | closed-form | compressed  |
 
 The module-KL presets estimate each module's KL cost table (``module-kl-fisher``: an output-Fisher
-estimate read off one whitened SVD per target) and probe a module once, at its deepest candidate
-(``fisher_scale=tail``, on the first 4 probe sequences: ``tail_sequences``), to lift the rows that leave
-the estimate's quadratic regime — only the modules the knapsack would cut below their baseline, where a
-lift can change the allocation (121 of 210 on SmolLM2-135M at 40 %, the same allocation as probing all of
-them). Why not the exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100
+estimate read off one whitened SVD per target). ``duo-svd`` also probes a module once, at its deepest
+candidate (``fisher_scale=tail``, on the first 4 probe sequences: ``tail_sequences``), to lift the rows
+that leave the estimate's quadratic regime — only the modules the knapsack would cut below their
+baseline, where a lift can change the allocation (121 of 210 on SmolLM2-135M at 40 %, the same
+allocation as probing all of them). A probe runs the rest of the model as the allocation's baseline
+leaves it, uncompensated, which is what ``duo-svd`` ships. ``adasvd-duo`` takes the estimate alone: its
+U-step refits each block's residual writers to the dense outputs, and the writer absorbs most of what a
+deep truncation of the targets it reads costs. On SmolLM2-135M, with gate_proj at 10 % of its
+parameters, down_proj at 60 % and the rest of the model dense, down_proj's U-step takes the KL that
+truncation adds from 0.14 to 0.023 (block 17) and from 0.32 to 0.052 (block 6), where the tail probes had lifted those rows to 15–23× their estimate; the
+estimate alone reads 36.75 / 70.80 / 109.56 at 20 / 40 / 60 % against 37.30 / 71.63 / 124.06 with the
+tail, in half the time (BENCHMARKS.md, "Tail probes overstate what a compensated preset pays").
+Why not the exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100
 suffix forwards and about 5 hours for SmolLM2-135M on one CPU core)? On SmolLM2-135M at 40 % their
 complete table gave the worst allocation of the three: ``duo-svd`` 90.30 and ``adasvd-duo`` 105.67,
 against 77.76 and 72.32 with the tail on all 16 probe sequences, 78.35 and 71.63 on the first 4 (the
 estimate alone: 103.90 and 70.80). Its attention rows are mostly probe noise at
 4,096 probe tokens, which a knapsack takes at face value. On the reference model the exhaustive probes
-are better (``adasvd-duo`` 77.35 vs 81.74 at 40 %), but that model is trained on its own calibration
+are better (``adasvd-duo`` 77.35 vs 82.14 at 40 %), but that model is trained on its own calibration
 text. Both remain options (BENCHMARKS.md, "The exhaustive module-KL table on SmolLM2-135M").
 """
 
@@ -107,12 +115,12 @@ class MethodSpec:
             sequences is still 25 % of that (median), and 0.1 read 4 % fewer sequences for a 0.6 %
             worse perplexity (BENCHMARKS.md, "Cheaper tail probes").
         tail_sequences: the most probe sequences a ``tail`` probe reads (the first ones; under a process
-            group rounded up to a whole step of one sequence per process); 0 reads them all. The module-KL
-            presets read 4. A lift matters where a deep truncation costs several times its estimate,
+            group rounded up to a whole step of one sequence per process); 0 reads them all. `duo-svd`
+            reads 4. A lift matters where a deep truncation costs several times its estimate,
             and there every sequence shows it: on SmolLM2-135M the 8 MLP probes that average 9–23× their
             estimate are at least 3× above it on each of the 16 probe sequences. At 40 % the first four
-            sequences give `duo-svd` 78.35 and `adasvd-duo` 71.63 against 77.76 and 72.32 with all 16,
-            for a quarter of the probes' time (BENCHMARKS.md, "Tail probes on four sequences").
+            sequences give `duo-svd` 78.35 (`adasvd-duo` with the tail: 71.63) against 77.76 and 72.32
+            with all 16, for a quarter of the probes' time (BENCHMARKS.md, "Tail probes on four sequences").
         heldout_fraction: share of the calibration sequences held out to choose how many refinement
             steps to take (closed-form / adaComp, `core.refinement.validated_steps`; for ``optimal``:
             whether to take it; `core.holdout`); 0 trusts every step. The held-out sequences still count in every statistic of the final fit.
@@ -299,7 +307,9 @@ PRESETS: dict[str, MethodSpec] = {
         # beats adaCR's block heuristic by a wide margin, and adaComp's V-steps (which solve against the
         # n×n input Gram matrix) generalise slightly worse than its U-step alone (r×r solves), so the
         # combination keeps Duo-SVD's allocation and columns and adds the U-step compensation.
-        MethodSpec("adasvd-duo", allocation="module-kl-fisher", fisher_scale="tail", tail_sequences=4,
+        # The estimate alone, no tail probes: a probe measures a truncation through uncompensated
+        # writers, and this preset's U-steps absorb most of what it measures (module docstring).
+        MethodSpec("adasvd-duo", allocation="module-kl-fisher",
                    form="column-preserving", refinement="closed-form",
                    source="this project: Duo-SVD columns + module-KL budget + error-compensating U update"),
     )
