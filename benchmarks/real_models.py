@@ -23,13 +23,13 @@ where the tokenizer adds one). Δ = ppl / ppl_dense − 1. Every (method, ratio,
 process, so its seconds and peak resident memory are its own.
 
 Default size: 64 × 256 calibration tokens (the library's default calibration) and 24 × 512 evaluation
-tokens keep each of the presets without module-KL probes at a few minutes per ratio on one CPU core
-(SmolLM2-135M). The module-KL presets
-(``duo-svd``, ``adasvd-duo``) probe every module at every candidate: 2,100 probes of ~8 s each on
-SmolLM2, about 5 hours per ratio on one core — leave them out with ``--methods`` on a CPU, run
-``adasvd-duo+allocation=module-kl-fisher`` (the estimated table, ~15 minutes), or give
-``--probe-tables DIR``: each probed row is kept there as it is measured, so the same command, run again
-after an interruption, probes only what is missing (and ``duo-svd`` / ``adasvd-duo`` share the rows).
+tokens keep every preset under about 10 minutes per ratio on one CPU core (SmolLM2-135M): ``adasvd-duo``
+allocates from the Fisher estimate (~9 minutes), ``duo-svd`` also probes the modules its knapsack cuts
+below their baseline, once each on 4 sequences (121 probes, ~10 minutes). The exhaustive module-KL
+probes (``duo-svd+allocation=module-kl``: every module at every candidate) are 2,100 probes of ~8 s
+each, about 5 hours per ratio on one core; give ``--probe-tables DIR`` for them: each probed row is
+kept there as it is measured, so the same command, run again after an interruption, probes only what
+is missing (and ``duo-svd`` / ``adasvd-duo`` with the same allocation share the rows).
 Each run prints its progress on stderr (calibration, probes, blocks; plain lines every
 ``ADASVD_PROGRESS_INTERVAL`` seconds).
 """
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--probe-tables", metavar="DIR",
                         help="keep the module-KL probes of each (ratio, calibration) in a file under DIR "
                              "(CompressionConfig.probe_table): rerun the same command after an interruption "
-                             "to probe only what is missing; duo-svd and adasvd-duo share the file")
+                             "to probe only what is missing; presets that probe the same truncations share the file")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "RATIO"), help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md and results alone")
     parser.add_argument("--out", help="write the rows to benchmarks/results/OUT (JSON) and leave BENCHMARKS.md and "

@@ -136,9 +136,10 @@ class SVDCompression(Callback):
         decomposition_threads: CPU threads of each eigh/SVD/Cholesky (default 1; ``None`` = torch's;
             ``CompressionConfig.decomposition_threads``).
         probe_table: a file that keeps the allocation's sensitivity probes as they are measured
-            (module-KL presets), so a run restarted after an interruption probes only what is missing
-            (``CompressionConfig.probe_table``). One compression per table: not with a schedule of
-            several stages (each stage probes another model).
+            (module-KL allocations that probe, e.g. ``duo-svd``'s), so a run restarted after an
+            interruption probes only what is missing (``CompressionConfig.probe_table``). One
+            compression per table: not with a schedule of several stages (each stage probes another
+            model).
         activation_dir: a folder to keep the calibration activations in, as files that vanish with the
             run, instead of memory (large calibration sets; ``CompressionConfig.activation_dir``).
         merge_unprofitable: after each stage, merge factorized layers saving less than this fraction of
