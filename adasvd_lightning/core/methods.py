@@ -42,9 +42,11 @@ leaves it, uncompensated, which is what ``duo-svd`` ships. ``adasvd-duo`` takes 
 U-step refits each block's residual writers to the dense outputs, and the writer absorbs most of what a
 deep truncation of the targets it reads costs. On SmolLM2-135M, with gate_proj at 10 % of its
 parameters, down_proj at 60 % and the rest of the model dense, down_proj's U-step takes the KL that
-truncation adds from 0.14 to 0.023 (block 17) and from 0.32 to 0.052 (block 6), where the tail probes had lifted those rows to 15–23× their estimate; the
-estimate alone reads 36.75 / 70.80 / 109.56 at 20 / 40 / 60 % against 37.30 / 71.63 / 124.06 with the
-tail, in half the time (BENCHMARKS.md, "Tail probes overstate what a compensated preset pays").
+truncation adds from 0.14 to 0.023 (block 17) and from 0.32 to 0.052 (block 6), where the tail probes
+had lifted those rows to 15–23× their estimate. The estimate alone reads 36.75 / 70.80 / 109.56 at
+20 / 40 / 60 % against 37.30 / 71.63 / 124.06 with the tail, in 0.7 of its time; tail probes that refit
+the writer (tried ad hoc) read 73.17 / 114.06 at 40 / 60 % (BENCHMARKS.md, "Tail probes overstate what
+a compensated preset pays").
 Why not the exhaustive probes (``allocation=module-kl``: every candidate of every module, 2,100
 suffix forwards and about 5 hours for SmolLM2-135M on one CPU core)? On SmolLM2-135M at 40 % their
 complete table gave the worst allocation of the three: ``duo-svd`` 90.30 and ``adasvd-duo`` 105.67,
