@@ -409,7 +409,7 @@ def test_a_writers_u_step_absorbs_most_of_what_a_tail_probe_of_the_targets_it_re
         return x, x.T @ x / len(x)
 
     with torch.no_grad():
-        reference = DenseReference.of(model(probe).logits.clone())
+        reference = DenseReference.of(model(probe).logits)  # a fresh tensor: `of` may take its storage
 
     def kl():
         with torch.no_grad():
