@@ -371,6 +371,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also benchmark the embedded reference model")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--rewrite", metavar="JSON", help="re-render the BENCHMARKS.md section from a saved result")
+    parser.add_argument("--out", metavar="JSON", help="the results file, any path (default: benchmarks/results/"
+                        "inference[-DEVICE][-DTYPE].json; the file's name is the section's with --rewrite)")
     args = parser.parse_args()
     args.profile_rows = []
     if args.rewrite:
@@ -415,12 +417,13 @@ def main() -> None:
     print(summary(rows))
 
     suffix = ("" if device.type == "cpu" else f"-{device.type}") + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).expanduser() if args.out else RESULTS / f"inference{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "device": str(device), "dtype": args.dtype, "model": shape, "argv": sys.argv[1:],
               "reference": args.reference, "min_flop_saving": args.min_flop_saving, "seconds": seconds,
               "freed_memory_retained": retained,
               "load_average": load, "rows": rows, "layers": layers, "profile": args.profile_rows}
-    (RESULTS / f"inference{suffix}.json").write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     if not args.no_write:
         write_section(f"inference{suffix}", render_section(result))
 
