@@ -917,15 +917,20 @@ def test_decomposition_threads_are_validated(threads):
 def test_validation_start_of_a_wide_writer_needs_no_fit_split_factor(token_batches, monkeypatch):
     """svd-llm validates its writers' steps from a start refitted on the fit split. For a wide or square
     writer that start now comes from W·H_fit·Wᵀ: no Cholesky factor of the fit split (0.97 GB at
-    down_proj's width 11008), and the same held-out errors as the reference driver's whitened start."""
+    down_proj's width 11008), and the same held-out errors as the reference driver's whitened start.
+
+    Both runs form float64 products: with float32 ones the fit split's H can round to indefinite (192
+    tokens for 64 features here), the reference's Cholesky factor is then damped, and its start moves by
+    the damping (2e-6 relative with transformers 5.24's initialisation of the tiny model), which the
+    route from W·H_fit·Wᵀ does not need."""
     from adasvd_lightning.core import pipeline
 
     widths = []
     real = pipeline.compute_whitening
     monkeypatch.setattr(pipeline, "compute_whitening", lambda gram, **kw: (widths.append(gram.shape[0]), real(gram, **kw))[1])
-    fast, fast_logits = _compressed("svd-llm", token_batches)
+    fast, fast_logits = _compressed("svd-llm", token_batches, statistics_dtype="float64")
     assert widths == []  # o_proj (64 × 64) and down_proj (64 × 128) both take the route
-    ref, ref_logits = _compressed("svd-llm", token_batches, svd_driver="svd")
+    ref, ref_logits = _compressed("svd-llm", token_batches, svd_driver="svd", statistics_dtype="float64")
     assert sorted(set(widths)) == [64, 128]
     validated = [(a, b) for a, b in zip(fast.modules, ref.modules) if b.heldout_error_start is not None]
     assert len(validated) == 4  # o_proj and down_proj of both blocks
@@ -933,3 +938,76 @@ def test_validation_start_of_a_wide_writer_needs_no_fit_split_factor(token_batch
         assert a.heldout_error_start == pytest.approx(b.heldout_error_start, rel=1e-6)
         assert a.heldout_error == pytest.approx(b.heldout_error, rel=1e-6)
     torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def _dense_calls(model) -> dict[str, int]:
+    """A counter of the forward calls that every dense target linear of ``model`` completes (hooks left in
+    place: the modules swapped in by compression are new objects, so only the dense ones are counted)."""
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            calls[name] = 0
+            module.register_forward_hook(lambda m, a, o, n=name: calls.__setitem__(n, calls[n] + 1))
+    return calls
+
+
+def _compress_counting(method: str, batches, through: bool, monkeypatch) -> tuple:
+    """(report, state dict, dense calls) of the tiny Llama compressed at 40 %; ``through``: the
+    reference path, where every compressed-stream and single-stream pass runs the block to its end."""
+    with monkeypatch.context() as patch:
+        if through:
+            run_until, single_pass = pipeline._run_until, pipeline._single_stream_pass
+
+            def to_the_end(runner, block, inp, module, stop, hidden=None, before=False):
+                if before:  # the compressed stream's statistics pass: the block runs through
+                    runner.run(block, inp, hidden)
+                else:
+                    run_until(runner, block, inp, module, stop, hidden)
+
+            patch.setattr(pipeline, "_run_until", to_the_end)
+            patch.setattr(pipeline, "_single_stream_pass",
+                          lambda *a, stop_after=None, **k: single_pass(*a, stop_after=None, **k))
+        model = tiny_model("llama")
+        calls = _dense_calls(model)
+        options = FEW_CANDIDATES if method in ("duo-svd", "adasvd-duo") else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompressionWarning)
+            report = compress_model(model, CompressionConfig(method=method, ratio=0.4, method_options=options),
+                                    batches)
+    return report, {k: v.clone() for k, v in model.state_dict().items()}, calls
+
+
+# Per calibration batch, how many more times each dense target computes when every compressed-stream
+# and single-stream pass runs to the end of the block. Paired presets' four stages: the q/k/v pass
+# skips everything from q_proj on, the o_proj pass everything from o_proj on, the gate/up pass gate/up
+# and down_proj (o_proj is already compressed there), the down_proj pass down_proj. A single stream
+# propagated by the compressed block's own pass skips down_proj alone.
+_STAGED = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 3, "up_proj": 3, "down_proj": 4}
+_SINGLE = {"down_proj": 1}
+
+
+@pytest.mark.parametrize("method, skipped", [("svd-llm", _STAGED), ("adasvd-duo", _STAGED),
+                                             ("svd-llm-w", _SINGLE), ("duo-svd", _SINGLE)])
+def test_passes_that_need_only_inputs_stop_before_the_targets_compute(method, skipped, token_batches, monkeypatch):
+    """A pass whose outputs nobody reads stops as soon as its targets have their inputs: the paired
+    presets' compressed stream stops before the stage's first target when the stage has no residual
+    writer (q/k/v, gate/up; before its last one otherwise, as it did), and a single stream that the
+    compressed block's own pass propagates stops before the block's last target (down_proj). The
+    factors and ranks are those of passes run to the end of the block, bit for bit; the reported errors
+    too, up to the energy that preserved columns' reports now take from the Gram instead of the float32
+    outputs (duo-svd's down_proj: 7e-9 relative); and each dense target computes exactly as many times
+    fewer as the passes skip it."""
+    fast, fast_state, fast_calls = _compress_counting(method, token_batches, through=False, monkeypatch=monkeypatch)
+    ref, ref_state, ref_calls = _compress_counting(method, token_batches, through=True, monkeypatch=monkeypatch)
+    assert fast_state.keys() == ref_state.keys()
+    for key in ref_state:
+        assert torch.equal(fast_state[key], ref_state[key]), key
+    assert [(m.name, m.rank, m.kept_columns) for m in fast.modules] == [(m.name, m.rank, m.kept_columns)
+                                                                         for m in ref.modules]
+    for a, b in zip(fast.modules, ref.modules):
+        assert (a.relative_error is None) == (b.relative_error is None), a.name  # None: left dense
+        if b.relative_error is not None:
+            assert a.relative_error == pytest.approx(b.relative_error, rel=1e-6), a.name
+    for name, count in ref_calls.items():
+        fewer = skipped.get(name.rsplit(".", 1)[1], 0) * len(token_batches)
+        assert count - fast_calls[name] == fewer, (name, count, fast_calls[name])

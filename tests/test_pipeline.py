@@ -174,9 +174,11 @@ def test_paired_refinement_with_a_block_left_out(method, token_batches):
 
 
 def _block_calls(model):
-    """Forward calls per decoder block (a list, and the hooks' handles)."""
+    """Forward runs per decoder block (a list, and the hooks' handles), counted at the block's first
+    module: a statistics pass whose outputs nobody reads stops inside the block once its targets have
+    their inputs, and capturing block 0's inputs stops before it runs."""
     calls = [0] * len(model.model.layers)
-    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    handles = [layer.input_layernorm.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, layer in enumerate(model.model.layers)]
     return calls, handles
 

@@ -733,24 +733,52 @@ def _compress_block(
         stats = BlockStatistics(targets, product_dtype=ctx.config.torch_statistics_dtype,
                                 output_gram=_left_projections(ctx.spec, targets))
         advanced = ctx.spec.propagation == "original"
+        # Without the outputs (the next block's inputs come from the compressed block's own pass), the
+        # pass stops once every target has read its input — unless a target keeps its outputs' Gram.
+        inputs_only = not advanced and not stats.keeps_output_grams
         with stats:
-            _single_stream_pass(block, inputs, runner, stats, advanced)
+            _single_stream_pass(block, inputs, runner, stats, advanced, stop_after=targets if inputs_only else None)
     _factor_and_replace(model, targets, list(targets), stats, ranks, ctx, report)
     return advanced
 
 
 def _single_stream_pass(block: nn.Module, inputs: list[BlockInput], runner: BlockRunner,
-                        observer: BlockStatistics | ProjectionErrorMeter, advance: bool) -> None:
+                        observer: BlockStatistics | ProjectionErrorMeter, advance: bool,
+                        stop_after: dict[str, nn.Module] | None = None) -> None:
     """One pass of the dense block over every batch with ``observer``'s hooks seeing each batch's token
     mask; with ``advance`` (``propagation="original"``) each output replaces its batch's input at once,
-    so no second copy of the activations is kept."""
-    with phase("calibration"):
-        for inp in inputs:
-            with observer.masked(inp.mask):
-                out = runner.run(block, inp)
-            if advance:
-                inp.hidden = runner.keep(out)
-            del out
+    so no second copy of the activations is kept.
+
+    ``stop_after``: each batch's forward ends as soon as every one of these modules has received its
+    input (the observer's pre-hooks, registered earlier, have run), so the block's last target — down_proj
+    in a Llama block — and whatever follows it are never computed. Like the staged passes
+    (`input_stages`), it assumes that a target reads its input once per forward.
+    """
+    seen: set[str] = set()
+
+    def arrive(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.add(name)
+            if len(seen) == len(stop_after):
+                raise StopForward
+        return hook
+
+    handles = [module.register_forward_pre_hook(arrive(name)) for name, module in (stop_after or {}).items()]
+    try:
+        with phase("calibration"):
+            for inp in inputs:
+                seen.clear()
+                with observer.masked(inp.mask):
+                    try:
+                        out = runner.run(block, inp)
+                    except StopForward:
+                        continue
+                if advance:
+                    inp.hidden = runner.keep(out)
+                del out
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _left_projections(spec: MethodSpec, targets: dict[str, nn.Module]) -> list[str]:
@@ -962,8 +990,9 @@ def _compress_block_paired(
     never produces: the compensation learnt for them does not transfer to the real inputs and, on a
     real LLM, makes their output error worse than no compensation at all.
 
-    Each pass stops after the stage's last target has read its input, except the dense stream's last
-    stage, which runs to the end of the block to advance the dense stream.
+    The dense stream's pass stops once the stage's last target has computed its output (the writers'
+    dense energy, refinement's ‖Y‖²), except in the last stage, where it runs to the end of the block to
+    advance the dense stream; the compressed stream's pass stops before the stage's targets compute.
     """
     stages, writers = _block_structure(block, targets, inputs[0], original_hidden[0], runner)
     if not writers:
@@ -989,8 +1018,13 @@ def _compress_block_paired(
             stats = BlockStatistics(stage_targets, product_dtype=ctx.config.torch_statistics_dtype,
                                     holdout=heldout is not None and paired_stage,
                                     residual_sources={n: sources[n] for n in stage if n in sources},
-                                    heldout_tokens=held_tokens)
+                                    heldout_tokens=held_tokens, shared_input=not paired_stage)
             last = targets[stage[-1]]  # members share one input and run back to back
+            # The compressed stream's statistics are inputs only, so its pass stops before the stage's
+            # targets compute outputs nobody reads: a stage without a writer before its first target
+            # (q/k/v and gate/up, 63 % of a SmolLM2 block's multiply-adds; their reports read spectra,
+            # or the Gram), a paired stage before its last, as always (a writer reads its input alone).
+            halt = last if paired_stage else targets[stage[0]]
 
             def stop(module, args, output=None):
                 raise StopForward
@@ -1008,9 +1042,7 @@ def _compress_block_paired(
                                 _run_until(runner, block, inp, last, stop, original_hidden[b])
                             use(replaced)
                         stats.mode = "compressed" if paired_stage else "single"
-                        # The compressed stream's statistics are inputs only: stop before the last
-                        # target computes an output nobody reads (single-stream passes observe it).
-                        _run_until(runner, block, inp, last, stop, before=paired_stage)
+                        _run_until(runner, block, inp, halt, stop, before=True)
             if final:
                 # No later pass runs the dense stream through the stages already replaced, so their
                 # dense modules are not kept through the last stage's factorization (q/k/v/o and

@@ -40,7 +40,11 @@ Target energy: every target's output is also observed (forward hook) in ``"singl
 mode, and Σ‖W x‖² (bias removed) is accumulated per module in float64. That is the denominator of every
 relative output error and the ‖Y‖² of refinement; reading it off the outputs the forward computes anyway
 costs N·m per module, where the Gram route needs a third n×n Gram product per input in paired mode
-(H_oo = X_oᵀX_o, N·n² per batch and n² memory) or an m·n² product per matrix afterwards.
+(H_oo = X_oᵀX_o, N·n² per batch and n² memory) or an m·n² product per matrix afterwards. A pass that
+needs only inputs stops before its targets compute (`pipeline`: the compressed stream's stages without
+a residual writer, a single stream propagated by the compressed block's own pass); their energy is then
+not observed (`target_energy` None) and is taken from the Gram where a report needs it (most read their
+error off spectra and need none): m·n² instead of N·m·n, fewer flops whenever N tokens exceed n.
 """
 
 from __future__ import annotations
@@ -315,7 +319,8 @@ class BlockStatistics:
 
     def __init__(self, targets: dict[str, nn.Module], product_dtype: torch.dtype = torch.float64,
                  holdout: bool = False, residual_sources: dict[str, nn.Module | None] | None = None,
-                 heldout_tokens: int | None = None, output_gram: Collection[str] = ()) -> None:
+                 heldout_tokens: int | None = None, output_gram: Collection[str] = (),
+                 shared_input: bool = False) -> None:
         self.targets = targets
         # Targets whose factors will be left projections W′ = P·W (plain or activation-scaled SVD): one
         # that reads an input no earlier target read keeps Σ y yᵀ of its outputs (m²) instead of that
@@ -363,6 +368,14 @@ class BlockStatistics:
         self._seen: dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._grouping_done = False
+        if shared_input and targets:
+            # One input stage (`pipeline.input_stages`: every target reads the very same tensor): the
+            # first target counts the tokens for all, so a pass may stop as soon as its pre-hook has
+            # run, before any of them computes an output nobody reads (their energies then come from
+            # the Gram where a report needs them, `target_energy` None).
+            first = next(iter(targets))
+            self._group_of = {name: first for name in targets}
+            self._grouping_done = True
 
     # -- hook management -------------------------------------------------------------------------
     def __enter__(self) -> "BlockStatistics":
@@ -605,6 +618,11 @@ class BlockStatistics:
         if leader not in self._stats:
             raise RuntimeError(f"no calibration input reached {name}; is it used in the forward pass?")
         return self._stats[leader]
+
+    @property
+    def keeps_output_grams(self) -> bool:
+        """Whether some target may keep its outputs' Gram (``output_gram``): its pass must compute them."""
+        return bool(self._output_candidates)
 
     def leader(self, name: str) -> str:
         """The module whose statistics ``name`` shares (itself when its input is not shared)."""
