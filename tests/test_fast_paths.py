@@ -1011,3 +1011,38 @@ def test_passes_that_need_only_inputs_stop_before_the_targets_compute(method, sk
     for name, count in ref_calls.items():
         fewer = skipped.get(name.rsplit(".", 1)[1], 0) * len(token_batches)
         assert count - fast_calls[name] == fewer, (name, count, fast_calls[name])
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "adasvd", "adasvd-duo"])
+def test_writers_pair_their_dense_outputs_like_their_dense_inputs(method, token_batches, monkeypatch):
+    """A residual writer that reads its input alone accumulates W·H_oc = Σ y_o x_cᵀ from its dense
+    outputs (m·n per token, an m×n sum) instead of H_oc = Σ x_o x_cᵀ (n², n×n): the same refinement,
+    up to the float32 rounding of the layer's outputs, as the reference path that pairs the inputs."""
+    from adasvd_lightning.core import statistics
+
+    shapes: list[tuple[int, ...]] = []
+    real = statistics.InputStatistics.add_output_pair
+
+    def spy(self, y, x):
+        real(self, y, x)
+        shapes.append(tuple(self.cross_sum.shape))
+
+    monkeypatch.setattr(statistics.InputStatistics, "add_output_pair", spy)
+    fast, fast_logits = _compressed(method, token_batches)
+    assert sorted(set(shapes)) == [(64, 64), (64, 128)]  # o_proj's and down_proj's W·H_oc: m × n
+    init = statistics.BlockStatistics.__init__
+
+    def inputs_paired(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._output_pairs = set()  # the reference: H_oc from the dense inputs, then W·H_oc from it
+
+    monkeypatch.setattr(statistics.BlockStatistics, "__init__", inputs_paired)
+    shapes.clear()
+    ref, ref_logits = _compressed(method, token_batches)
+    assert shapes == []
+    assert [(m.name, m.rank, m.kept_columns, m.refinement_steps) for m in fast.modules] == \
+        [(m.name, m.rank, m.kept_columns, m.refinement_steps) for m in ref.modules]
+    for a, b in zip(fast.modules, ref.modules):
+        if b.relative_error is not None:
+            assert a.relative_error == pytest.approx(b.relative_error, rel=1e-5), a.name
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-4, atol=1e-4)

@@ -102,8 +102,9 @@ def test_residual_writers_are_found_by_the_addition_not_by_name():
 
 
 def test_writer_tokens_are_weighted_by_the_residual_after_the_addition():
-    """H_cc, H_oc and ‖W X_o‖² of a writer are sums over tokens weighted by 1 / ms(r_t), r_t the dense
-    stream's residual after the addition, exactly as the explicit token matrices give them."""
+    """H_cc, W·H_oc and ‖W X_o‖² of a writer are sums over tokens weighted by 1 / ms(r_t), r_t the dense
+    stream's residual after the addition, exactly as the explicit token matrices give them. A writer
+    that reads its input alone pairs its dense outputs with the compressed inputs: W·H_oc, no H_oc."""
     torch.manual_seed(0)
     dense, compressed = _PreNorm(), _PreNorm()
     with torch.no_grad():
@@ -134,7 +135,10 @@ def test_writer_tokens_are_weighted_by_the_residual_after_the_addition():
     n = xo.shape[0]
     got = stats.for_module("b")
     assert torch.allclose(got.gram, (xc * w).T @ xc / n, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(got.grams().h_oc, (xo * w).T @ xc / n, rtol=1e-6, atol=1e-9)
+    weight = dense.b.weight.detach().double()
+    assert got.grams().h_oc is None
+    # The outputs are the float32 layer's (W·x_o rounded once): agreement to float32's precision of |W·H_oc|.
+    assert torch.allclose(got.grams().w_h_oc, weight @ ((xo * w).T @ xc / n), rtol=1e-6, atol=1e-7)
     energy = ((y_o - dense.b.bias.detach()).reshape(-1, 8).double().square().sum(-1, keepdim=True) * w).sum() / n
     assert stats.target_energy("b") == pytest.approx(float(energy), rel=1e-6)
     assert float(w[0]) < 1e-3 * float(w[1])  # the sink token counts on its residual's scale
@@ -221,7 +225,8 @@ def test_a_writers_heldout_tokens_are_rows_in_the_whole_sums_not_gram_sums():
     assert got.heldout is None and got.tokens == 24
     xo, xc, wf = h_o.reshape(-1, 16).double(), h_c.reshape(-1, 16).double(), w.reshape(-1, 1)
     assert torch.allclose(got.gram, (xc * wf).T @ xc / 24, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(got.grams().h_oc, (xo * wf).T @ xc / 24, rtol=1e-6, atol=1e-9)
+    weight = dense.b.weight.detach().double()  # W·H_oc from the float32 layer's outputs (see above)
+    assert torch.allclose(got.grams().w_h_oc, weight @ ((xo * wf).T @ xc / 24), rtol=1e-6, atol=1e-7)
     rows = stats.writer_heldout("b")
     assert rows.tokens == 12
     torch.testing.assert_close(rows.inputs, h_c[held_rows].reshape(-1, 16))

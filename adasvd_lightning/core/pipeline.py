@@ -78,11 +78,12 @@ def _output_error(weight: torch.Tensor, approx: torch.Tensor, grams: GramStatist
     """
     w, a = weight.to(torch.float64), approx.to(torch.float64)
     den = target_energy if target_energy is not None else grams.target_energy(w)
-    if grams.h_cc is grams.h_oc:
+    if grams.w_h_oc is None and grams.h_cc is grams.h_oc:
         e = a - w
         num = float((e @ grams.h_cc * e).sum())
     else:
-        num = float((a @ grams.h_cc * a).sum() - 2 * (w @ grams.h_oc * a).sum()) + den
+        w_h_oc = grams.w_h_oc if grams.w_h_oc is not None else w @ grams.h_oc
+        num = float((a @ grams.h_cc * a).sum() - 2 * (w_h_oc * a).sum()) + den
     return _relative(num, den)
 
 
@@ -114,7 +115,7 @@ def _projected_error(up: torch.Tensor, down: torch.Tensor, grams: GramStatistics
     (error below 1 %): ‖W X‖² is summed from float32 rows (~1e-8 relative), and the difference of the
     two energies would lose that many more digits.
     """
-    if target_energy is None or target_energy <= 0 or grams.h_cc is not grams.h_oc:
+    if target_energy is None or target_energy <= 0 or grams.h_oc is None or grams.h_cc is not grams.h_oc:
         return None
     u, d = up.to(torch.float64), down.to(torch.float64)
     kept = float(((u.T @ u) * (d @ grams.h_cc @ d.T)).sum())  # tr(AB) = Σ A∘B for symmetric A, B
@@ -268,7 +269,7 @@ def _fit_split(stats: InputStatistics, kept: torch.Tensor, heldout_energy: float
             yield None
             return
         grams = stats.grams()
-        with rows.fit_split(grams.h_cc, grams.h_oc, stats.tokens) as removed:
+        with rows.fit_split(grams.h_cc, grams.cross, stats.tokens) as removed:
             yield grams, removed, score_rows, rows.tokens
         return
     if held is None or not 0 < held.tokens < stats.tokens:
@@ -639,10 +640,10 @@ def _refined_from_output_gram(report: ModuleReport, weight: torch.Tensor, bias: 
     if held is not None:
         guard = held.scorer(weight)
         fit_energy = _fit_split_energy(target_energy, n, heldout_energy, held.tokens)
-        h_oc = input_stats.grams().h_oc
-        with phase("refinement", absorb=True), held.fit_split(None, h_oc, n) as removed:
-            fit = RefinementTarget(weight, GramStatistics(h_cc=None, h_oc=h_oc), damping=config.damping,
-                                   target_energy=fit_energy, cross_removed=removed)
+        whole = input_stats.grams()
+        with phase("refinement", absorb=True), held.fit_split(None, whole.cross, n) as removed:
+            fit = RefinementTarget(weight, GramStatistics(h_cc=None, h_oc=whole.h_oc, w_h_oc=whole.w_h_oc),
+                                   damping=config.damping, target_energy=fit_energy, cross_removed=removed)
             with phase("svd"):
                 start = factorize_output_gram(weight, fit_gram, rank)
             del fit_gram

@@ -74,11 +74,20 @@ class GramStatistics:
 
     ``h_oo`` is optional: it only serves ‖W X_o‖², which the pipeline takes from the dense outputs.
     ``h_cc`` may be None once the whitening's Cholesky factor stands in for it (see `RefinementTarget`).
+    ``w_h_oc``: W·H_oc (m×n) accumulated from the dense outputs (`InputStatistics.add_output_pair`) in
+    place of H_oc (then None): everything refinement reads of H_oc is W·H_oc.
     """
 
     h_cc: torch.Tensor | None
-    h_oc: torch.Tensor
+    h_oc: torch.Tensor | None
     h_oo: torch.Tensor | None = None
+    w_h_oc: torch.Tensor | None = None
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """The paired cross statistic as kept: W·H_oc where accumulated so, else H_oc (for in-place
+        turns into a fit split, which only scale it)."""
+        return self.w_h_oc if self.w_h_oc is not None else self.h_oc
 
     def __post_init__(self) -> None:
         if self.h_cc is not None and self.h_oc is not None and self.h_cc.shape != self.h_oc.shape:
@@ -133,6 +142,8 @@ class RefinementTarget:
         mask[kept] = False
         rest = mask.nonzero().squeeze(1)
         s = self.stats
+        if self.w_h_oc is None:
+            self.w_h_oc = s.w_h_oc
         self.rest = rest
         self.w_keep = w[:, kept].to(torch.float64)
         self._w = w
@@ -324,7 +335,7 @@ def complement(whole: GramStatistics, tokens: int, part: GramStatistics, part_to
     if not 0 < part_tokens < tokens:
         raise ValueError(f"a part of {part_tokens} tokens out of {tokens} leaves nothing to fit on")
     rest = tokens - part_tokens
-    pairs = [(whole.h_cc, part.h_cc)] + ([] if whole.h_oc is whole.h_cc else [(whole.h_oc, part.h_oc)])
+    pairs = [(whole.h_cc, part.h_cc)] + ([] if whole.h_oc is whole.h_cc else [(whole.cross, part.cross)])
     for mine, theirs in pairs:
         mine.mul_(tokens / rest).sub_(theirs, alpha=part_tokens / rest)
     try:
