@@ -24,7 +24,8 @@ status=0
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+  "$PY" -c "import torch, transformers as t; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+             'transformers', t.__version__)"
 } 2>&1 | tee "$OUT/environment.txt"
 timeout 420 "$PY" benchmarks/device_compression.py --device "$DEVICE" "${SIZE[@]}" \
   --out "$OUT/device_compression.json" 2>&1 | tee "$OUT/device_compression.log" || status=1

@@ -197,7 +197,8 @@ def render(result: dict) -> str:
         cells = " | ".join(f"{r['phases'].get(k, 0.0):.1f}" for k in phases)
         stream = f"{r['compressed_stream_s']:.1f}" if r["paired"] else "–"
         peak = f"{r['device_peak_mb']:,.0f}" if r["device_peak_mb"] is not None else "–"
-        lines.append(f"| `{r['method']}` | {r['device_name']} | {r['blocks']} × {r['tokens']:,} | {r['seconds']:.1f} | "
+        lines.append(f"| `{r['method']}` | {r['device_name']} | {r['blocks']} × {r['tokens']:,} | "
+                     f"{r['seconds']:.1f} | "
                      f"{r['unavoidable_s']:.1f} ({r['dense_stream_s']:.1f} + {stream} + {r['decomposition_s']:.1f}) | "
                      f"{r['x_unavoidable']:.2f} | {cells} | {r['host_extra_mb']:,.0f} | {peak} | "
                      f"{_duration(r['predicted']['llama2_7b']['total'])} |")
