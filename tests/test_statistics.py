@@ -412,3 +412,28 @@ def test_output_statistics_are_refused_where_they_cannot_hold():
         stats.add_output(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="hold nothing out"):
         InputStatistics.empty(6, output_width=3, heldout=True)
+
+
+def test_pairs_of_different_widths_split_into_the_same_rows(monkeypatch):
+    """Token batches are converted a chunk of rows at a time, the rows sized by the width. Outputs
+    (m wide) paired with inputs (n wide) must split alike: at Llama-7B width a batch of 16 k tokens made
+    1,524-row input chunks and 4,096-row output chunks, and the pairing failed. With chunks of 300 rows
+    and 1,000 tokens here, W·H_oc and a writer's held-out moments equal the whole products."""
+    from adasvd_lightning.core import gram
+    from adasvd_lightning.core.writer_heldout import HeldoutMoments
+
+    monkeypatch.setattr(gram, "CHUNK_BYTES", 300 * 40 * 8)  # 300 rows of 40 float64 columns
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 40, generator=g, dtype=torch.float64)
+    y = torch.randn(1000, 12, generator=g, dtype=torch.float64)
+    root = torch.rand(1000, generator=g, dtype=torch.float64)
+    assert len(gram.token_chunks(x)) == 4 and len(gram.token_chunks(y)) == 1  # the widths alone differ
+    s = InputStatistics.empty(40)
+    s.add_output_pair(y, x)
+    s.finalize()
+    torch.testing.assert_close(s.grams().w_h_oc, y.T @ x / 1000, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s.gram, x.T @ x / 1000, rtol=1e-12, atol=1e-12)
+    moments = HeldoutMoments.empty(40, 12, product_dtype=torch.float64)
+    moments.add(x, y, root)
+    assert moments.tokens == 1000
+    torch.testing.assert_close(moments.c_weighted, (y * root[:, None] ** 2).T @ x, rtol=1e-12, atol=1e-10)

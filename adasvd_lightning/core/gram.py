@@ -67,10 +67,13 @@ def accumulate_cross(h: torch.Tensor, xo: torch.Tensor, xc: torch.Tensor, block:
 CHUNK_BYTES = 64 * 2**20
 
 
-def token_chunks(x: torch.Tensor, dtype: torch.dtype = torch.float64, chunk_bytes: int = CHUNK_BYTES):
-    """Row chunks of x whose copy in ``dtype`` stays within ``chunk_bytes``."""
+def token_chunks(x: torch.Tensor, dtype: torch.dtype = torch.float64, chunk_bytes: int | None = None,
+                 width: int | None = None):
+    """Row chunks of x whose copy in ``dtype`` stays within ``chunk_bytes``; ``width``: size the rows
+    for that many columns instead of x's own (two arrays of different widths split alike)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = max(256, chunk_bytes // (itemsize * max(1, x.shape[-1])))
+    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    rows = max(256, budget // (itemsize * max(1, x.shape[-1] if width is None else width)))
     return x.split(rows) if x.shape[0] > rows else (x,)
 
 

@@ -228,7 +228,9 @@ class InputStatistics:
         if not self.cross_outputs:
             raise RuntimeError("these statistics pair inputs (Σ x_o x_cᵀ), not outputs")
         dtype = self.product_dtype
-        for yo, xc in zip(token_chunks(y_original, dtype), token_chunks(x_compressed, dtype)):
+        width = max(y_original.shape[-1], x_compressed.shape[-1])  # the same rows in both chunkings
+        for yo, xc in zip(token_chunks(y_original, dtype, width=width),
+                          token_chunks(x_compressed, dtype, width=width)):
             xc = xc.detach().to(dtype)
             self._add_chunk(xc)
             accumulate_cross(self.cross_sum, yo.detach().to(dtype), xc)

@@ -184,8 +184,9 @@ class HeldoutMoments:
         if self.normalized:
             raise RuntimeError("held-out moments were finalized; no more tokens can be added")
         dtype = self.product_dtype
-        for x, y, root in zip(token_chunks(inputs, dtype), token_chunks(outputs, dtype),
-                              token_chunks(root_weights.reshape(-1, 1), dtype)):
+        width = max(inputs.shape[-1], outputs.shape[-1])  # the same rows in all three chunkings
+        for x, y, root in zip(token_chunks(inputs, dtype, width=width), token_chunks(outputs, dtype, width=width),
+                              token_chunks(root_weights.reshape(-1, 1), dtype, width=width)):
             x, y, root = x.to(dtype), y.to(dtype), root.to(dtype)
             xw, yw = x * root, y * root
             accumulate_gram(self.h_weighted, xw)
