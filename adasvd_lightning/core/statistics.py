@@ -524,12 +524,13 @@ class BlockStatistics:
                 if self.mode == "original" and name in self._output_pairs:
                     # Paired with the compressed inputs in its compressed pass, like an input's stash:
                     # the tokens outside the held-out rows, and the held-out ones apart.
-                    rows = self.heldout_rows
                     held_out = self._heldout_tokens(output.detach())
-                    kept = y if held_out is None else self._select_tokens(output.detach(), ~rows.to(output.device))
-                    self._stash[name] = kept - bias.detach() if bias is not None and held_out is not None else kept
-                    if held_out is not None:
-                        self._stash_heldout[name] = held_out - bias.detach() if bias is not None else held_out
+                    if held_out is None:
+                        self._stash[name] = y
+                    else:
+                        rest = self._select_tokens(output.detach(), ~self.heldout_rows.to(output.device))
+                        unbiased = (lambda t: t - bias.detach()) if bias is not None else (lambda t: t)
+                        self._stash[name], self._stash_heldout[name] = unbiased(rest), unbiased(held_out)
                 held_weights = None
                 if weights is not None:
                     y = y * self._select_tokens(weights).to(y.dtype)
